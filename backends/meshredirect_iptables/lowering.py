@@ -93,8 +93,36 @@ def _port_ranges(ports: PortSet, sep: str) -> list[str]:
     return [str(lo) if lo == hi else f"{lo}{sep}{hi}" for lo, hi in ports.intervals]
 
 
+def ntop(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """An address as the C library's ``inet_ntop`` writes it (iptables prints addresses with it).
+
+    It differs from Python for IPv6 addresses whose first 96 bits are zero or
+    that map an IPv4 address: the last 32 bits are written dotted.
+
+    >>> ntop(ipaddress.ip_address("::7f00:35")), ntop(ipaddress.ip_address("::ffff:a00:1")), ntop(ipaddress.ip_address("::6"))
+    ('::127.0.0.53', '::ffff:10.0.0.1', '::6')
+    """
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address)
+    words = [int.from_bytes(address.packed[i : i + 2], "big") for i in range(0, 16, 2)]
+    best_base, best_len, base, length = -1, 0, -1, 0
+    for index, word in enumerate(words):
+        if word == 0:
+            if base < 0:
+                base, length = index, 0
+            length += 1
+            if length > best_len:
+                best_base, best_len = base, length
+        else:
+            base = -1
+    if best_base == 0 and (best_len == 6 or (best_len == 5 and words[5] == 0xFFFF)):
+        tail = ipaddress.IPv4Address(address.packed[12:])
+        return ("::ffff:" if best_len == 5 else "::") + str(tail)
+    return str(address)
+
+
 def _network(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
-    return str(network)
+    return f"{ntop(network.network_address)}/{network.prefixlen}"
 
 
 def _quote(text: str) -> str:
@@ -331,9 +359,10 @@ class IptablesLowering:
                 if family is Family.INET:
                     raise UnsupportedError(self.name, target, "TPROXY needs an IPv4 or IPv6 table")
                 address = target.address or ipaddress.ip_address("0.0.0.0" if family is Family.IPV4 else "::")
+                address_text = ntop(address)
                 mark, mask = (target.mark, target.mask) if target.mark is not None else (0, 0)
                 return [
-                    "-j", "TPROXY", "--on-port", str(target.port), "--on-ip", str(address),
+                    "-j", "TPROXY", "--on-port", str(target.port), "--on-ip", address_text,
                     "--tproxy-mark", f"{_hex(mark)}/{_hex(mask)}",
                 ]  # fmt: skip
             case SetMark():
@@ -381,7 +410,7 @@ class IptablesLowering:
         text = ""
         if target.addresses is not None:
             first, last = target.addresses.first, target.addresses.last
-            text = str(first) if first == last else f"{first}-{last}"
+            text = ntop(first) if first == last else f"{ntop(first)}-{ntop(last)}"
             if family is Family.IPV6 and target.ports is not None:
                 text = f"[{text}]"
         if target.ports is not None:

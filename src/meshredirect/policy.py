@@ -100,11 +100,10 @@ def _port(field: str, *, optional: bool = False):  # type: ignore[no-untyped-def
             return None
         if isinstance(value, bool):
             raise PolicyError(field, expected=f"a port number 1-{MAX_PORT}", got=value)
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value.strip())
-        if not isinstance(value, int) or not 1 <= value <= MAX_PORT:
+        number = int(value.strip()) if isinstance(value, str) and value.strip().isdigit() else value
+        if not isinstance(number, int) or not 1 <= number <= MAX_PORT:
             raise PolicyError(field, expected=f"a port number 1-{MAX_PORT}", got=value)
-        return value
+        return number
 
     return convert
 
@@ -304,8 +303,12 @@ def _addresses(field: str):  # type: ignore[no-untyped-def]
 
 def _loopback_cidr(value: object) -> ipaddress.IPv4Network:
     network = network_of(value, field="loopback_cidr")  # type: ignore[arg-type]
-    if not isinstance(network, ipaddress.IPv4Network) or not network.subnet_of(LOOPBACK_V4):
-        raise PolicyError("loopback_cidr", expected="an IPv4 CIDR inside 127.0.0.0/8", got=value)
+    if (
+        not isinstance(network, ipaddress.IPv4Network)
+        or not network.subnet_of(LOOPBACK_V4)
+        or ipaddress.IPv4Address("127.0.0.1") not in network
+    ):
+        raise PolicyError("loopback_cidr", expected="an IPv4 CIDR inside 127.0.0.0/8 that holds 127.0.0.1", got=value)
     return network
 
 

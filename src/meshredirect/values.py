@@ -120,7 +120,7 @@ class IntervalSet:
             lo = cls._parse_one(lo_text.strip(), field=field, whole=text)
             hi = cls._parse_one(hi_text.strip(), field=field, whole=text)
             if lo > hi:
-                raise PolicyError(field, expected=f"a range low-high with low <= high in {cls.WHAT}s", got=item)
+                raise PolicyError(field, expected="a range low-high with low <= high", got=item)
             intervals.append((lo, hi))
         return cls(tuple(intervals))
 

@@ -1,0 +1,3 @@
+from meshredirect.cli import entry
+
+entry()

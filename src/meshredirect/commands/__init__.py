@@ -1,0 +1,1 @@
+"""Subcommands of the ``meshredirect`` CLI, one module each, imported only when run."""

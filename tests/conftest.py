@@ -1,0 +1,57 @@
+"""Shared test set-up: hypothesis profiles, golden-file updates, and the real-kernel gate.
+
+- ``HYPOTHESIS_PROFILE=ci`` (what CI uses), ``dev`` (default, quick) or ``long``.
+- ``pytest --update-goldens`` rewrites golden files instead of comparing them.
+- Real-kernel tests need root; they are skipped with the reason elsewhere, and
+  ``MESHREDIRECT_REQUIRE_KERNEL=1`` (set by CI) turns that skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+settings.register_profile("dev", max_examples=60, deadline=None)
+settings.register_profile(
+    "ci", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.register_profile("long", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-goldens", action="store_true", help="rewrite golden files from the current output")
+
+
+@pytest.fixture
+def update_goldens(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--update-goldens"))
+
+
+def require_kernel() -> None:
+    from meshredirect.testing.netns import kernel_unavailable
+
+    reason = kernel_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("MESHREDIRECT_REQUIRE_KERNEL") == "1":
+        pytest.fail(f"real-kernel test cannot run: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def netns() -> Iterator[object]:
+    """A fresh network namespace, deleted after the test."""
+    require_kernel()
+    from meshredirect.testing.netns import NetNamespace
+
+    with NetNamespace() as ns:
+        yield ns

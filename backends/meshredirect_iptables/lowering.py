@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-from typing import Final
+from typing import Final, assert_never
 
 from meshredirect.errors import UnsupportedError
 from meshredirect.ir import (
@@ -41,6 +41,7 @@ from meshredirect.ir import (
     Family,
     FamilyMatch,
     Goto,
+    Hook,
     InterfaceMatch,
     IpSetMatch,
     Jump,
@@ -75,6 +76,8 @@ MULTIPORT_LIMIT: Final = 15
 #: Order of the fixed options iptables-save prints before any ``-m`` module.
 _BASIC_ORDER: Final = ("-s", "-d", "-i", "-o", "-p")
 _CTSTATE_ORDER: Final = tuple(CtState)
+#: xt_LOG's default syslog level (warning).
+DEFAULT_LOG_LEVEL: Final = 4
 #: The ``dialect`` readers give nodes they keep as iptables tokens.
 DIALECT: Final = "iptables"
 
@@ -171,13 +174,28 @@ class IptablesLowering:
 
     def rule_lines(self, table: Table, chain: Chain, rule: Rule, *, command: str = "-A") -> list[str]:
         """The lines (``-A CHAIN ...``) for one IR rule: usually one, several where the rule is split."""
+        if chain.base is not None:
+            self.check_interfaces(chain.base.hook, rule)
         return [" ".join([command, chain.name, *tokens]) for tokens in self.rule_tokens(table.family, rule)]
+
+    def check_interfaces(self, hook: Hook, rule: Rule) -> None:
+        """iptables refuses ``-i`` where packets have no input interface yet, and ``-o`` before routing."""
+        for match in rule.matches:
+            if isinstance(match, InterfaceMatch):
+                if match.direction is Direction.SOURCE and hook in (Hook.OUTPUT, Hook.POSTROUTING):
+                    raise UnsupportedError(self.name, match, f"iptables cannot match the input interface in {hook.value}")
+                if match.direction is Direction.DESTINATION and hook in (Hook.PREROUTING, Hook.INPUT):
+                    raise UnsupportedError(self.name, match, f"iptables cannot match the output interface in {hook.value}")
 
     def rule_tokens(self, family: Family, rule: Rule) -> list[Tokens]:
         variants = [self._match_variants(family, match) for match in rule.matches]
         if any(not v for v in variants):
             return []  # a match that can never hold in this table: the rule never matches
         target = self.target_tokens(family, rule.target)
+        if isinstance(rule.target, Reject) and rule.target.with_ == "tcp-reset":
+            tcp = any(isinstance(m, (ProtocolMatch, PortMatch)) and m.protocol is Protocol.TCP and not m.negate for m in rule.matches)
+            if not tcp:
+                raise UnsupportedError(self.name, rule.target, "REJECT --reject-with tcp-reset needs a TCP match")
         results: list[Tokens] = []
         for combination in itertools.product(*variants):
             parts = _RuleParts()
@@ -317,7 +335,7 @@ class IptablesLowering:
                     raise UnsupportedError(self.name, node, f"an unknown {node.dialect} match has no iptables form")
                 parts.modules.append(list(node.tokens))
             case _:
-                raise UnsupportedError(self.name, node, "no iptables form for this match")
+                assert_never(node)
 
     @staticmethod
     def _merge_port_modules(parts: _RuleParts) -> None:
@@ -391,7 +409,7 @@ class IptablesLowering:
                 tokens = ["-j", "LOG"]
                 if target.prefix is not None:
                     tokens += ["--log-prefix", _quote(target.prefix)]
-                if target.level is not None:
+                if target.level != DEFAULT_LOG_LEVEL:  # iptables-save leaves the default out
                     tokens += ["--log-level", str(target.level)]
                 return tokens
             case UnknownTarget():
@@ -399,7 +417,7 @@ class IptablesLowering:
                     raise UnsupportedError(self.name, target, f"an unknown {target.dialect} target has no iptables form")
                 return ["-j", target.name, *target.tokens]
             case _:
-                raise UnsupportedError(self.name, target, "no iptables form for this target")
+                assert_never(target)
 
     def _single_range(self, node: object, ports: PortSet, sep: str) -> str:
         if not ports.is_single():

@@ -165,6 +165,7 @@ class _TableBuilder:
         return self.chains.setdefault(name, [])
 
     def build(self) -> Table | None:
+        self._drop_jumps_to_empty_chains()
         referenced = _reachable(self.hooks, self.chains)
         chains: list[Chain] = []
         for hook in IPTABLES_BUILTIN_HOOKS[self.name]:
@@ -178,6 +179,20 @@ class _TableBuilder:
         if not chains:
             return None
         return Table(family=self.family, name=self.name, chains=tuple(chains))
+
+
+    def _drop_jumps_to_empty_chains(self) -> None:
+        """A jump to a chain without rules does nothing; leave both out."""
+        while True:
+            empty = {name for name, rules in self.chains.items() if not rules}
+            changed = False
+            for rules in (*self.hooks.values(), *self.chains.values()):
+                kept = [r for r in rules if not (isinstance(r.target, (Jump, Goto)) and r.target.chain in empty)]
+                if len(kept) != len(rules):
+                    rules[:] = kept
+                    changed = True
+            if not changed:
+                return
 
 
 def _targets(rules: Iterable[Rule]) -> Iterable[str]:

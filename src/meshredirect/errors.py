@@ -14,7 +14,7 @@ library means to report with a single ``except``::
 Every message says what was expected and what was given.
 
 >>> from meshredirect.errors import PolicyError
->>> print(PolicyError("outbound_port", expected="a port number 1-65535", got="0"))
+>>> print(PolicyError("outbound_port", expected="a port number 1-65535", got=0))
 outbound_port: expected a port number 1-65535, got 0
 """
 

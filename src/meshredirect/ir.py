@@ -475,7 +475,8 @@ class Log:
     """Log and continue."""
 
     prefix: str | None = None
-    level: int | None = None
+    #: syslog level; 4 (warning) is the kernel's default.
+    level: int = 4
 
 
 @attrs.frozen(kw_only=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-__all__ = ["NETNS_DIR", "NetNamespace", "iptables_tool", "kernel_unavailable"]
+__all__ = ["NETNS_DIR", "CommandFailed", "NetNamespace", "iptables_tool", "kernel_unavailable"]
 
 NETNS_DIR: Final = Path("/var/run/netns")
 _counter = itertools.count()
@@ -47,6 +47,13 @@ def iptables_tool(tool: str, *, family: int = 4, variant: str = "nft") -> str:
     base = "ip6tables" if family == 6 else "iptables"
     suffix = f"-{tool}" if tool else ""
     return f"{base}-{variant}{suffix}"
+
+
+class CommandFailed(subprocess.CalledProcessError):
+    """A command in a namespace failed; the message carries its standard error."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{(self.stderr or '').strip()}"
 
 
 class NetNamespace:
@@ -84,7 +91,7 @@ class NetNamespace:
             check=False,
         )
         if check and result.returncode != 0:
-            raise subprocess.CalledProcessError(result.returncode, result.args, result.stdout, result.stderr)
+            raise CommandFailed(result.returncode, result.args, result.stdout, result.stderr)
         return result
 
     def popen(self, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[str]:

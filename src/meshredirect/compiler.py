@@ -9,7 +9,7 @@ that applying and removing our rules never needs to touch anyone else's).
 >>> [(t.family.value, t.name) for t in ruleset.tables]
 [('ipv4', 'nat')]
 >>> [c.name for c in ruleset.tables[0].chains]
-['PREROUTING', 'OUTPUT', 'ISTIO_INBOUND', 'ISTIO_IN_REDIRECT', 'ISTIO_OUTPUT', 'ISTIO_REDIRECT']
+['PREROUTING', 'OUTPUT', 'ISTIO_OUTPUT', 'ISTIO_REDIRECT', 'ISTIO_IN_REDIRECT', 'ISTIO_INBOUND']
 """
 
 from __future__ import annotations

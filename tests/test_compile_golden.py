@@ -40,7 +40,9 @@ EXTRA: dict[str, Policy] = {
 
 
 def cases() -> dict[str, Policy]:
-    out = {f"istio-{name}": resolve_groups(policy_from_istio_config(c), GROUPS.get) for name, c in istio_cases().items()}
+    out = {
+        f"istio-{name}": resolve_groups(policy_from_istio_config(c), GROUPS.get) for name, c in istio_cases().items()
+    }
     out.update({f"preset-{name}": preset(name) for name in PRESETS})
     out.update(EXTRA)
     return out

@@ -74,7 +74,9 @@ def test_every_ir_node_has_samples() -> None:
 
 @pytest.mark.parametrize(("match", "text"), list(zip(MATCHES, EXPECTED_MATCHES, strict=True)), ids=repr)
 def test_every_match_lowers_to_its_pinned_text(match: Match, text: str) -> None:
-    lines = [" ".join(tokens[:-2]) for tokens in BACKEND.rule_tokens(Family.IPV4, Rule(matches=(match,), target=Accept()))]
+    lines = [
+        " ".join(tokens[:-2]) for tokens in BACKEND.rule_tokens(Family.IPV4, Rule(matches=(match,), target=Accept()))
+    ]
     assert " | ".join(lines) == text
 
 
@@ -127,7 +129,13 @@ def test_interfaces_the_hook_cannot_have_are_refused() -> None:
 
 def test_negated_owner_without_socketless_match_uses_socket_exists() -> None:
     match = OwnerMatch(kind=OwnerKind.UID, ids=IdSet.of(1337), negate=True, socketless=False)
-    assert BACKEND.rule_tokens(Family.IPV4, _rule_of(match))[0][:5] == ["-m", "owner", "--socket-exists", "!", "--uid-owner"]
+    assert BACKEND.rule_tokens(Family.IPV4, _rule_of(match))[0][:5] == [
+        "-m",
+        "owner",
+        "--socket-exists",
+        "!",
+        "--uid-owner",
+    ]
 
 
 def test_large_positive_port_sets_split_into_exact_multiport_rules() -> None:
@@ -181,7 +189,9 @@ def _sample_ruleset(family: Family) -> Ruleset:
             for hook in IPTABLES_BUILTIN_HOOKS[name]
             if (name, hook) in rules
         ]
-        uses_next = any(isinstance(r.target, Jump) or type(r.target).__name__ == "Goto" for c in chains for r in c.rules)
+        uses_next = any(
+            isinstance(r.target, Jump) or type(r.target).__name__ == "Goto" for c in chains for r in c.rules
+        )
         if uses_next:
             chains.append(Chain(name="MESH_NEXT", rules=(Rule(target=Return()),)))
         tables.append(Table(family=family, name=name, chains=tuple(chains)))

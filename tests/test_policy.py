@@ -52,34 +52,66 @@ INVALID = [
     ({"inbound_port": "http"}, "inbound_port: expected a port number 1-65535, got 'http'"),
     ({"inbound_tunnel_port": True}, "inbound_tunnel_port: expected a port number 1-65535, got True"),
     ({"inbound_ports": "80,abc"}, "inbound_ports: expected a port number 1-65535, got 'abc'"),
-    ({"inbound_ports_exclude": "90-80"}, "inbound_ports_exclude: expected a range low-high with low <= high, got '90-80'"),
+    (
+        {"inbound_ports_exclude": "90-80"},
+        "inbound_ports_exclude: expected a range low-high with low <= high, got '90-80'",
+    ),
     ({"outbound_ports": "65536"}, "outbound_ports: expected a port number 1-65535, got '65536'"),
     ({"proxy_uids": "x"}, "proxy_uids: expected a numeric id 0-4294967294, got 'x'"),
     ({"proxy_gids": [-1]}, "proxy_gids: expected a numeric id 0-4294967294, got -1"),
     ({"inbound_mode": "MASQUERADE"}, "inbound_mode: expected REDIRECT or TPROXY, got 'MASQUERADE'"),
     ({"tproxy_mark": 0}, "tproxy_mark: expected a mark 1-4294967294, got 0"),
     ({"tproxy_route_table": "main"}, "tproxy_route_table: expected a route table number 1-4294967295, got 'main'"),
-    ({"tproxy_route_table": 254}, "tproxy_route_table: expected a route table number other than 0, 253 (default), 254 (main), 255 (local), got 254"),
-    ({"outbound_cidrs_exclude": "10.0.0.300/8"}, "outbound_cidrs_exclude: expected an IPv4 or IPv6 address or CIDR, got '10.0.0.300/8'"),
+    (
+        {"tproxy_route_table": 254},
+        "tproxy_route_table: expected a route table number other than 0, 253 (default), 254 (main), 255 (local), got 254",
+    ),
+    (
+        {"outbound_cidrs_exclude": "10.0.0.300/8"},
+        "outbound_cidrs_exclude: expected an IPv4 or IPv6 address or CIDR, got '10.0.0.300/8'",
+    ),
     ({"outbound_cidrs": "10.0.0.0/33"}, "outbound_cidrs: expected an IPv4 or IPv6 address or CIDR, got '10.0.0.0/33'"),
-    ({"exclude_interfaces": "eth 0"}, "exclude_interfaces: expected an interface name of 1-15 characters (letters, digits, '_.@:-', optional trailing '+'), got 'eth 0'"),
-    ({"reroute_interfaces": "a-very-long-interface"}, "reroute_interfaces: expected an interface name of 1-15 characters (letters, digits, '_.@:-', optional trailing '+'), got 'a-very-long-interface'"),
+    (
+        {"exclude_interfaces": "eth 0"},
+        "exclude_interfaces: expected an interface name of 1-15 characters (letters, digits, '_.@:-', optional trailing '+'), got 'eth 0'",
+    ),
+    (
+        {"reroute_interfaces": "a-very-long-interface"},
+        "reroute_interfaces: expected an interface name of 1-15 characters (letters, digits, '_.@:-', optional trailing '+'), got 'a-very-long-interface'",
+    ),
     ({"families": "ipv5"}, "families: expected ipv4, ipv6 or both, got 'ipv5'"),
     ({"families": ""}, "families: expected at least one of ipv4, ipv6, got 'none'"),
-    ({"owner_groups_include": "bad group"}, "owner_groups_include: expected a group name or a numeric gid, got 'bad group'"),
+    (
+        {"owner_groups_include": "bad group"},
+        "owner_groups_include: expected a group name or a numeric gid, got 'bad group'",
+    ),
     ({"owner_groups_include": []}, "owner_groups_include: expected '*' or at least one group, got 'an empty list'"),
-    ({"loopback_cidr": "10.0.0.0/8"}, "loopback_cidr: expected an IPv4 CIDR inside 127.0.0.0/8 that holds 127.0.0.1, got '10.0.0.0/8'"),
-    ({"loopback_cidr": "127.0.0.2/32"}, "loopback_cidr: expected an IPv4 CIDR inside 127.0.0.0/8 that holds 127.0.0.1, got '127.0.0.2/32'"),
+    (
+        {"loopback_cidr": "10.0.0.0/8"},
+        "loopback_cidr: expected an IPv4 CIDR inside 127.0.0.0/8 that holds 127.0.0.1, got '10.0.0.0/8'",
+    ),
+    (
+        {"loopback_cidr": "127.0.0.2/32"},
+        "loopback_cidr: expected an IPv4 CIDR inside 127.0.0.0/8 that holds 127.0.0.1, got '127.0.0.2/32'",
+    ),
     ({"loopback_capture": "some"}, "loopback_capture: expected proxy or all, got 'some'"),
     ({"passthrough_ipv4": "::6"}, "passthrough_ipv4: expected an IPv4 address, got '::6'"),
-    ({"chain_prefix": "1ISTIO"}, "chain_prefix: expected a name of 1-16 characters: a letter, then letters, digits, '_' or '-', got '1ISTIO'"),
-    ({"chain_prefix": "A" * 17}, "chain_prefix: expected a name of 1-16 characters: a letter, then letters, digits, '_' or '-', got 'AAAAAAAAAAAAAAAAA'"),
+    (
+        {"chain_prefix": "1ISTIO"},
+        "chain_prefix: expected a name of 1-16 characters: a letter, then letters, digits, '_' or '-', got '1ISTIO'",
+    ),
+    (
+        {"chain_prefix": "A" * 17},
+        "chain_prefix: expected a name of 1-16 characters: a letter, then letters, digits, '_' or '-', got 'AAAAAAAAAAAAAAAAA'",
+    ),
     ({"drop_invalid": "maybe"}, "drop_invalid: expected true or false, got 'maybe'"),
     ({"dns": True}, "dns: expected a DnsCapture (or a mapping of its fields), got True"),
 ]
 
 
-@pytest.mark.parametrize(("fields", "message"), INVALID, ids=[next(iter(f)) + str(i) for i, (f, _) in enumerate(INVALID)])
+@pytest.mark.parametrize(
+    ("fields", "message"), INVALID, ids=[next(iter(f)) + str(i) for i, (f, _) in enumerate(INVALID)]
+)
 def test_invalid_values_name_field_expected_and_given(fields: dict[str, object], message: str) -> None:
     with pytest.raises(PolicyError) as info:
         Policy(**fields)  # type: ignore[arg-type]
@@ -88,24 +120,78 @@ def test_invalid_values_name_field_expected_and_given(fields: dict[str, object],
 
 
 REFUSED = [
-    ({"proxy_uids": "0"}, "proxy_uids: refused: uid 0 (root) would exempt every root process from capture, a mesh bypass (given: 0)"),
-    ({"proxy_gids": [0, 1337]}, "proxy_gids: refused: gid 0 (root) would exempt every root-group process from capture, a mesh bypass (given: 0)"),
-    ({"proxy_uids": "", "proxy_gids": ""}, "proxy_uids: refused: with no proxy uid and no proxy gid the proxy's own connections are captured again: a loop (given: 'none')"),
-    ({"inbound_port": 15001}, "inbound_port: refused: the proxy's listeners need distinct ports; outbound_port is 15001 too (given: 15001)"),
-    ({"inbound_tunnel_port": 15006}, "inbound_tunnel_port: refused: the proxy's listeners need distinct ports; inbound_port is 15006 too (given: 15006)"),
-    ({"inbound_ports": "8080", "inbound_ports_exclude": "8000-9000"}, "inbound_ports: refused: captured ports inside the excluded ports 8000-9000 (the exclusion would win and nothing would be captured for them) (given: '8080')"),
-    ({"inbound_ports": "15008"}, "inbound_ports: refused: the tunnel port is never captured inbound, it cannot be listed for capture (given: 15008)"),
-    ({"outbound_ports": "443", "outbound_ports_exclude": "400-500"}, "outbound_ports: refused: captured ports inside the excluded ports 400-500 (given: '443')"),
-    ({"inbound_ports_exclude": "*"}, "inbound_ports_exclude: refused: '*' in an exclude list would exclude everything (given: '*')"),
-    ({"outbound_cidrs_exclude": "*"}, "outbound_cidrs_exclude: refused: '*' in an exclude list would exclude everything (given: '*')"),
-    ({"outbound_ports_exclude": "*"}, "outbound_ports_exclude: refused: '*' in an exclude list would exclude everything (given: '*')"),
-    ({"owner_groups_exclude": "*"}, "owner_groups_exclude: refused: '*' in an exclude list would exclude everything (given: '*')"),
-    ({"outbound_cidrs": "10.0.0.0/8,*"}, "outbound_cidrs: refused: '*' must stand alone, not inside a list (given: '10.0.0.0/8,*')"),
-    ({"outbound_cidrs": "127.0.0.0/8"}, "outbound_cidrs: refused: a loopback range included for outbound capture sends the proxy's local connections back to itself: a known loop (given: '127.0.0.0/8')"),
-    ({"outbound_cidrs": "0.0.0.0/0"}, "outbound_cidrs: refused: a loopback range included for outbound capture sends the proxy's local connections back to itself: a known loop (given: '0.0.0.0/0')"),
-    ({"outbound_cidrs": "::/0"}, "outbound_cidrs: refused: a loopback range included for outbound capture sends the proxy's local connections back to itself: a known loop (given: '::/0')"),
-    ({"owner_groups_include": "101", "owner_groups_exclude": "102"}, "owner_groups_exclude: refused: owner groups can be included or excluded, not both (given: '102')"),
-    ({"exclude_interfaces": "eth1", "reroute_interfaces": "eth1"}, "reroute_interfaces: refused: an interface cannot be both excluded and rerouted (given: 'eth1')"),
+    (
+        {"proxy_uids": "0"},
+        "proxy_uids: refused: uid 0 (root) would exempt every root process from capture, a mesh bypass (given: 0)",
+    ),
+    (
+        {"proxy_gids": [0, 1337]},
+        "proxy_gids: refused: gid 0 (root) would exempt every root-group process from capture, a mesh bypass (given: 0)",
+    ),
+    (
+        {"proxy_uids": "", "proxy_gids": ""},
+        "proxy_uids: refused: with no proxy uid and no proxy gid the proxy's own connections are captured again: a loop (given: 'none')",
+    ),
+    (
+        {"inbound_port": 15001},
+        "inbound_port: refused: the proxy's listeners need distinct ports; outbound_port is 15001 too (given: 15001)",
+    ),
+    (
+        {"inbound_tunnel_port": 15006},
+        "inbound_tunnel_port: refused: the proxy's listeners need distinct ports; inbound_port is 15006 too (given: 15006)",
+    ),
+    (
+        {"inbound_ports": "8080", "inbound_ports_exclude": "8000-9000"},
+        "inbound_ports: refused: captured ports inside the excluded ports 8000-9000 (the exclusion would win and nothing would be captured for them) (given: '8080')",
+    ),
+    (
+        {"inbound_ports": "15008"},
+        "inbound_ports: refused: the tunnel port is never captured inbound, it cannot be listed for capture (given: 15008)",
+    ),
+    (
+        {"outbound_ports": "443", "outbound_ports_exclude": "400-500"},
+        "outbound_ports: refused: captured ports inside the excluded ports 400-500 (given: '443')",
+    ),
+    (
+        {"inbound_ports_exclude": "*"},
+        "inbound_ports_exclude: refused: '*' in an exclude list would exclude everything (given: '*')",
+    ),
+    (
+        {"outbound_cidrs_exclude": "*"},
+        "outbound_cidrs_exclude: refused: '*' in an exclude list would exclude everything (given: '*')",
+    ),
+    (
+        {"outbound_ports_exclude": "*"},
+        "outbound_ports_exclude: refused: '*' in an exclude list would exclude everything (given: '*')",
+    ),
+    (
+        {"owner_groups_exclude": "*"},
+        "owner_groups_exclude: refused: '*' in an exclude list would exclude everything (given: '*')",
+    ),
+    (
+        {"outbound_cidrs": "10.0.0.0/8,*"},
+        "outbound_cidrs: refused: '*' must stand alone, not inside a list (given: '10.0.0.0/8,*')",
+    ),
+    (
+        {"outbound_cidrs": "127.0.0.0/8"},
+        "outbound_cidrs: refused: a loopback range included for outbound capture sends the proxy's local connections back to itself: a known loop (given: '127.0.0.0/8')",
+    ),
+    (
+        {"outbound_cidrs": "0.0.0.0/0"},
+        "outbound_cidrs: refused: a loopback range included for outbound capture sends the proxy's local connections back to itself: a known loop (given: '0.0.0.0/0')",
+    ),
+    (
+        {"outbound_cidrs": "::/0"},
+        "outbound_cidrs: refused: a loopback range included for outbound capture sends the proxy's local connections back to itself: a known loop (given: '::/0')",
+    ),
+    (
+        {"owner_groups_include": "101", "owner_groups_exclude": "102"},
+        "owner_groups_exclude: refused: owner groups can be included or excluded, not both (given: '102')",
+    ),
+    (
+        {"exclude_interfaces": "eth1", "reroute_interfaces": "eth1"},
+        "reroute_interfaces: refused: an interface cannot be both excluded and rerouted (given: 'eth1')",
+    ),
 ]
 
 

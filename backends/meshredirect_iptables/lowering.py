@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-from typing import Final, assert_never
+from typing import ClassVar, Final, assert_never
 
 from meshredirect.errors import UnsupportedError
 from meshredirect.ir import (
     FULL_MASK,
     Accept,
     AddressMatch,
+    AddrType,
     AddrTypeMatch,
     Chain,
     ConnmarkMatch,
@@ -168,7 +169,7 @@ class _RuleParts:
 class IptablesLowering:
     """Shared lowering of the iptables family of backends (save and restore build on it)."""
 
-    name = "iptables"
+    name: ClassVar[str] = "iptables"
 
     # -- rules ----------------------------------------------------------------
 
@@ -183,9 +184,13 @@ class IptablesLowering:
         for match in rule.matches:
             if isinstance(match, InterfaceMatch):
                 if match.direction is Direction.SOURCE and hook in (Hook.OUTPUT, Hook.POSTROUTING):
-                    raise UnsupportedError(self.name, match, f"iptables cannot match the input interface in {hook.value}")
+                    raise UnsupportedError(
+                        self.name, match, f"iptables cannot match the input interface in {hook.value}"
+                    )
                 if match.direction is Direction.DESTINATION and hook in (Hook.PREROUTING, Hook.INPUT):
-                    raise UnsupportedError(self.name, match, f"iptables cannot match the output interface in {hook.value}")
+                    raise UnsupportedError(
+                        self.name, match, f"iptables cannot match the output interface in {hook.value}"
+                    )
 
     def rule_tokens(self, family: Family, rule: Rule) -> list[Tokens]:
         variants = [self._match_variants(family, match) for match in rule.matches]
@@ -193,7 +198,10 @@ class IptablesLowering:
             return []  # a match that can never hold in this table: the rule never matches
         target = self.target_tokens(family, rule.target)
         if isinstance(rule.target, Reject) and rule.target.with_ == "tcp-reset":
-            tcp = any(isinstance(m, (ProtocolMatch, PortMatch)) and m.protocol is Protocol.TCP and not m.negate for m in rule.matches)
+            tcp = any(
+                isinstance(m, (ProtocolMatch, PortMatch)) and m.protocol is Protocol.TCP and not m.negate
+                for m in rule.matches
+            )
             if not tcp:
                 raise UnsupportedError(self.name, rule.target, "REJECT --reject-with tcp-reset needs a TCP match")
         results: list[Tokens] = []
@@ -217,7 +225,9 @@ class IptablesLowering:
                 # No address of this family: a positive match never holds, a negated one always does.
                 return [(match, None)] if match.negate else []
             if match.negate and len(networks) > 1:
-                raise UnsupportedError(self.name, match, "iptables cannot negate a set of several addresses in one rule")
+                raise UnsupportedError(
+                    self.name, match, "iptables cannot negate a set of several addresses in one rule"
+                )
             return [(match, network) for network in networks]
         if isinstance(match, PortMatch):
             chunks = self._port_chunks(match)
@@ -311,7 +321,7 @@ class IptablesLowering:
                 parts.modules.append(["-m", "conntrack", *neg, "--ctstate", states])
             case AddrTypeMatch():
                 side = "--src-type" if node.direction is Direction.SOURCE else "--dst-type"
-                types = ",".join(t.value for t in sorted(node.types, key=lambda t: list(type(t)).index(t)))
+                types = ",".join(t.value for t in sorted(node.types, key=list(AddrType).index))
                 module = ["-m", "addrtype", *neg, side, types]
                 if node.limit_interface:
                     module.append("--limit-iface-in" if node.direction is Direction.SOURCE else "--limit-iface-out")
@@ -326,7 +336,17 @@ class IptablesLowering:
                     )
                 elif node.every is not None:
                     parts.modules.append(
-                        ["-m", "statistic", "--mode", "nth", *neg, "--every", str(node.every), "--packet", str(node.packet)]
+                        [
+                            "-m",
+                            "statistic",
+                            "--mode",
+                            "nth",
+                            *neg,
+                            "--every",
+                            str(node.every),
+                            "--packet",
+                            str(node.packet),
+                        ]
                     )
                 else:
                     raise UnsupportedError(self.name, node, "a statistic match needs a probability or an 'every'")
@@ -386,7 +406,15 @@ class IptablesLowering:
             case SetMark():
                 return ["-j", "MARK", "--set-xmark", f"{_hex(target.value)}/{_hex(target.mask)}"]
             case ConnmarkSave():
-                return ["-j", "CONNMARK", "--save-mark", "--nfmask", _hex(target.nfmask), "--ctmask", _hex(target.ctmask)]
+                return [
+                    "-j",
+                    "CONNMARK",
+                    "--save-mark",
+                    "--nfmask",
+                    _hex(target.nfmask),
+                    "--ctmask",
+                    _hex(target.ctmask),
+                ]
             case ConnmarkRestore():
                 return [
                     "-j", "CONNMARK", "--restore-mark", "--nfmask", _hex(target.nfmask), "--ctmask", _hex(target.ctmask),
@@ -414,7 +442,9 @@ class IptablesLowering:
                 return tokens
             case UnknownTarget():
                 if target.dialect != DIALECT:
-                    raise UnsupportedError(self.name, target, f"an unknown {target.dialect} target has no iptables form")
+                    raise UnsupportedError(
+                        self.name, target, f"an unknown {target.dialect} target has no iptables form"
+                    )
                 return ["-j", target.name, *target.tokens]
             case _:
                 assert_never(target)
@@ -440,4 +470,3 @@ class IptablesLowering:
     @staticmethod
     def _default_reject(family: Family) -> str:
         return "icmp6-port-unreachable" if family is Family.IPV6 else "icmp-port-unreachable"
-

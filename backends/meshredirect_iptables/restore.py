@@ -52,7 +52,9 @@ class IptablesRestoreBackend(IptablesSaveBackend):
         artifacts = []
         for family in self.families(ruleset):
             content = self.restore_document(family, self.tables(ruleset, family), ruleset)
-            artifacts.append(Artifact(name=f"restore.{FAMILY_SUFFIX[family]}", content=content, family=family, kind=self.kind))
+            artifacts.append(
+                Artifact(name=f"restore.{FAMILY_SUFFIX[family]}", content=content, family=family, kind=self.kind)
+            )
         return Rendering(backend=self.name, artifacts=tuple(artifacts))
 
     def restore_document(self, family: Family, tables: dict[str, Table], ruleset: Ruleset) -> str:

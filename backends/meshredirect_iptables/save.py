@@ -32,7 +32,9 @@ class IptablesSaveBackend(IptablesLowering):
         artifacts = []
         for family in self.families(ruleset):
             content = self.document(family, self.tables(ruleset, family))
-            artifacts.append(Artifact(name=f"rules.{FAMILY_SUFFIX[family]}", content=content, family=family, kind=self.kind))
+            artifacts.append(
+                Artifact(name=f"rules.{FAMILY_SUFFIX[family]}", content=content, family=family, kind=self.kind)
+            )
         return Rendering(backend=self.name, artifacts=tuple(artifacts))
 
     def families(self, ruleset: Ruleset) -> list[Family]:
@@ -65,7 +67,9 @@ class IptablesSaveBackend(IptablesLowering):
             raise UnsupportedError(self.name, chain, f"iptables table {table.name} has no such built-in chain")
         expected = iptables_base_chain(table.name, chain.base.hook, chain.base.policy)
         if chain.base != expected:
-            raise UnsupportedError(self.name, chain, f"iptables fixes the type and priority of {table.name} {chain.name}")
+            raise UnsupportedError(
+                self.name, chain, f"iptables fixes the type and priority of {table.name} {chain.name}"
+            )
 
     def document(self, family: Family, tables: dict[str, Table]) -> str:
         lines: list[str] = []
@@ -94,4 +98,3 @@ class IptablesSaveBackend(IptablesLowering):
         for rule in chain.rules:
             lines += self.rule_lines(table, chain, rule)
         return lines
-

@@ -8,6 +8,7 @@ delete exactly the lines that are there.
 
 from __future__ import annotations
 
+import itertools
 import shlex
 
 import attrs
@@ -52,7 +53,7 @@ def _target(spec: str) -> str | None:
         tokens = shlex.split(spec)
     except ValueError:
         tokens = spec.split()
-    for flag, value in zip(tokens, tokens[1:]):
+    for flag, value in itertools.pairwise(tokens):
         if flag in ("-j", "--jump", "-g", "--goto"):
             return value
     return None

@@ -46,7 +46,34 @@ _EXPORTS = {
     "IdSet": "meshredirect.values",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ALL",
+    "AddressSet",
+    "BackendNotFoundError",
+    "DEFAULT_POLICY",
+    "DnsCapture",
+    "EnvironmentProblem",
+    "Family",
+    "IdSet",
+    "InterceptionMode",
+    "LoopbackCapture",
+    "MeshRedirectError",
+    "PRESETS",
+    "Policy",
+    "PolicyError",
+    "PortSet",
+    "Rendering",
+    "Ruleset",
+    "SourceError",
+    "UnsafePolicyError",
+    "UnsupportedError",
+    "available_backends",
+    "compile_policy",
+    "get_backend",
+    "preset",
+    "render",
+    "resolve_groups",
+]
 
 if TYPE_CHECKING:
     from meshredirect.api import render, resolve_groups

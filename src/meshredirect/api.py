@@ -67,7 +67,9 @@ def resolve_groups(policy: Policy, lookup: Callable[[str], int | None]) -> Polic
             gid = lookup(group)
             if gid is None:
                 raise UnsafePolicyError(
-                    field, reason=f"group {group!r} does not exist on this machine; a rule naming it cannot be loaded", got=group
+                    field,
+                    reason=f"group {group!r} does not exist on this machine; a rule naming it cannot be loaded",
+                    got=group,
                 )
             out.append(gid)
         return tuple(out)

@@ -180,7 +180,6 @@ class _TableBuilder:
             return None
         return Table(family=self.family, name=self.name, chains=tuple(chains))
 
-
     def _drop_jumps_to_empty_chains(self) -> None:
         """A jump to a chain without rules does nothing; leave both out."""
         while True:
@@ -227,7 +226,9 @@ class _FamilyCompiler:
 
     # -- layout ------------------------------------------------------------
 
-    def port_rules(self, target: Target, before: Sequence[Match], match: PortMatch, after: Sequence[Match] = ()) -> list[Rule]:
+    def port_rules(
+        self, target: Target, before: Sequence[Match], match: PortMatch, after: Sequence[Match] = ()
+    ) -> list[Rule]:
         """One rule with a port set, or (Istio 1.4's layout) one rule per port or range."""
         if not self.p.one_rule_per_port or match.negate or match.ports.is_single():
             return [Rule(matches=(*before, match, *after), target=target)]
@@ -271,7 +272,9 @@ class _FamilyCompiler:
         if p.loopback_capture is LoopbackCapture.PROXY:
             # The app talking to itself over lo stays direct (with DNS capture, TCP to port 53 goes on).
             if self.dns:
-                out.append(_rule(Return(), _oif(LOOPBACK_INTERFACE), _ports(Protocol.TCP, PortSet.of(DNS_PORT), negate=True)))
+                out.append(
+                    _rule(Return(), _oif(LOOPBACK_INTERFACE), _ports(Protocol.TCP, PortSet.of(DNS_PORT), negate=True))
+                )
             else:
                 out.append(_rule(Return(), _oif(LOOPBACK_INTERFACE)))
         if not isinstance(p.owner_groups_include, All):
@@ -404,7 +407,13 @@ class _FamilyCompiler:
         out.append(_rule(Return(), _oif(LOOPBACK_INTERFACE), MarkMatch(value=mark)))
         for owner in self.proxy_owners():
             out.append(
-                _rule(SetMark(value=hairpin_mark), _dst([self.loopback], negate=True), _oif(LOOPBACK_INTERFACE), TCP, owner)
+                _rule(
+                    SetMark(value=hairpin_mark),
+                    _dst([self.loopback], negate=True),
+                    _oif(LOOPBACK_INTERFACE),
+                    TCP,
+                    owner,
+                )
             )
         out.append(_rule(ConnmarkRestore(), ConnmarkMatch(value=mark)))
 

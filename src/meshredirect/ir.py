@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import cached_property
 from typing import Final, TypeAlias
 
@@ -180,12 +180,12 @@ class AddrType(enum.Enum):
     XRESOLVE = "XRESOLVE"
 
 
-def _frozenset_of_states(value: object) -> frozenset[CtState]:
-    return frozenset(value)  # type: ignore[arg-type]
+def _frozenset_of_states(value: Iterable[CtState]) -> frozenset[CtState]:
+    return frozenset(value)
 
 
-def _frozenset_of_addrtypes(value: object) -> frozenset[AddrType]:
-    return frozenset(value)  # type: ignore[arg-type]
+def _frozenset_of_addrtypes(value: Iterable[AddrType]) -> frozenset[AddrType]:
+    return frozenset(value)
 
 
 # ----------------------------------------------------------------------------- matches
@@ -240,10 +240,7 @@ class InterfaceMatch:
     negate: bool = False
 
     def matches(self, interface: str) -> bool:
-        if self.name.endswith("+"):
-            hit = interface.startswith(self.name[:-1])
-        else:
-            hit = interface == self.name
+        hit = interface.startswith(self.name[:-1]) if self.name.endswith("+") else interface == self.name
         return hit != self.negate
 
 

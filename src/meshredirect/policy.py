@@ -247,7 +247,14 @@ def _families(value: object) -> frozenset[Family]:
             result.add(member)
             continue
         text = str(member).strip().lower()
-        aliases = {"ipv4": Family.IPV4, "4": Family.IPV4, "v4": Family.IPV4, "ipv6": Family.IPV6, "6": Family.IPV6, "v6": Family.IPV6}
+        aliases = {
+            "ipv4": Family.IPV4,
+            "4": Family.IPV4,
+            "v4": Family.IPV4,
+            "ipv6": Family.IPV6,
+            "6": Family.IPV6,
+            "v6": Family.IPV6,
+        }
         if text in ("dual", "both", "dual-stack"):
             result.update((Family.IPV4, Family.IPV6))
         elif text in aliases:
@@ -337,6 +344,22 @@ def _bool(field: str):  # type: ignore[no-untyped-def]
     return convert
 
 
+def _to_dns_enabled(value: object) -> bool:
+    return _bool("dns.enabled")(value)  # type: ignore[no-any-return]
+
+
+def _to_dns_capture_all(value: object) -> bool:
+    return _bool("dns.capture_all")(value)  # type: ignore[no-any-return]
+
+
+def _to_dns_servers(value: object) -> tuple[IPAddress, ...]:
+    return _addresses("dns.servers")(value)  # type: ignore[no-any-return]
+
+
+def _to_dns_port(value: object) -> int:
+    return _port("dns.port")(value)  # type: ignore[no-any-return]
+
+
 # ----------------------------------------------------------------------------- DNS
 
 
@@ -352,10 +375,10 @@ class DnsCapture:
     (IPv4Address('10.96.0.10'),)
     """
 
-    enabled: bool = attrs.field(default=False, converter=_bool("dns.enabled"))
-    capture_all: bool = attrs.field(default=False, converter=_bool("dns.capture_all"))
-    servers: tuple[IPAddress, ...] = attrs.field(default=(), converter=_addresses("dns.servers"))
-    port: int = attrs.field(default=DEFAULT_DNS_PORT, converter=_port("dns.port"))
+    enabled: bool = attrs.field(default=False, converter=_to_dns_enabled)
+    capture_all: bool = attrs.field(default=False, converter=_to_dns_capture_all)
+    servers: tuple[IPAddress, ...] = attrs.field(default=(), converter=_to_dns_servers)
+    port: int = attrs.field(default=DEFAULT_DNS_PORT, converter=_to_dns_port)
 
     def __attrs_post_init__(self) -> None:
         if self.enabled and not self.capture_all and not self.servers:
@@ -383,6 +406,98 @@ def _dns(value: object) -> DnsCapture:
     raise PolicyError("dns", expected="a DnsCapture (or a mapping of its fields)", got=value)
 
 
+def _to_outbound_port(value: object) -> int:
+    return _port("outbound_port")(value)  # type: ignore[no-any-return]
+
+
+def _to_inbound_port(value: object) -> int:
+    return _port("inbound_port")(value)  # type: ignore[no-any-return]
+
+
+def _to_inbound_tunnel_port(value: object) -> int | None:
+    return _port("inbound_tunnel_port", optional=True)(value)  # type: ignore[no-any-return]
+
+
+def _to_proxy_uids(value: object) -> IdSet:
+    return _id_set("proxy_uids")(value)  # type: ignore[no-any-return]
+
+
+def _to_proxy_gids(value: object) -> IdSet:
+    return _id_set("proxy_gids")(value)  # type: ignore[no-any-return]
+
+
+def _to_inbound_mode(value: object) -> InterceptionMode:
+    return _enum("inbound_mode", InterceptionMode)(value)  # type: ignore[no-any-return]
+
+
+def _to_tproxy_mark(value: object) -> int:
+    return _int_in("tproxy_mark", 1, MAX_MARK - 1, "a mark")(value)  # type: ignore[no-any-return]
+
+
+def _to_tproxy_route_table(value: object) -> int:
+    return _int_in("tproxy_route_table", 1, 2**32 - 1, "a route table number")(value)  # type: ignore[no-any-return]
+
+
+def _to_inbound_ports(value: object) -> PortSet | All:
+    return _port_set("inbound_ports", wildcard=True)(value)  # type: ignore[no-any-return]
+
+
+def _to_inbound_ports_exclude(value: object) -> PortSet:
+    return _port_set("inbound_ports_exclude", wildcard=False)(value)  # type: ignore[no-any-return]
+
+
+def _to_outbound_cidrs(value: object) -> AddressSet | All:
+    return _address_set("outbound_cidrs", wildcard=True)(value)  # type: ignore[no-any-return]
+
+
+def _to_outbound_cidrs_exclude(value: object) -> AddressSet:
+    return _address_set("outbound_cidrs_exclude", wildcard=False)(value)  # type: ignore[no-any-return]
+
+
+def _to_outbound_ports(value: object) -> PortSet:
+    return _port_set("outbound_ports", wildcard=False)(value)  # type: ignore[no-any-return]
+
+
+def _to_outbound_ports_exclude(value: object) -> PortSet:
+    return _port_set("outbound_ports_exclude", wildcard=False)(value)  # type: ignore[no-any-return]
+
+
+def _to_exclude_interfaces(value: object) -> tuple[str, ...]:
+    return _interfaces("exclude_interfaces")(value)  # type: ignore[no-any-return]
+
+
+def _to_reroute_interfaces(value: object) -> tuple[str, ...]:
+    return _interfaces("reroute_interfaces")(value)  # type: ignore[no-any-return]
+
+
+def _to_drop_invalid(value: object) -> bool:
+    return _bool("drop_invalid")(value)  # type: ignore[no-any-return]
+
+
+def _to_owner_groups_include(value: object) -> tuple[Group, ...] | All:
+    return _groups("owner_groups_include", wildcard=True)(value)  # type: ignore[no-any-return]
+
+
+def _to_owner_groups_exclude(value: object) -> tuple[Group, ...]:
+    return _groups("owner_groups_exclude", wildcard=False)(value)  # type: ignore[no-any-return]
+
+
+def _to_loopback_capture(value: object) -> LoopbackCapture:
+    return _enum("loopback_capture", LoopbackCapture)(value)  # type: ignore[no-any-return]
+
+
+def _to_passthrough_ipv4(value: object) -> ipaddress.IPv4Address:
+    return _address("passthrough_ipv4", 4)(value)  # type: ignore[no-any-return]
+
+
+def _to_passthrough_ipv6(value: object) -> ipaddress.IPv6Address:
+    return _address("passthrough_ipv6", 6)(value)  # type: ignore[no-any-return]
+
+
+def _to_one_rule_per_port(value: object) -> bool:
+    return _bool("one_rule_per_port")(value)  # type: ignore[no-any-return]
+
+
 # ----------------------------------------------------------------------------- the policy
 
 
@@ -391,80 +506,66 @@ class Policy:
     """A transparent-redirect policy for one pod. See the module docstring."""
 
     #: Where captured outbound connections go (Istio ``-p``).
-    outbound_port: int = attrs.field(default=15001, converter=_port("outbound_port"))
+    outbound_port: int = attrs.field(default=15001, converter=_to_outbound_port)
     #: Where captured inbound connections go (``-z``).
-    inbound_port: int = attrs.field(default=15006, converter=_port("inbound_port"))
+    inbound_port: int = attrs.field(default=15006, converter=_to_inbound_port)
     #: The proxy's tunnel (HBONE) port, never captured inbound (``-e``); None for none.
-    inbound_tunnel_port: int | None = attrs.field(default=15008, converter=_port("inbound_tunnel_port", optional=True))
+    inbound_tunnel_port: int | None = attrs.field(default=15008, converter=_to_inbound_tunnel_port)
     #: Sockets of these uids are the proxy: never captured outbound (``-u``).
-    proxy_uids: IdSet = attrs.field(default=IdSet.of(1337), converter=_id_set("proxy_uids"))
+    proxy_uids: IdSet = attrs.field(default=IdSet.of(1337), converter=_to_proxy_uids)
     #: Sockets of these gids are the proxy too (``-g``).
-    proxy_gids: IdSet = attrs.field(default=IdSet.of(1337), converter=_id_set("proxy_gids"))
+    proxy_gids: IdSet = attrs.field(default=IdSet.of(1337), converter=_to_proxy_gids)
     #: REDIRECT (nat) or TPROXY (mangle, keeps the source address) for inbound (``-m``).
-    inbound_mode: InterceptionMode = attrs.field(
-        default=InterceptionMode.REDIRECT, converter=_enum("inbound_mode", InterceptionMode)
-    )
+    inbound_mode: InterceptionMode = attrs.field(default=InterceptionMode.REDIRECT, converter=_to_inbound_mode)
     #: TPROXY: packet mark of intercepted connections (``-t``); mark+1 tags the proxy's hairpin.
-    tproxy_mark: int = attrs.field(default=1337, converter=_int_in("tproxy_mark", 1, MAX_MARK - 1, "a mark"))
+    tproxy_mark: int = attrs.field(default=1337, converter=_to_tproxy_mark)
     #: TPROXY: the policy-routing table that delivers marked packets locally (``-r``).
-    tproxy_route_table: int = attrs.field(
-        default=133, converter=_int_in("tproxy_route_table", 1, 2**32 - 1, "a route table number")
-    )
+    tproxy_route_table: int = attrs.field(default=133, converter=_to_tproxy_route_table)
     #: Inbound destination ports captured: ``*`` or a list; empty captures none (``-b``).
-    inbound_ports: PortSet | All = attrs.field(default=ALL, converter=_port_set("inbound_ports", wildcard=True))
+    inbound_ports: PortSet | All = attrs.field(default=ALL, converter=_to_inbound_ports)
     #: With ``*``: inbound ports left alone (``-d``).
     inbound_ports_exclude: PortSet = attrs.field(
-        default=PortSet.of(15090, 15021, 15020), converter=_port_set("inbound_ports_exclude", wildcard=False)
+        default=PortSet.of(15090, 15021, 15020), converter=_to_inbound_ports_exclude
     )
     #: Outbound destinations captured: ``*`` or CIDRs; empty captures none (``-i``).
-    outbound_cidrs: AddressSet | All = attrs.field(default=ALL, converter=_address_set("outbound_cidrs", wildcard=True))
+    outbound_cidrs: AddressSet | All = attrs.field(default=ALL, converter=_to_outbound_cidrs)
     #: Outbound destinations never captured (``-x``); exclusions win over inclusions.
-    outbound_cidrs_exclude: AddressSet = attrs.field(
-        default=AddressSet(()), converter=_address_set("outbound_cidrs_exclude", wildcard=False)
-    )
+    outbound_cidrs_exclude: AddressSet = attrs.field(default=AddressSet(()), converter=_to_outbound_cidrs_exclude)
     #: Outbound destination ports captured whatever the address (``-q``).
-    outbound_ports: PortSet = attrs.field(default=PortSet(()), converter=_port_set("outbound_ports", wildcard=False))
+    outbound_ports: PortSet = attrs.field(default=PortSet(()), converter=_to_outbound_ports)
     #: Outbound destination ports never captured (``-o``).
-    outbound_ports_exclude: PortSet = attrs.field(
-        default=PortSet(()), converter=_port_set("outbound_ports_exclude", wildcard=False)
-    )
+    outbound_ports_exclude: PortSet = attrs.field(default=PortSet(()), converter=_to_outbound_ports_exclude)
     #: Traffic in or out of these interfaces is never captured (``-c``).
-    exclude_interfaces: tuple[str, ...] = attrs.field(default=(), converter=_interfaces("exclude_interfaces"))
+    exclude_interfaces: tuple[str, ...] = attrs.field(default=(), converter=_to_exclude_interfaces)
     #: Traffic arriving on these interfaces is treated as outbound (``-k``, e.g. KubeVirt).
-    reroute_interfaces: tuple[str, ...] = attrs.field(default=(), converter=_interfaces("reroute_interfaces"))
+    reroute_interfaces: tuple[str, ...] = attrs.field(default=(), converter=_to_reroute_interfaces)
     #: DNS capture to the agent's resolver.
     dns: DnsCapture = attrs.field(default=DnsCapture(), converter=_dns)
     #: Drop packets conntrack marks INVALID instead of letting them reset connections.
-    drop_invalid: bool = attrs.field(default=False, converter=_bool("drop_invalid"))
+    drop_invalid: bool = attrs.field(default=False, converter=_to_drop_invalid)
     #: Address families programmed; a family left out is not captured at all.
     families: frozenset[Family] = attrs.field(default=frozenset({Family.IPV4}), converter=_families)
     #: Only sockets of these groups are captured outbound (``ISTIO_OUTBOUND_OWNER_GROUPS``).
-    owner_groups_include: tuple[Group, ...] | All = attrs.field(
-        default=ALL, converter=_groups("owner_groups_include", wildcard=True)
-    )
+    owner_groups_include: tuple[Group, ...] | All = attrs.field(default=ALL, converter=_to_owner_groups_include)
     #: Sockets of these groups are never captured outbound (``ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE``).
-    owner_groups_exclude: tuple[Group, ...] = attrs.field(
-        default=(), converter=_groups("owner_groups_exclude", wildcard=False)
-    )
+    owner_groups_exclude: tuple[Group, ...] = attrs.field(default=(), converter=_to_owner_groups_exclude)
     #: IPv4 destinations that count as localhost (``ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR``); IPv6 uses ::1.
     loopback_cidr: ipaddress.IPv4Network = attrs.field(
         default=ipaddress.IPv4Network("127.0.0.1/32"), converter=_loopback_cidr
     )
     #: Which connections over lo to the pod's own address go to the inbound port.
-    loopback_capture: LoopbackCapture = attrs.field(
-        default=LoopbackCapture.PROXY, converter=_enum("loopback_capture", LoopbackCapture)
-    )
+    loopback_capture: LoopbackCapture = attrs.field(default=LoopbackCapture.PROXY, converter=_to_loopback_capture)
     #: The proxy's inbound passthrough source (it connects to the app from here over lo).
     passthrough_ipv4: ipaddress.IPv4Address = attrs.field(
-        default=ipaddress.IPv4Address("127.0.0.6"), converter=_address("passthrough_ipv4", 4)
+        default=ipaddress.IPv4Address("127.0.0.6"), converter=_to_passthrough_ipv4
     )
     passthrough_ipv6: ipaddress.IPv6Address = attrs.field(
-        default=ipaddress.IPv6Address("::6"), converter=_address("passthrough_ipv6", 6)
+        default=ipaddress.IPv6Address("::6"), converter=_to_passthrough_ipv6
     )
     #: Prefix of every chain the compiler creates; it also marks which chains are ours.
     chain_prefix: str = attrs.field(default="ISTIO", converter=_prefix)
     #: Layout only: one rule per port instead of one multiport rule (Istio 1.4's shape).
-    one_rule_per_port: bool = attrs.field(default=False, converter=_bool("one_rule_per_port"))
+    one_rule_per_port: bool = attrs.field(default=False, converter=_to_one_rule_per_port)
 
     def __attrs_post_init__(self) -> None:
         self._refuse_dangerous()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Iterator
-from typing import ClassVar, Final, TypeAlias
+from typing import ClassVar, Final, Self, TypeAlias
 
 import attrs
 
@@ -90,7 +90,7 @@ class IntervalSet:
                 raise ValueError(f"interval {lo}-{hi} outside {self.LOW}-{self.HIGH}")
 
     @classmethod
-    def of(cls, *members: int | Interval) -> IntervalSet:
+    def of(cls, *members: int | Interval) -> Self:
         """Build a set from single values and ``(low, high)`` pairs (inclusive)."""
         intervals: list[Interval] = []
         for member in members:
@@ -101,7 +101,7 @@ class IntervalSet:
         return cls(tuple(intervals))
 
     @classmethod
-    def parse(cls, text: str, *, field: str) -> IntervalSet:
+    def parse(cls, text: str, *, field: str) -> Self:
         """Parse ``"80,443,8000-8080"`` (``:`` also accepted for ranges; empty items ignored).
 
         Errors name the field, what was expected and what was given.
@@ -148,13 +148,13 @@ class IntervalSet:
     def __len__(self) -> int:
         return sum(hi - lo + 1 for lo, hi in self.intervals)
 
-    def union(self, other: IntervalSet) -> IntervalSet:
+    def union(self, other: IntervalSet) -> Self:
         return type(self)(self.intervals + other.intervals)
 
     def intersects(self, other: IntervalSet) -> bool:
         return any(lo <= ohi and olo <= hi for lo, hi in self.intervals for olo, ohi in other.intervals)
 
-    def difference(self, other: IntervalSet) -> IntervalSet:
+    def difference(self, other: IntervalSet) -> Self:
         result: list[Interval] = []
         for lo, hi in self.intervals:
             pieces = [(lo, hi)]
@@ -191,12 +191,6 @@ class PortSet(IntervalSet):
     HIGH: ClassVar[int] = MAX_PORT
     WHAT: ClassVar[str] = "a port number"
 
-    @classmethod
-    def of(cls, *members: int | Interval) -> PortSet:
-        result = super().of(*members)
-        assert isinstance(result, PortSet)
-        return result
-
 
 @attrs.frozen(repr=False)
 class IdSet(IntervalSet):
@@ -205,12 +199,6 @@ class IdSet(IntervalSet):
     LOW: ClassVar[int] = 0
     HIGH: ClassVar[int] = MAX_ID
     WHAT: ClassVar[str] = "a numeric id"
-
-    @classmethod
-    def of(cls, *members: int | Interval) -> IdSet:
-        result = super().of(*members)
-        assert isinstance(result, IdSet)
-        return result
 
 
 def network_of(value: str | IPNetwork | IPAddress, *, field: str = "address") -> IPNetwork:

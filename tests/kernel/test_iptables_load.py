@@ -66,7 +66,9 @@ def assert_round_trip(ruleset: Ruleset, variant: str) -> None:
         want = tables_of(expected.artifact(family).content)
         for source in (restore.artifact(family).content, expected.artifact(family).content):
             with NetNamespace() as ns:
-                got = tables_of(load_and_save(ns, source, family, variant, noflush=source is restore.artifact(family).content))
+                got = tables_of(
+                    load_and_save(ns, source, family, variant, noflush=source is restore.artifact(family).content)
+                )
             assert got == want, f"{family.value} {variant}: kernel save differs from the iptables-save backend"
 
 
@@ -207,7 +209,9 @@ def test_cleanup_keeps_other_tools_rules_exactly(variant: str, mode: str) -> Non
 
 
 def test_replacing_a_policy_removes_stale_chains_atomically() -> None:
-    tproxy = compile_policy(Policy(inbound_mode="TPROXY", drop_invalid=True, dns={"enabled": True, "capture_all": True}))
+    tproxy = compile_policy(
+        Policy(inbound_mode="TPROXY", drop_invalid=True, dns={"enabled": True, "capture_all": True})
+    )
     plain = compile_policy(Policy(inbound_ports=""))
     with NetNamespace() as ns:
         ns.run(["iptables-nft-restore"], input=FOREIGN_V4)
@@ -221,7 +225,9 @@ def test_replacing_a_policy_removes_stale_chains_atomically() -> None:
             fresh_applier.apply(plain)
             want = tables_of(fresh_applier.saved(Family.IPV4))
     # iptables-nft keeps a table it once created, empty (here raw, from the DNS zones): no rules, no chains.
-    assert {name: text for name, text in got.items() if name not in want} == {"*raw": "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT"}
+    assert {name: text for name, text in got.items() if name not in want} == {
+        "*raw": "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT"
+    }
     assert {name: text for name, text in got.items() if name in want} == want
 
 

@@ -24,8 +24,7 @@ _COUNTERS = re.compile(r"\[\d+:\d+\]")
 
 
 class Runner(Protocol):
-    def __call__(self, argv: Sequence[str], input: str | None = None) -> subprocess.CompletedProcess[str]:  # noqa: A002
-        ...
+    def __call__(self, argv: Sequence[str], input: str | None = None) -> subprocess.CompletedProcess[str]: ...
 
 
 class NamespaceRunner:
@@ -34,10 +33,12 @@ class NamespaceRunner:
     def __init__(self, name: str | None = None) -> None:
         self.name = name
 
-    def __call__(self, argv: Sequence[str], input: str | None = None) -> subprocess.CompletedProcess[str]:  # noqa: A002
+    def __call__(self, argv: Sequence[str], input: str | None = None) -> subprocess.CompletedProcess[str]:
         prefix = ["ip", "netns", "exec", self.name] if self.name else []
         try:
-            return subprocess.run([*prefix, *argv], input=input, capture_output=True, text=True, check=False, timeout=60)
+            return subprocess.run(
+                [*prefix, *argv], input=input, capture_output=True, text=True, check=False, timeout=60
+            )
         except FileNotFoundError as exc:
             raise EnvironmentProblem(
                 f"{exc.filename} is not installed", remedy="install the Debian packages iptables and iproute2"
@@ -70,7 +71,7 @@ class IptablesApplier:
         base = "ip6tables" if family is Family.IPV6 else "iptables"
         return f"{base}-{self.variant}-{tool}"
 
-    def _run(self, argv: Sequence[str], input: str | None = None) -> str:  # noqa: A002
+    def _run(self, argv: Sequence[str], input: str | None = None) -> str:
         result = self.runner(argv, input)
         if result.returncode != 0:
             raise EnvironmentProblem(f"{' '.join(argv)} failed: {result.stderr.strip() or result.stdout.strip()}")
@@ -89,10 +90,14 @@ class IptablesApplier:
             document = backend(installed={family: before}).render(ruleset.for_family(family)).artifact(family).content  # type: ignore[call-arg]
             self._run([self.tool(family, "restore"), "--noflush"], document)
             after = self.saved(family)
-            changes.append(AppliedChange(family=family, document=document, changed=normalise_save(before) != normalise_save(after)))
+            changes.append(
+                AppliedChange(family=family, document=document, changed=normalise_save(before) != normalise_save(after))
+            )
         return changes
 
-    def cleanup(self, owner_prefix: str, families: Sequence[Family] = (Family.IPV4, Family.IPV6)) -> list[AppliedChange]:
+    def cleanup(
+        self, owner_prefix: str, families: Sequence[Family] = (Family.IPV4, Family.IPV6)
+    ) -> list[AppliedChange]:
         """Remove our chains (named ``owner_prefix + '_'...``) and every jump into them."""
         backend = get_backend("iptables-restore")()
         changes = []

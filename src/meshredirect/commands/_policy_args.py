@@ -79,7 +79,11 @@ def policy_from_arguments(args: argparse.Namespace) -> Any:
             if field == "families" and str(value).strip().lower() == "both":
                 value = "dual"
             changes[field] = value
-    dns = {key.removeprefix("dns_"): value for key, value in vars(args).items() if key.startswith("dns_") and value is not None}
+    dns = {
+        key.removeprefix("dns_"): value
+        for key, value in vars(args).items()
+        if key.startswith("dns_") and value is not None
+    }
     if dns:
         changes["dns"] = DnsCapture(**{**attrs.asdict(policy.dns, recurse=False), **dns})
     if changes:

@@ -11,7 +11,10 @@ from meshredirect.commands._policy_args import add_policy_arguments, policy_from
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--backend", "-B", default="iptables-restore", help="backend to lower to (default: iptables-restore; see 'meshredirect backends')"
+        "--backend",
+        "-B",
+        default="iptables-restore",
+        help="backend to lower to (default: iptables-restore; see 'meshredirect backends')",
     )
     parser.add_argument(
         "--installed",

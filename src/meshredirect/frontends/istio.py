@@ -57,7 +57,9 @@ def policy_from_istio_config(config: Mapping[str, Any], **overrides: Any) -> Pol
     """Build the policy an Istio capture configuration describes (unknown fields are an error)."""
     unknown = sorted(set(config) - set(ISTIO_DEFAULTS))
     if unknown:
-        raise PolicyError("istio configuration", expected="fields of " + ", ".join(sorted(ISTIO_DEFAULTS)), got=unknown[0])
+        raise PolicyError(
+            "istio configuration", expected="fields of " + ", ".join(sorted(ISTIO_DEFAULTS)), got=unknown[0]
+        )
     c = {**ISTIO_DEFAULTS, **config}
     families = {Family.IPV4, Family.IPV6} if _flag(c["enable_ipv6"]) else {Family.IPV4}
     servers = list(c["dns_servers_v4"]) + (list(c["dns_servers_v6"]) if Family.IPV6 in families else [])

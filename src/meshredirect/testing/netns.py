@@ -77,7 +77,7 @@ class NetNamespace:
         self,
         argv: Sequence[str],
         *,
-        input: str | None = None,  # noqa: A002 - mirrors subprocess.run
+        input: str | None = None,
         check: bool = True,
         timeout: float = 60,
     ) -> subprocess.CompletedProcess[str]:
@@ -106,5 +106,7 @@ class NetNamespace:
     def __enter__(self) -> NetNamespace:
         return self.create()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.delete()

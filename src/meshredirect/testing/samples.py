@@ -104,14 +104,19 @@ SAMPLE_TARGETS: Final[dict[type, tuple[Target, ...]]] = {
     Jump: (Jump(chain="MESH_NEXT"),),
     Goto: (Goto(chain="MESH_NEXT"),),
     Redirect: (Redirect(ports=PortSet.of(15001)), Redirect()),
-    TProxy: (TProxy(port=15006, mark=1337), TProxy(port=15006, address=ipaddress.ip_address("127.0.0.1"), mark=1, mask=1)),
+    TProxy: (
+        TProxy(port=15006, mark=1337),
+        TProxy(port=15006, address=ipaddress.ip_address("127.0.0.1"), mark=1, mask=1),
+    ),
     SetMark: (SetMark(value=1338), SetMark(value=0x4000, mask=0x4000)),
     ConnmarkSave: (ConnmarkSave(),),
     ConnmarkRestore: (ConnmarkRestore(),),
     ConnmarkSet: (ConnmarkSet(value=7),),
     CtZone: (CtZone(zone=2),),
     Masquerade: (Masquerade(), Masquerade(ports=PortSet.of((1024, 2048)))),
-    Snat: (Snat(addresses=AddressRange(first=ipaddress.ip_address("10.0.0.1"), last=ipaddress.ip_address("10.0.0.1"))),),
+    Snat: (
+        Snat(addresses=AddressRange(first=ipaddress.ip_address("10.0.0.1"), last=ipaddress.ip_address("10.0.0.1"))),
+    ),
     Dnat: (
         Dnat(
             addresses=AddressRange(first=ipaddress.ip_address("10.244.1.5"), last=ipaddress.ip_address("10.244.1.5")),

@@ -38,7 +38,9 @@ SPECIAL_IDS: Final = (1337, 1000, 101, 2102, 5678, 65534)
 INTERFACES: Final = ("eth0", "eth1", "eth2", "net1", "veth+", "tap0", "kubevirt0")
 
 _v4_networks = st.one_of(
-    st.sampled_from(["10.0.0.0/8", "10.96.0.0/12", "192.168.0.0/16", "172.16.0.0/12", "169.254.169.254/32", "0.0.0.0/1"]),
+    st.sampled_from(
+        ["10.0.0.0/8", "10.96.0.0/12", "192.168.0.0/16", "172.16.0.0/12", "169.254.169.254/32", "0.0.0.0/1"]
+    ),
     st.builds(
         lambda a, p: str(ipaddress.ip_network(f"{ipaddress.IPv4Address(a)}/{p}", strict=False)),
         st.integers(0x01000000, 0x7EFFFFFF) | st.integers(0x80000000, 0xDFFFFFFF),
@@ -61,7 +63,9 @@ def ports() -> st.SearchStrategy[int]:
 
 def port_sets(*, min_size: int = 0, max_size: int = 5, ranges: bool = True) -> st.SearchStrategy[PortSet]:
     """Port sets of a few ports and (optionally) ranges."""
-    member = st.one_of(ports(), st.tuples(st.integers(1, 65000), st.integers(0, 500)).map(lambda t: (t[0], t[0] + t[1])))
+    member = st.one_of(
+        ports(), st.tuples(st.integers(1, 65000), st.integers(0, 500)).map(lambda t: (t[0], t[0] + t[1]))
+    )
     return st.lists(member if ranges else ports(), min_size=min_size, max_size=max_size).map(lambda m: PortSet.of(*m))
 
 
@@ -70,7 +74,9 @@ def id_sets(*, min_size: int = 0, max_size: int = 3) -> st.SearchStrategy[IdSet]
     return st.lists(ids, min_size=min_size, max_size=max_size).map(lambda m: IdSet.of(*m))
 
 
-def address_sets(*, families: frozenset[Family] = frozenset({Family.IPV4, Family.IPV6}), max_size: int = 4) -> st.SearchStrategy[AddressSet]:
+def address_sets(
+    *, families: frozenset[Family] = frozenset({Family.IPV4, Family.IPV6}), max_size: int = 4
+) -> st.SearchStrategy[AddressSet]:
     """Address sets that never touch loopback."""
     choices = []
     if Family.IPV4 in families:
@@ -92,14 +98,16 @@ def interface_names() -> st.SearchStrategy[str]:
 
 
 @st.composite
-def policies(draw: st.DrawFn, **fixed: Any) -> Policy:
+def policies(draw: st.DrawFn, /, **fixed: Any) -> Policy:
     """Valid policies; keyword arguments fix fields (e.g. ``policies(inbound_mode="TPROXY")``)."""
     listeners = draw(st.lists(ports(), min_size=4, max_size=4, unique=True))
     outbound_port, inbound_port, tunnel, dns_port = listeners
     tunnel_port = draw(st.sampled_from([tunnel, None]))
     uids = draw(id_sets(max_size=2))
     gids = draw(id_sets(min_size=0 if uids else 1, max_size=2))
-    families = draw(st.sampled_from([frozenset({Family.IPV4}), frozenset({Family.IPV6}), frozenset({Family.IPV4, Family.IPV6})]))
+    families = draw(
+        st.sampled_from([frozenset({Family.IPV4}), frozenset({Family.IPV6}), frozenset({Family.IPV4, Family.IPV6})])
+    )
 
     inbound_exclude = draw(port_sets(max_size=4))
     inbound = draw(st.one_of(st.just(ALL), port_sets(max_size=4)))

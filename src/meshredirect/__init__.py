@@ -48,9 +48,10 @@ _EXPORTS = {
 
 __all__ = [
     "ALL",
+    "DEFAULT_POLICY",
+    "PRESETS",
     "AddressSet",
     "BackendNotFoundError",
-    "DEFAULT_POLICY",
     "DnsCapture",
     "EnvironmentProblem",
     "Family",
@@ -58,7 +59,6 @@ __all__ = [
     "InterceptionMode",
     "LoopbackCapture",
     "MeshRedirectError",
-    "PRESETS",
     "Policy",
     "PolicyError",
     "PortSet",

@@ -83,6 +83,7 @@ class ChainNames:
         self.output = f"{prefix}_OUTPUT"
         self.redirect = f"{prefix}_REDIRECT"
         self.outbound = f"{prefix}_OUTBOUND"
+        self.capture = f"{prefix}_CAPTURE"
         self.output_dns = f"{prefix}_OUTPUT_DNS"
         self.divert = f"{prefix}_DIVERT"
         self.tproxy = f"{prefix}_TPROXY"
@@ -135,8 +136,8 @@ def _uid(ids: IdSet) -> OwnerMatch:
     return OwnerMatch(kind=OwnerKind.UID, ids=ids)
 
 
-def _gid(ids: IdSet, *, negate: bool = False) -> OwnerMatch:
-    return OwnerMatch(kind=OwnerKind.GID, ids=ids, negate=negate)
+def _gid(ids: IdSet) -> OwnerMatch:
+    return OwnerMatch(kind=OwnerKind.GID, ids=ids)
 
 
 def _ports(protocol: Protocol, ports: PortSet, *, negate: bool = False, source: bool = False) -> PortMatch:
@@ -278,7 +279,12 @@ class _FamilyCompiler:
             else:
                 out.append(_rule(Return(), _oif(LOOPBACK_INTERFACE)))
         if not isinstance(p.owner_groups_include, All):
-            out.append(_rule(Return(), _gid(IdSet.of(*p.owner_groups_include), negate=True)))  # type: ignore[arg-type]
+            # Only sockets of these groups go on to capture; everything else (a packet without a
+            # socket too) returns. A positive owner match means the same in every backend, where
+            # "not in these groups" would not (xt_owner matches socketless packets, nft does not).
+            # (Falling off the end of the chain returns.)
+            out.append(_rule(Goto(chain=n.capture), _gid(IdSet.of(*p.owner_groups_include))))  # type: ignore[arg-type]
+            out = self.nat.chain(n.capture)
         if p.owner_groups_exclude:
             out.append(_rule(Return(), _gid(IdSet.of(*p.owner_groups_exclude))))  # type: ignore[arg-type]
         if self.dns:

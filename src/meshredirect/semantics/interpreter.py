@@ -306,6 +306,8 @@ class Evaluation:
     #: During proof enumeration: which fields of ``connection`` (and ``verdict.address``,
     #: ``verdict.port``, ``verdict.mark``) still stand for a dimension of the enumeration.
     symbols: Mapping[str, Sym] = attrs.field(factory=dict, eq=False, repr=False)
+    #: A local connection's outgoing interface as first routed (before any NAT or mark rerouted it).
+    first_oif: str | None = None
 
     @property
     def rewritten(self) -> Connection:
@@ -547,7 +549,9 @@ class _Run:
         self.tproxy: TProxied | None = None
         self.tproxy_syms: dict[str, Sym | None] = {}
         self.visits = 0
+        self.collect: list[tuple[int, Any, dict[Hashable, int]]] | None = None
         self.out_interface: str | None = connection.oif
+        self.first_oif: str | None = None
         # the packet's view at the current hook
         self.hook = Hook.OUTPUT
         self.iif: str | None = None
@@ -562,6 +566,10 @@ class _Run:
         sym = self.sym.get(field)
         if sym is None or self.tracer is None:
             return key(value)
+        if self.collect is not None:
+            found = self.tracer.resolve(sym, key)
+            self.collect.append(found)
+            return found[1]
         return self.tracer.decide(sym, key)
 
     def _test_mark(self, mark: _Mark, key: Callable[[Any], Hashable]) -> Any:
@@ -573,6 +581,10 @@ class _Run:
             raise _Stop(
                 Unknown(reason="a mark partly rewritten by MARK/CONNMARK is tested: beyond the proof's classes")
             )
+        if self.collect is not None:
+            found = self.tracer.resolve(mark.sym.dim, key)
+            self.collect.append(found)
+            return found[1]
         return self.tracer.decide(mark.sym.dim, key)
 
     def _dst_test(self, key: Callable[[Any], Hashable]) -> Any:
@@ -590,7 +602,13 @@ class _Run:
         )
 
     def _has_socket(self) -> bool:
-        return bool(self._test("socket", self.socket is not None, self.interpreter.present))
+        # Decided on its own, before the rest of a rule's matches (an owner match on a socketless
+        # packet has its own outcome, so it is no plain conjunction).
+        collect, self.collect = self.collect, None
+        try:
+            return bool(self._test("socket", self.socket is not None, self.interpreter.present))
+        finally:
+            self.collect = collect
 
     # ------------------------------------------------------------------ the path
 
@@ -633,10 +651,12 @@ class _Run:
             trace=tuple(self.trace),
             zone=self.zone,
             symbols=symbols,
+            first_oif=self.first_oif,
         )
 
     def _local(self) -> Verdict:
         oif = self._route() if self.routed or self.c.oif is None else self.c.oif
+        self.first_oif = oif
         self._hook(Hook.OUTPUT, iif=None, oif=oif, socket=self.c.socket)
         self._hook(Hook.POSTROUTING, iif=None, oif=self.oif, socket=self.c.socket)
         self.out_interface = self.oif
@@ -1008,12 +1028,40 @@ class _Run:
 
     def _rule_matches(self, rule: Rule) -> tuple[MatchResult, str | None]:
         unknown: str | None = None
-        for match in rule.matches:
-            result = self._match(match)
-            if result is False:
+        if self.tracer is None:
+            for match in rule.matches:
+                result = self._match(match)
+                if result is False:
+                    return MatchResult.NOT_MATCHED, None
+                if result is not True and unknown is None:
+                    unknown = result
+        else:
+            # Proof enumeration: the rule's matches are one conjunction, decided at once, so that
+            # "the rule does not match" stays one region whichever match fails.
+            tracer = self.tracer
+            constraints: dict[int, int] = {}
+            holds = True
+            for match in rule.matches:
+                collected: list[tuple[int, Any, dict[Hashable, int]]] = []
+                self.collect = collected
+                try:
+                    result = self._match(match)
+                finally:
+                    self.collect = None
+                if len(collected) == 1 and result.__class__ is bool and collected[0][1].__class__ is bool:
+                    position, outcome, outcomes = collected[0]
+                    wanted = outcome if result else not outcome
+                    constraints[position] = constraints.get(position, -1) & outcomes.get(wanted, 0)
+                    holds = holds and result
+                    continue
+                for found in collected:
+                    tracer.decide_resolved(*found)
+                if isinstance(result, str):
+                    unknown = unknown or result
+                elif result is False:
+                    return MatchResult.NOT_MATCHED, None
+            if not tracer.decide_constraints(constraints, holds):
                 return MatchResult.NOT_MATCHED, None
-            if result is not True and unknown is None:
-                unknown = result
         if unknown is not None:
             return MatchResult.UNKNOWN, unknown
         return MatchResult.MATCHED, None

@@ -20,7 +20,7 @@ from typing import Any, Final
 from hypothesis import strategies as st
 
 from meshredirect.ir import Family
-from meshredirect.policy import DnsCapture, InterceptionMode, LoopbackCapture, Policy
+from meshredirect.policy import DNS_QUERY_PORT, DnsCapture, InterceptionMode, LoopbackCapture, Policy
 from meshredirect.values import ALL, AddressSet, IdSet, PortSet
 
 __all__ = [
@@ -121,6 +121,8 @@ def policies(draw: st.DrawFn, /, **fixed: Any) -> Policy:
     ifaces = draw(st.lists(interface_names(), max_size=3, unique=True))
     split = draw(st.integers(0, len(ifaces)))
     dns_mode = draw(st.sampled_from(["off", "all", "servers"]))
+    if DNS_QUERY_PORT in (outbound_port, inbound_port, tunnel_port):
+        dns_mode = "off"  # DNS capture takes port 53: the policy refuses a listener there
     if dns_mode == "off":
         dns = DnsCapture()
     elif dns_mode == "all":

@@ -49,7 +49,7 @@ from meshredirect.semantics.model import LOOPBACK_INTERFACE, Connection, Environ
 from meshredirect.semantics.proxy import Arrival, InterceptionChain, ProxyModel, Step, arrives_at, follow
 from meshredirect.values import MAX_MARK, AddressSet, All, IdSet
 
-__all__ = ["CheckReport", "Property", "Violation", "check"]
+__all__ = ["CheckReport", "Checker", "Property", "Violation", "check", "checker"]
 
 DNS_PORT: Final = 53
 #: How many examples of each violated property :meth:`CheckReport.summary` shows.
@@ -133,16 +133,32 @@ def check(
     subject: Any,
     env: Environment | None = None,
     *,
+    ruleset: Ruleset | None = None,
     model: ProxyModel | None = None,
     families: Sequence[Family] | None = None,
 ) -> CheckReport:
     """Prove the properties for every connection; ``subject`` is a Policy or a Ruleset.
 
-    A policy is compiled, and its own environment (:meth:`Environment.for_policy`)
-    is used unless ``env`` is given; completeness is checked against it. A
-    ruleset is checked in ``env`` (default: the default environment, with
-    the interfaces the ruleset names) for the properties that need no policy.
+    A policy is compiled (or, with ``ruleset``, that ruleset stands for it:
+    rules read from a node, another backend's output read back), and its own
+    environment (:meth:`Environment.for_policy`) is used unless ``env`` is
+    given; completeness is checked against the policy. A ruleset alone is
+    checked in ``env`` (default: the default environment, with the
+    interfaces the ruleset names) for the properties that need no policy.
+    ``model`` changes how the proxy behaves (see :class:`ProxyModel`).
     """
+    return checker(subject, env, ruleset=ruleset, model=model, families=families).run()
+
+
+def checker(
+    subject: Any,
+    env: Environment | None = None,
+    *,
+    ruleset: Ruleset | None = None,
+    model: ProxyModel | None = None,
+    families: Sequence[Family] | None = None,
+) -> Checker:
+    """The :class:`Checker` :func:`check` runs (see there for the arguments)."""
     from meshredirect.policy import Policy
 
     policy: Policy | None
@@ -150,19 +166,23 @@ def check(
         from meshredirect.compiler import compile_policy
 
         policy = subject
-        ruleset = compile_policy(policy)
+        ruleset = ruleset if ruleset is not None else compile_policy(policy)
         environment = env if env is not None else Environment.for_policy(policy, ruleset)
         families = tuple(families) if families is not None else (Family.IPV4, Family.IPV6)
     elif isinstance(subject, Ruleset):
+        if ruleset is not None:
+            raise TypeError("check(ruleset, ruleset=...): give the policy as the subject to check a ruleset against it")
         policy = None
         ruleset = subject
         environment = (env if env is not None else Environment.default()).covering(ruleset)
     else:
         raise TypeError(f"check() takes a Policy or a Ruleset, not {type(subject).__name__}")
-    return _Checker(ruleset, environment, policy, model or ProxyModel(), families).run()
+    return Checker(ruleset, environment, policy, model or ProxyModel(), families)
 
 
-class _Checker:
+class Checker:
+    """A ruleset, its environment and (optionally) its policy, ready to check connections."""
+
     def __init__(
         self,
         ruleset: Ruleset,
@@ -211,8 +231,7 @@ class _Checker:
 
             def program(run: Run, root: Root = root, symbols: Mapping[str, str] = symbols) -> tuple[Any, ...]:
                 connection = self.space.connection(root, {d: run.value(d) for d in root.dims})
-                chain = follow(self.interpreter, connection, model=self.model, symbols=symbols, tracer=run, trace=False)
-                return tuple(self._violations(connection, chain, run))
+                return self.violations_of(connection, symbols=symbols, tracer=run)
 
             for leaf in explorer.explore(program):
                 if not leaf.result:
@@ -237,9 +256,16 @@ class _Checker:
             violations=tuple(violations), properties=self.properties, classes=self.space.count(), paths=paths
         )
 
+    def violations_of(
+        self, connection: Connection, *, symbols: Mapping[str, str] | None = None, tracer: Tracer | None = None
+    ) -> tuple[tuple[Property, str], ...]:
+        """The properties ``connection`` violates, with messages (through ``tracer`` during the proof)."""
+        chain = follow(self.interpreter, connection, model=self.model, symbols=symbols, tracer=tracer, trace=False)
+        return tuple(self._violations(connection, chain, tracer))
+
     # ------------------------------------------------------------------ properties
 
-    def _is_proxy(self, c: Connection, t: Tracer) -> bool:
+    def _is_proxy(self, c: Connection, t: Tracer | None) -> bool:
         if c.origin is not Origin.LOCAL or not probe(t, c.socket is not None, "socket", self.present):
             return False
         assert c.socket is not None
@@ -250,7 +276,7 @@ class _Checker:
         # The proxy marks its sockets with nothing, or (TPROXY) with the TPROXY mark only.
         return not self.marks_matter or bool(probe(t, c.mark, "mark", self.proxy_marks))
 
-    def _violations(self, c: Connection, chain: InterceptionChain, t: Tracer) -> Iterator[tuple[Property, str]]:
+    def _violations(self, c: Connection, chain: InterceptionChain, t: Tracer | None) -> Iterator[tuple[Property, str]]:
         first = chain.steps[0]
         verdict = first.evaluation.verdict
         for step in chain.steps:
@@ -300,7 +326,7 @@ class _Checker:
             yield from self._completeness(c, first, t)
 
     def _proxy_ports(
-        self, c: Connection, first: Step, is_proxy: Callable[[], bool], t: Tracer
+        self, c: Connection, first: Step, is_proxy: Callable[[], bool], t: Tracer | None
     ) -> Iterator[tuple[Property, str]]:
         proxy = self.env.proxy
         verdict = first.evaluation.verdict
@@ -340,7 +366,7 @@ class _Checker:
         ):
             yield Property.PROXY_PORTS, f"{c} to the proxy's own listener is captured ({verdict})"
 
-    def _completeness(self, c: Connection, first: Step, t: Tracer) -> Iterator[tuple[Property, str]]:
+    def _completeness(self, c: Connection, first: Step, t: Tracer | None) -> Iterator[tuple[Property, str]]:
         expected, reason = self.spec.expected(c, first, t)
         if expected is None:
             return
@@ -443,13 +469,13 @@ class _Spec:
             constants.add_ids(OwnerKind.GID, IdSet.of(*p.owner_groups_include))
         constants.add_ids(OwnerKind.GID, IdSet.of(*p.owner_groups_exclude))
 
-    def expected(self, c: Connection, first: Step, t: Tracer) -> tuple[Arrival | str | None, str]:
+    def expected(self, c: Connection, first: Step, t: Tracer | None) -> tuple[Arrival | str | None, str]:
         """The listener the policy sends ``c`` to, :data:`_PASS`, or None (the policy says nothing)."""
         if c.origin is Origin.LOCAL:
             return self._outbound(c, first, t)
         return self._inbound(c, t)
 
-    def _outbound(self, c: Connection, first: Step, t: Tracer) -> tuple[Arrival | str | None, str]:
+    def _outbound(self, c: Connection, first: Step, t: Tracer | None) -> tuple[Arrival | str | None, str]:
         p = self.p
         if c.protocol not in (Protocol.TCP, Protocol.UDP):
             return None, ""
@@ -497,7 +523,7 @@ class _Spec:
             return Arrival.OUTBOUND, f"{c.dst} is in outbound_cidrs"
         return _PASS, f"{c.dst} is not in outbound_cidrs"
 
-    def _inbound(self, c: Connection, t: Tracer) -> tuple[Arrival | str | None, str]:
+    def _inbound(self, c: Connection, t: Tracer | None) -> tuple[Arrival | str | None, str]:
         p = self.p
         if probe(t, c.dst, "dst", self.is_loopback):
             return None, ""  # a martian: dropped whatever the rules say

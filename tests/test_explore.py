@@ -33,7 +33,7 @@ SAMPLE = 600
 
 
 def combinations(
-    leaves: list[Leaf[Any]], explorer: Explorer, rng: random.Random
+    leaves: list[Leaf[Any]], explorer: Explorer, rng: random.Random, sample: int = SAMPLE
 ) -> Iterator[tuple[Leaf[Any], dict[str, Any]]]:
     """(leaf, values) for every combination the leaves cover, or a sample when there are many."""
     total = sum(leaf.size for leaf in leaves)

@@ -38,7 +38,6 @@ from meshredirect.ir import (
     MarkMatch,
     OwnerKind,
     OwnerMatch,
-    PortMatch,
     Protocol,
     ProtocolMatch,
     Redirect,

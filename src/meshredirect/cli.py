@@ -28,6 +28,8 @@ EXIT_ENVIRONMENT: Final = 3
 COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "compile": ("meshredirect.commands.compile", "compile a policy to rules for a backend"),
     "backends": ("meshredirect.commands.backends", "list the installed backends"),
+    "trace": ("meshredirect.commands.trace", "follow one connection through the rules and the proxy"),
+    "check": ("meshredirect.commands.check", "prove a policy's rules loop-free and complete"),
 }
 
 

@@ -78,10 +78,10 @@ def listen(name: str, ports: Sequence[int]) -> None:
     print("ready", flush=True)
     while True:
         for key, _events in selector.select():
-            server = key.fileobj
-            assert isinstance(server, socket.socket)
+            ready = key.fileobj
+            assert isinstance(ready, socket.socket)
             try:
-                conn, peer = server.accept()
+                conn, peer = ready.accept()
             except BlockingIOError:
                 continue
             try:

@@ -162,10 +162,17 @@ class Run(Tracer):
 
     def resolve(self, sym: Sym, key: Callable[[Any], Hashable]) -> tuple[int, Any, dict[Hashable, int]]:
         """(position of the dimension, the representative's outcome, every outcome's classes)."""
-        if isinstance(sym, MarkSym):
-            dim, transform = sym.dim, (sym.and_mask, sym.xor)
+        if isinstance(sym, str):
+            fast = self.explorer.fast.get(id(key))
+            if fast is not None:
+                entry = fast.get(sym)
+                if entry is not None and entry[0] is key:
+                    position = entry[1]
+                    return position, entry[3][self.index[position]], entry[2]
+            dim: str = sym
+            transform = None
         else:
-            dim, transform = sym, None
+            dim, transform = sym.dim, (sym.and_mask, sym.xor)
         outcomes = self.explorer.partition(dim, key, transform)
         position = self.explorer.position[dim]
         bit = 1 << self.index[position]
@@ -307,6 +314,8 @@ class Explorer:
         self._partitions: dict[
             str, dict[tuple[object, tuple[int, int] | None], tuple[object, dict[Hashable, int]]]
         ] = {}
+        #: The partitions of tests of stable identity: id(test) -> dim -> (test, position, outcomes, per class).
+        self.fast: dict[int, dict[str, tuple[object, int, dict[Hashable, int], list[Hashable]]]] = {}
         self.runs = 0
 
     @property
@@ -336,6 +345,10 @@ class Explorer:
             outcome = key(value)
             outcomes[outcome] = outcomes.get(outcome, 0) | (1 << index)
         cache[cache_key] = (key, outcomes)
+        if transform is None:
+            # The fast path of Run.resolve: by the test's identity, each class's outcome at hand.
+            per_class = [next(o for o, m in outcomes.items() if m >> i & 1) for i in range(len(self.values[dim]))]
+            self.fast.setdefault(id(key), {})[dim] = (key, self.position[dim], outcomes, per_class)
         return outcomes
 
     def explore(self, program: Callable[[Run], R], region: Mapping[str, Sequence[int]] | None = None) -> list[Leaf[R]]:

@@ -394,7 +394,7 @@ class Interpreter:
     def __init__(self, ruleset: Ruleset, env: Environment | None = None) -> None:
         self.ruleset = ruleset
         self.env = env if env is not None else Environment.default()
-        self._stages: dict[tuple[Family, Hook], tuple[_Stage, ...]] = {}
+        self._stages: dict[tuple[str, str], tuple[_Stage, ...]] = {}
         self._plans: dict[int, tuple[Rule, tuple[_Plan, ...]]] = {}
         env = self.env
         # Tests on symbolic values need functions of stable identity (see explore.Run.decide).
@@ -409,7 +409,7 @@ class Interpreter:
         self.addr_type: Callable[[Any], Hashable] = lambda address: _addr_type(env, address)
 
     def stages(self, family: Family, hook: Hook) -> tuple[_Stage, ...]:
-        key = (family, hook)
+        key = (family._value_, hook._value_)  # (enum members hash slowly)
         found = self._stages.get(key)
         if found is None:
             found = self._stages[key] = _build_stages(self.ruleset, family, hook)
@@ -653,16 +653,29 @@ class _Run:
             verdict = self._local() if self.c.origin is Origin.LOCAL else self._remote()
         except _Stop as stop:
             verdict = stop.verdict
-        rewritten = attrs.evolve(
-            self.c,
-            src=self.src,
-            sport=self.sport,
-            dst=self.dst,
-            dport=self.dport,
-            mark=self.mark.value,
-            ctmark=self.ctmark.value,
-            oif=self.out_interface if self.c.origin is Origin.LOCAL else self.c.oif,
-        )
+        c = self.c
+        oif = self.out_interface if c.origin is Origin.LOCAL else c.oif
+        if (
+            self.src is c.src
+            and self.dst is c.dst
+            and self.sport == c.sport
+            and self.dport == c.dport
+            and self.mark.value == c.mark
+            and self.ctmark.value == c.ctmark
+            and oif == c.oif
+        ):
+            rewritten = c
+        else:
+            rewritten = attrs.evolve(
+                c,
+                src=self.src,
+                sport=self.sport,
+                dst=self.dst,
+                dport=self.dport,
+                mark=self.mark.value,
+                ctmark=self.ctmark.value,
+                oif=oif,
+            )
         symbols: dict[str, Sym] = {}
         if self.tracer is not None:
             for field in ("src", "sport", "dst", "dport"):
@@ -786,7 +799,7 @@ class _Run:
             self.oif = oif
 
     def _nat_stage(self, hook: Hook, stage: _Stage) -> None:
-        destination = hook in DESTINATION_NAT_HOOKS
+        destination = hook is Hook.PREROUTING or hook is Hook.OUTPUT
         kind = "destination" if destination else "source"
         if destination in self.decided:
             if self.record:
@@ -843,7 +856,8 @@ class _Run:
             result, why = self._rule_matches(rule)
             target = rule.target
             if result is MatchResult.NOT_MATCHED:
-                self._visit((hook, table, chain), index, rule, result)
+                if self.record:
+                    self._visit((hook, table, chain), index, rule, result)
                 index += 1
                 continue
             if result is MatchResult.UNKNOWN:
@@ -853,6 +867,13 @@ class _Run:
                     continue
                 raise _Stop(Unknown(reason=f"{table.name} {chain.name} #{index + 1}: {why}"))
             match target:
+                case Return():
+                    if self.record:
+                        self._visit((hook, table, chain), index, rule, result)
+                    if stack:
+                        chain, index = stack.pop()
+                        continue
+                    return self._policy(hook, table, chain, base, "RETURN from the base chain")
                 case Accept():
                     self._visit((hook, table, chain), index, rule, result)
                     return _Outcome.ACCEPT
@@ -862,12 +883,6 @@ class _Run:
                 case Reject():
                     self._visit((hook, table, chain), index, rule, result)
                     return _Outcome.REJECT
-                case Return():
-                    self._visit((hook, table, chain), index, rule, result)
-                    if stack:
-                        chain, index = stack.pop()
-                        continue
-                    return self._policy(hook, table, chain, base, "RETURN from the base chain")
                 case Continue() | Log():
                     self._visit((hook, table, chain), index, rule, result)
                     index += 1
@@ -1102,7 +1117,11 @@ class _Run:
                 field, value, sym = "iif", self.iif, self.sym["iif"]
                 plan = (_IIF, "iif", plan[1], False)
             elif kind is _OWNER:
-                if self.hook not in SOCKET_HOOKS or self.socket is None or not self._has_socket():
+                if (
+                    (self.hook is not Hook.OUTPUT and self.hook is not Hook.POSTROUTING)
+                    or self.socket is None
+                    or not self._has_socket()
+                ):
                     if not plan[4]:
                         return MatchResult.NOT_MATCHED, None
                     continue

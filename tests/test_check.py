@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import attrs
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from meshredirect.compiler import compile_policy
 from meshredirect.ir import AddressMatch, Direction, Jump, OwnerMatch, PortMatch, Rule, Ruleset, SetMark
 from meshredirect.policy import Policy
-from meshredirect.semantics.check import Property, check
+from meshredirect.semantics.check import Property, check, checker
 from meshredirect.semantics.interpreter import Interpreter
 from meshredirect.semantics.model import Connection, Environment, Origin, Socket
 from meshredirect.semantics.proxy import Arrival, ProxyModel, follow
 from meshredirect.values import AddressSet
-from strategies import policies
+from strategies import connections, policies
 
 DEFAULT = Policy()
 ENV = Environment.for_policy(DEFAULT)
@@ -69,6 +70,18 @@ def is_passthrough_return(rule: Rule) -> bool:
 def test_every_generated_policy_is_proven_sound_and_complete(policy: Policy) -> None:
     report = check(policy)
     assert report.ok, report.summary(examples=1)
+
+
+@settings(max_examples=100)
+@given(st.data())
+def test_no_connection_of_a_generated_policy_violates_anything(data: st.DataObject) -> None:
+    # The proof above covers every class; here arbitrary connections (not class representatives)
+    # are checked one by one: a class that wrongly merged two behaviours would show up.
+    policy = data.draw(policies(), label="policy")
+    checking = checker(policy)
+    for _ in range(8):
+        connection = data.draw(connections(checking.env), label="connection")
+        assert checking.violations_of(connection) == (), str(connection)
 
 
 def test_the_report_counts_the_proof() -> None:

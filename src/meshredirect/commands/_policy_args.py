@@ -49,7 +49,9 @@ DNS_FLAGS: Final[dict[str, tuple[str, str]]] = {
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("policy (defaults: Istio's production setting)")
-    group.add_argument("--preset", default="istio", help="start from a preset: istio (default), istio-1.4")
+    group.add_argument(
+        "--preset", default="istio", help="start from a preset: istio (default), istio-1.4, linkerd, kuma"
+    )
     for flag, (field, short, text) in FLAGS.items():
         names = [short, flag] if short else [flag]
         group.add_argument(*names, dest=f"policy_{field}", metavar="VALUE", help=text)

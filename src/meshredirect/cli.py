@@ -28,6 +28,12 @@ EXIT_ENVIRONMENT: Final = 3
 COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "compile": ("meshredirect.commands.compile", "compile a policy to rules for a backend"),
     "backends": ("meshredirect.commands.backends", "list the installed backends"),
+    "istio-iptables": (
+        "meshredirect.commands.istio_iptables",
+        "program the rules istio-iptables would, from its flags",
+    ),
+    "fmt": ("meshredirect.commands.fmt", "print a policy file in canonical form"),
+    "policy": ("meshredirect.commands.policy", "write the policy file for a set of flags, a pod or a preset"),
 }
 
 
@@ -71,9 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"meshredirect: error: unknown command {name!r}{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return EXIT_USAGE
     module = importlib.import_module(COMMANDS[name][0])
-    parser = _Parser(prog=f"meshredirect {name}", description=COMMANDS[name][1])
-    module.configure(parser)
-    namespace = parser.parse_args(rest)
+    if getattr(module, "RAW_ARGUMENTS", False):
+        # The command reads its own command line (e.g. istio-iptables' Go-style flags).
+        namespace = argparse.Namespace(argv=rest)
+    else:
+        parser = _Parser(prog=f"meshredirect {name}", description=COMMANDS[name][1])
+        module.configure(parser)
+        namespace = parser.parse_args(rest)
     from meshredirect.errors import EnvironmentProblem, MeshRedirectError
 
     try:

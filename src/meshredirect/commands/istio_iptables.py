@@ -103,10 +103,10 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-def build_policy(flags: Any, *, detect_ipv6: bool = True) -> tuple[Any, list[str]]:
+def build_policy(flags: Any, *, detect_ipv6: bool = True, resolve_groups: bool = True) -> tuple[Any, list[str]]:
     """The policy of a parsed invocation, looking up what istio-iptables looks up on the machine:
     ENVOY_USER's uid, resolv.conf's DNS servers, the pod's address families, group names."""
-    from meshredirect.api import resolve_groups
+    from meshredirect.api import resolve_groups as resolve
     from meshredirect.errors import EnvironmentProblem, PolicyError
     from meshredirect.frontends.istio_flags import parse_resolv_conf
 
@@ -134,9 +134,9 @@ def build_policy(flags: Any, *, detect_ipv6: bool = True) -> tuple[Any, list[str
     policy = flags.policy(
         proxy_uid_lookup=_user_id, dns_servers=dns_servers, enable_ipv6=enable_ipv6, warnings=warnings
     )
-    if policy.unresolved_groups():
+    if resolve_groups and policy.unresolved_groups():
         try:
-            policy = resolve_groups(policy, _group_id)
+            policy = resolve(policy, _group_id)
         except PolicyError as exc:
             raise flags.rename(exc) from None
     return policy, warnings

@@ -116,9 +116,11 @@ class IntervalSet:
                 value = cls._parse_one(item, field=field, whole=text)
                 intervals.append((value, value))
                 continue
-            lo_text, _, hi_text = item.partition(sep)
-            lo = cls._parse_one(lo_text.strip(), field=field, whole=text)
-            hi = cls._parse_one(hi_text.strip(), field=field, whole=text)
+            lo_text, _, hi_text = (part.strip() for part in item.partition(sep))
+            if not lo_text or not hi_text:
+                raise PolicyError(field, expected=f"{cls.WHAT} {cls.LOW}-{cls.HIGH} or a range low-high", got=item)
+            lo = cls._parse_one(lo_text, field=field, whole=text)
+            hi = cls._parse_one(hi_text, field=field, whole=text)
             if lo > hi:
                 raise PolicyError(field, expected="a range low-high with low <= high", got=item)
             intervals.append((lo, hi))

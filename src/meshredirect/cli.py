@@ -28,10 +28,7 @@ EXIT_ENVIRONMENT: Final = 3
 COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "compile": ("meshredirect.commands.compile", "compile a policy to rules for a backend"),
     "backends": ("meshredirect.commands.backends", "list the installed backends"),
-    "istio-iptables": (
-        "meshredirect.commands.istio_iptables",
-        "program the rules istio-iptables would, from its flags",
-    ),
+    "istio-iptables": ("meshredirect.commands.istio_iptables", "program what istio-iptables would, from its flags"),
     "fmt": ("meshredirect.commands.fmt", "print a policy file in canonical form"),
     "policy": ("meshredirect.commands.policy", "write the policy file for a set of flags, a pod or a preset"),
 }
@@ -81,7 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The command reads its own command line (e.g. istio-iptables' Go-style flags).
         namespace = argparse.Namespace(argv=rest)
     else:
-        parser = _Parser(prog=f"meshredirect {name}", description=COMMANDS[name][1])
+        parser = _Parser(
+            prog=f"meshredirect {name}",
+            description=COMMANDS[name][1],
+            fromfile_prefix_chars="@",
+            epilog="Arguments can also come from a file: @FILE reads one argument per line.",
+        )
         module.configure(parser)
         namespace = parser.parse_args(rest)
     from meshredirect.errors import EnvironmentProblem, MeshRedirectError

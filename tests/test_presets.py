@@ -30,7 +30,7 @@ def test_kuma_values_follow_its_default_config() -> None:
     assert p.proxy_uids == IdSet.of(5678) and p.proxy_gids == IdSet(())
     assert p.inbound_ports is ALL and p.inbound_ports_exclude == PortSet(())
     assert p.loopback_capture is LoopbackCapture.PROXY
-    assert p.chain_prefix == "KUMA_MESH"
+    assert p.chain_prefix == "KUMA_MESH" and p.families == frozenset({Family.IPV4, Family.IPV6})
 
 
 def test_every_preset_is_documented_with_a_source() -> None:

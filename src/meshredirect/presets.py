@@ -87,13 +87,15 @@ KUMA_PROXY_UID: Final = 5678
 def _kuma() -> Policy:
     """Kuma (``kumactl install transparent-proxy`` / ``kuma-init`` with default settings):
     inbound TCP to 15006, outbound to 15001, kuma-dp exempted by uid 5678 only, the inbound
-    passthrough from 127.0.0.6 over lo left alone and kuma-dp's own connections over lo to
-    the pod's address hairpinned to the inbound port (Kuma's rules follow Istio's here), no
-    ports excluded, no tunnel port, DNS capture off, IPv4 only. Chains are named
-    ``KUMA_MESH_*``. Source: Kuma's ``pkg/transparentproxy/config`` (``defaultConfig``: owner
-    uid 5678, inbound 15006, outbound 15001, DNS 15053 off, IPv6 off) and
-    ``iptables/builder/builder_table_nat.go`` (the ``MESH_OUTBOUND`` rules). Not modelled:
-    older Kuma's separate IPv6 inbound port 15010 (this preset programs IPv4 only)."""
+    passthrough from 127.0.0.6 (::6) over lo left alone and kuma-dp's own connections over lo
+    to the pod's address hairpinned to the inbound port (Kuma's rules follow Istio's here), no
+    ports excluded, no tunnel port, DNS capture off, IPv4 and IPv6 (``--ip-family-mode
+    dualstack``, the default; Kuma skips IPv6 on a host without it, which these rules cannot
+    know: ``families ipv4`` says ``--ip-family-mode ipv4``). Chains are named ``KUMA_MESH_*``.
+    Source: Kuma's ``pkg/transparentproxy/config`` (``DefaultConfig``: inbound 15006, outbound
+    15001, DNS 15053 off, ``IPFamilyModeDualStack``; owner uid 5678 from ``consts``) and
+    ``iptables/builder/builder_table_nat.go`` (the ``MESH_OUTBOUND`` rules). Not modelled: older
+    Kuma's separate IPv6 inbound port 15010."""
     return Policy(
         outbound_port=15001,
         inbound_port=15006,
@@ -103,6 +105,7 @@ def _kuma() -> Policy:
         inbound_ports=ALL,
         inbound_ports_exclude=(),
         loopback_capture=LoopbackCapture.PROXY,
+        families="dual",
         chain_prefix="KUMA_MESH",
     )
 

@@ -111,15 +111,20 @@ def test_cleanup_only_removes_ours_and_nothing_else() -> None:
 
 
 def test_tproxy_sets_up_and_cleanup_removes_policy_routing() -> None:
-    tproxy = [*PRODUCTION, "-m", "TPROXY"]
+    tproxy = [*PRODUCTION, "-m", "TPROXY", "--enable-ipv6=true"]
     with NetNamespace() as ns:
-        assert run("--network-namespace", ns.name, "--enable-ipv6=false", *tproxy)[0] == 0
-        assert "fwmark 0x539 lookup 133" in ns.run(["ip", "-4", "rule", "show"]).stdout
-        assert "local default dev lo" in ns.run(["ip", "-4", "route", "show", "table", "133"]).stdout
-        assert run("--network-namespace", ns.name, "--enable-ipv6=false", *tproxy)[0] == 0
+        assert run("--network-namespace", ns.name, *tproxy)[0] == 0
+        for v in ("-4", "-6"):
+            assert "fwmark 0x539 lookup 133" in ns.run(["ip", v, "rule", "show"]).stdout
+            assert "local default dev lo" in ns.run(["ip", v, "route", "show", "table", "133"]).stdout
+        assert run("--network-namespace", ns.name, "--force-apply", *tproxy)[0] == 0
         assert ns.run(["ip", "-4", "rule", "show"]).stdout.count("lookup 133") == 1
-        assert run("--network-namespace", ns.name, "--enable-ipv6=false", "--cleanup-only", *tproxy)[0] == 0
-        assert "lookup 133" not in ns.run(["ip", "-4", "rule", "show"]).stdout
+        assert run("--network-namespace", ns.name, "--cleanup-only", "--skip-rule-apply", *tproxy)[0] == 0
+        assert "lookup 133" in ns.run(["ip", "-4", "rule", "show"]).stdout and ours(ns)
+        assert run("--network-namespace", ns.name, "--cleanup-only", *tproxy)[0] == 0
+        for v in ("-4", "-6"):
+            assert "lookup 133" not in ns.run(["ip", v, "rule", "show"]).stdout
+        assert ours(ns) == {} and ours(ns, 6) == {}
 
 
 def test_forced_legacy_variant_and_namespace_by_path() -> None:

@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
 
     ruleset = compile_policy(policy)
     if cleanup_only:
+        if skip_apply and not dry_run:
+            print("meshredirect istio-iptables: --skip-rule-apply: nothing removed", file=sys.stderr)
+            return 0
         runner = runner_for(flags.text("network-namespace"))
         variant, reason = choose_variant(runner, flags.text("force-iptables-binary"))
         if dry_run:

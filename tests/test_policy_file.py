@@ -113,6 +113,13 @@ def test_empty_file_and_comments_are_the_default_policy() -> None:
     assert parse_policy("# nothing here\n\n   # at all\n") == Policy()
 
 
+def test_a_statement_may_be_split_and_implications_give_way() -> None:
+    assert parse_policy("dns all\ndns capture 15053 servers 10.0.0.1\n").dns.capture_all
+    assert not parse_policy("dns capture 15053\ndns servers 10.0.0.1\n").dns.capture_all
+    with pytest.raises(SourceError, match="dns all is already set on line 1"):
+        parse_policy("dns all\ndns all capture 15053\n")
+
+
 def test_preset_is_the_base_and_later_statements_change_it() -> None:
     policy = parse_policy("preset linkerd\noutbound except cidr 10.96.0.0/12\n")
     assert policy == attrs.evolve(preset("linkerd"), outbound_cidrs_exclude="10.96.0.0/12")

@@ -549,12 +549,17 @@ def _build(statements: Sequence[Statement], lines: Sequence[str], path: str) -> 
             preset_statement = statement
             continue
         for setting in statement.settings:
-            if setting.field in where and not setting.implied:
+            if setting.implied:
+                continue
+            if setting.field in where:
                 first = where[setting.field]
                 raise fail(setting, f"{LABELS[setting.field]} is already set on line {first.line}")
-            where.setdefault(setting.field, setting)
+            where[setting.field] = setting
+    # What a clause implies (``servers`` without ``all``) gives way to what another says outright.
+    for statement in statements:
+        for setting in statement.settings:
             if setting.implied:
-                where[setting.field] = setting
+                where.setdefault(setting.field, setting)
     fields: dict[str, object] = {f: s.value for f, s in where.items() if not f.startswith("dns.")}
     dns = {f.removeprefix("dns."): s.value for f, s in where.items() if f.startswith("dns.")}
     try:

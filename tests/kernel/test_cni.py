@@ -9,10 +9,10 @@ runs chained after ``bridge``. Plugins run exactly as the specification says
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -253,10 +253,8 @@ def test_chained_after_bridge_redirects_real_traffic_and_check_and_del_behave(
                     process.kill()
                     process.wait(timeout=10)
             for attachment in (web_at, batch_at, system_at):
-                try:
+                with contextlib.suppress(Exception):
                     runtime.delete(config, attachment)
-                except Exception:
-                    pass
         system_path = str(system.path)
     # DEL when the namespace is already gone succeeds too.
     gone = Attachment(container_id="dns1", netns=system_path, args=k8s("kube-system", "dns"))

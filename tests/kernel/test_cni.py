@@ -98,7 +98,7 @@ def plugin_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "bin"
     directory.mkdir()
     launcher = directory / LAUNCHER_NAME
-    launcher.write_text(launcher_script(command=[sys.executable, "-m", "meshredirect.cni"]))
+    launcher.write_text(launcher_script([sys.executable, "-m", "meshredirect.cni"]))
     launcher.chmod(0o755)
     return directory
 

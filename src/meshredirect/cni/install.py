@@ -129,25 +129,31 @@ def has_plugin(data: bytes, plugin: Mapping[str, Any], *, source: str) -> bool:
         return False
 
 
-def launcher_script(*, command: list[str] | None = None, agent_pid_file: str | None = None) -> str:
-    """The executable the runtime finds in its plugin directory.
+def launcher_script(command: list[str], *, agent_pid_file: str | None = None) -> str:
+    """The executable the runtime finds in its plugin directory: it runs ``command`` with the CNI protocol.
 
-    Either it runs ``command`` directly (a node with meshredirect installed),
-    or, with ``agent_pid_file``, it runs the plugin inside the installer
-    container's mount namespace (``nsenter --target PID --mount``), so the node
-    needs only ``/bin/sh`` and ``nsenter``: the Python, meshredirect and the
-    iptables tools all come from the container image.
+    With ``agent_pid_file`` it runs ``command`` inside the installer container's
+    mount namespace (``nsenter --target PID --mount``, PID read from the file the
+    watching installer writes), so the node needs only ``/bin/sh`` and
+    ``nsenter``: Python, meshredirect and the iptables tools all come from the
+    container image. When no agent is running it answers CNI error 11 (try
+    again later).
+
+    >>> print(launcher_script(["/usr/local/bin/python3", "-m", "meshredirect.cni"]), end="")
+    #!/bin/sh
+    # meshredirect-cni launcher: written by 'meshredirect-cni install', removed by 'uninstall'.
+    exec /usr/local/bin/python3 -m meshredirect.cni "$@"
     """
     lines = ["#!/bin/sh", f"{LAUNCHER_MARK}: written by 'meshredirect-cni install', removed by 'uninstall'."]
     if agent_pid_file is None:
-        assert command
         lines.append(f'exec {shlex.join(command)} "$@"')
     else:
         quoted = shlex.quote(agent_pid_file)
         lines += [
             f"pid=$(cat {quoted} 2>/dev/null)",
             'if [ -n "$pid" ] && [ -e "/proc/$pid/ns/mnt" ]; then',
-            '  exec nsenter --target "$pid" --mount -- meshredirect-cni "$@"',
+            "  export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            f'  exec nsenter --target "$pid" --mount -- {shlex.join(command)} "$@"',
             "fi",
             'printf \'%s\\n\' \'{"cniVersion": "1.0.0", "code": 11, "msg": "meshredirect-cni: the node agent is '
             f"not running (no live process in {agent_pid_file}); try again later\"}}'",

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument(
         "--launcher-command",
         metavar="CMD",
-        help="the launcher runs this command (default: this meshredirect-cni, as installed here)",
+        help="the launcher runs this command (default: this Python with -m meshredirect.cni)",
     )
     install.add_argument(
         "--via-agent",
@@ -166,14 +166,13 @@ def _install(args: argparse.Namespace) -> int:
     host_state = f"{(args.host_conf_dir or args.conf_dir).rstrip('/')}/{STATE_DIR_NAME}"
     launcher = None
     if args.bin_dir is not None:
-        if args.via_agent:
-            launcher = launcher_script(agent_pid_file=f"{host_state}/{PID_FILE}")
-        elif args.launcher_command:
-            import shlex
+        import shlex
 
-            launcher = launcher_script(command=shlex.split(args.launcher_command))
-        else:
-            launcher = launcher_script(command=[sys.executable, "-m", "meshredirect.cni"])
+        command = (
+            shlex.split(args.launcher_command) if args.launcher_command else [sys.executable, "-m", "meshredirect.cni"]
+        )
+        agent = f"{host_state}/{PID_FILE}" if args.via_agent else None
+        launcher = launcher_script(command, agent_pid_file=agent)
     installer = Installer(
         args.conf_dir,
         _plugin_entry(args.plugin_config),

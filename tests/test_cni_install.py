@@ -316,3 +316,38 @@ def test_the_agent_launcher_runs_the_plugin_in_the_installer_s_mount_namespace(t
         "code": 11,
         "msg": f"meshredirect-cni: the node agent is not running (no live process in {pid_file}); try again later",
     }
+
+
+def test_kubernetes_mode_copies_the_service_account_and_configures_the_pod_source(tmp_path: Path) -> None:
+    directory = conf_dir(tmp_path, {"10-calico.conflist": CALICO})
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("token-1")
+    (account / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    plugin = tmp_path / "plugin.json"
+    plugin.write_text(json.dumps({"type": "meshredirect-cni", "require_annotation": "sidecar.istio.io/status"}))
+    env = {**os.environ, "KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    args = [
+        "install", "--conf-dir", str(directory), "--host-conf-dir", "/etc/cni/net.d", "--kubernetes",
+        "--service-account-dir", str(account), "--plugin-config", str(plugin),
+    ]  # fmt: skip
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    entry = json.loads((directory / "10-calico.conflist").read_bytes())["plugins"][-1]
+    assert entry["pod_source"] == {
+        "kind": "kubernetes",
+        "api_server": "https://10.96.0.1:443",
+        "token_file": "/etc/cni/net.d/meshredirect/token",
+        "ca_file": "/etc/cni/net.d/meshredirect/ca.crt",
+    }
+    token = directory / "meshredirect" / "token"
+    assert token.read_text() == "token-1"
+    assert token.stat().st_mode & 0o777 == 0o600
+    # Without the Kubernetes environment the installer says what is missing.
+    env.pop("KUBERNETES_SERVICE_HOST")
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 3
+    assert done.stderr.strip() == (
+        "meshredirect-cni install: error: --kubernetes: KUBERNETES_SERVICE_HOST is not set (run the installer in a "
+        "Kubernetes pod)"
+    )

@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _plugin_entry(path: str | None) -> dict[str, Any]:
+def _plugin_entry(path: str | None, extra: dict[str, Any]) -> dict[str, Any]:
     from meshredirect.cni.config import PLUGIN_TYPE, parse_plugin_config
     from meshredirect.cni.protocol import CniError
     from meshredirect.errors import EnvironmentProblem, PolicyError
@@ -108,7 +108,7 @@ def _plugin_entry(path: str | None) -> dict[str, Any]:
             entry = decode_config(data, source=path)
         except CniError as exc:
             raise PolicyError("--plugin-config", expected="a JSON object", got=exc.msg) from None
-    result: dict[str, Any] = {"type": PLUGIN_TYPE, **entry}
+    result: dict[str, Any] = {"type": PLUGIN_TYPE, **entry, **extra}
     try:
         parse_plugin_config(result).base_policy()
     except CniError as exc:
@@ -116,8 +116,8 @@ def _plugin_entry(path: str | None) -> dict[str, Any]:
     return result
 
 
-def _credentials(args: argparse.Namespace, installer: Any, host_state: str) -> Any:
-    from meshredirect.cni.install import write_atomically
+def _kubernetes_source(host_state: str) -> dict[str, Any]:
+    """The pod source for the plugin on this node: the API server this pod sees, the copied credentials."""
     from meshredirect.errors import EnvironmentProblem
 
     host = os.environ.get("KUBERNETES_SERVICE_HOST")
@@ -127,12 +127,17 @@ def _credentials(args: argparse.Namespace, installer: Any, host_state: str) -> A
             "--kubernetes: KUBERNETES_SERVICE_HOST is not set", remedy="run the installer in a Kubernetes pod"
         )
     server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
-    installer.plugin["pod_source"] = {
+    return {
         "kind": "kubernetes",
         "api_server": server,
         "token_file": f"{host_state}/token",
         "ca_file": f"{host_state}/ca.crt",
     }
+
+
+def _credentials(args: argparse.Namespace, installer: Any) -> Any:
+    from meshredirect.cni.install import write_atomically
+    from meshredirect.errors import EnvironmentProblem
 
     def copy() -> None:
         # Projected service account tokens rotate: copy again whenever they change.
@@ -173,15 +178,16 @@ def _install(args: argparse.Namespace) -> int:
         )
         agent = f"{host_state}/{PID_FILE}" if args.via_agent else None
         launcher = launcher_script(command, agent_pid_file=agent)
+    extra = {"pod_source": _kubernetes_source(host_state)} if args.kubernetes else {}
     installer = Installer(
         args.conf_dir,
-        _plugin_entry(args.plugin_config),
+        _plugin_entry(args.plugin_config, extra),
         conflist=args.conflist,
         bin_dir=args.bin_dir,
         launcher=launcher,
     )
     if args.kubernetes:
-        installer.credentials = _credentials(args, installer, host_state)
+        installer.credentials = _credentials(args, installer)
     if not args.watch:
         print(installer.install_once())
         return 0

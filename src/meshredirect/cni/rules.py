@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import os
+import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Final
@@ -165,6 +166,10 @@ class RuleInstaller:
 
     def remove(self, prefix: str) -> None:
         """Remove our chains and jumps in both families, in every variant that holds some."""
-        variants = ("nft", "legacy") if self.requested_variant == "auto" else (self.requested_variant,)
+        if self.requested_variant != "auto":
+            variants: tuple[str, ...] = (self.requested_variant,)
+        else:
+            # A node image may ship only one variant's tools; rules cannot exist in a variant without them.
+            variants = tuple(v for v in ("nft", "legacy") if shutil.which(f"iptables-{v}-save"))
         for variant in variants:
             self._applier(variant).cleanup(prefix, ALL_FAMILIES)

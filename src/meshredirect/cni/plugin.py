@@ -43,6 +43,7 @@ from meshredirect.cni.protocol import (
 )
 
 if TYPE_CHECKING:
+    from meshredirect.cni.rules import RuleInstaller
     from meshredirect.ir import Ruleset
 
 __all__ = ["Decision", "decide", "run_plugin"]
@@ -84,14 +85,13 @@ def decide(config: PluginConfig, env: CniEnvironment) -> Decision:
     return Decision(ruleset=compile_policy(policy), reason=f"{who} gets the {config.preset} policy")
 
 
-def _installer(config: PluginConfig, env: CniEnvironment):  # type: ignore[no-untyped-def]
+def _installer(config: PluginConfig, env: CniEnvironment) -> RuleInstaller:
     from meshredirect.cni.rules import RuleInstaller
 
-    installer = RuleInstaller(env.netns, variant=config.iptables_variant)
-    return installer
+    return RuleInstaller(env.netns, variant=config.iptables_variant)
 
 
-def _require_namespace(env: CniEnvironment, installer: Any) -> None:
+def _require_namespace(env: CniEnvironment, installer: RuleInstaller) -> None:
     if not installer.namespace_exists():
         raise CniError(WellKnown.UNKNOWN_CONTAINER, f"CNI_NETNS: the network namespace {env.netns} does not exist")
 

@@ -28,10 +28,13 @@ import os
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from meshredirect.errors import EnvironmentProblem
 from meshredirect.ir import Family, Ruleset
+
+if TYPE_CHECKING:
+    from meshredirect.apply.iptables import IptablesApplier
 
 __all__ = ["NsenterRunner", "RuleInstaller", "differences", "owned_lines"]
 
@@ -148,7 +151,7 @@ class RuleInstaller:
                 return "legacy"
         return "nft"
 
-    def _applier(self, variant: str):  # type: ignore[no-untyped-def]
+    def _applier(self, variant: str) -> IptablesApplier:
         from meshredirect.apply.iptables import IptablesApplier
 
         return IptablesApplier(self.runner, variant=variant)

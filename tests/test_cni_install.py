@@ -351,3 +351,30 @@ def test_kubernetes_mode_copies_the_service_account_and_configures_the_pod_sourc
         "meshredirect-cni install: error: --kubernetes: KUBERNETES_SERVICE_HOST is not set (run the installer in a "
         "Kubernetes pod)"
     )
+
+
+def test_with_the_agent_the_plugin_reads_the_credentials_inside_the_container(tmp_path: Path) -> None:
+    directory = conf_dir(tmp_path, {"10-calico.conflist": CALICO})
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("token-1")
+    (account / "ca.crt").write_text("ca")
+    env = {**os.environ, "KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    args = [
+        "install", "--conf-dir", str(directory), "--host-conf-dir", "/etc/cni/net.d", "--kubernetes",
+        "--service-account-dir", str(account), "--via-agent", "--watch", "--interval", "0.05",
+        "--bin-dir", str(tmp_path),
+    ]  # fmt: skip
+    process = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    target = directory / "10-calico.conflist"
+    try:
+        wait_for(lambda: types(target)[-1] == "meshredirect-cni", "insertion")
+        (account / "token").write_text("token-2")  # the projected token rotates
+        wait_for(lambda: (directory / "meshredirect" / "token").read_text() == "token-2", "the rotated token copied")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    source = json.loads(target.read_bytes())["plugins"][-1]["pod_source"]
+    assert source["token_file"] == f"{directory}/meshredirect/token"
+    # The launcher runs on the node: it reads the agent's pid where the node sees it.
+    assert "/etc/cni/net.d/meshredirect/agent.pid" in (tmp_path / LAUNCHER_NAME).read_text()

@@ -16,13 +16,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
 from meshredirect.cli import COMMANDS
 from meshredirect.cni.config import parse_plugin_config
-
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))

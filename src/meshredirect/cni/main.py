@@ -116,7 +116,7 @@ def _plugin_entry(path: str | None, extra: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _kubernetes_source(host_state: str) -> dict[str, Any]:
+def _kubernetes_source(state_dir: str) -> dict[str, Any]:
     """The pod source for the plugin on this node: the API server this pod sees, the copied credentials."""
     from meshredirect.errors import EnvironmentProblem
 
@@ -130,8 +130,8 @@ def _kubernetes_source(host_state: str) -> dict[str, Any]:
     return {
         "kind": "kubernetes",
         "api_server": server,
-        "token_file": f"{host_state}/token",
-        "ca_file": f"{host_state}/ca.crt",
+        "token_file": f"{state_dir}/token",
+        "ca_file": f"{state_dir}/ca.crt",
     }
 
 
@@ -178,7 +178,9 @@ def _install(args: argparse.Namespace) -> int:
         )
         agent = f"{host_state}/{PID_FILE}" if args.via_agent else None
         launcher = launcher_script(command, agent_pid_file=agent)
-    extra = {"pod_source": _kubernetes_source(host_state)} if args.kubernetes else {}
+    # The plugin reads the copied credentials where it runs: in this container with --via-agent, else on the node.
+    plugin_state = str(Path(args.conf_dir).absolute() / STATE_DIR_NAME) if args.via_agent else host_state
+    extra = {"pod_source": _kubernetes_source(plugin_state)} if args.kubernetes else {}
     installer = Installer(
         args.conf_dir,
         _plugin_entry(args.plugin_config, extra),

@@ -326,7 +326,6 @@ class _StatementBuilder:
 
     def single(self, keyword: str, tree: Any) -> list[Setting]:
         tokens = [t for t in tree.children if hasattr(t, "type")]
-        line, column = tree.meta.line, tree.meta.column
 
         def at(field: str, value: object, token: Any = None) -> Setting:
             where = token if token is not None else tree.meta
@@ -363,7 +362,6 @@ class _StatementBuilder:
                 )
             field = "passthrough_ipv4" if address.version == 4 else "passthrough_ipv6"
             found[address.version] = at(field, address, token)
-        del line, column
         return list(found.values())
 
     # -- clauses -------------------------------------------------------------------

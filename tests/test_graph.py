@@ -334,3 +334,30 @@ def test_graph_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     assert (
         err == f"meshredirect graph: error: cannot write {tmp_path / 'missing' / 'x.dot'}: No such file or directory\n"
     )
+
+
+# ----------------------------------------------------------------------------- the README's picture
+
+README_SVG = Path(__file__).resolve().parent.parent / "docs" / "_static" / "graph" / "default.svg"
+
+
+def _svg_texts(svg_text: str) -> list[str]:
+    svg = ET.fromstring(svg_text)
+    return sorted("".join(t.itertext()) for t in svg.iter("{http://www.w3.org/2000/svg}text"))
+
+
+def test_the_readme_picture_is_the_default_policy(update_goldens: bool) -> None:
+    """The SVG the README shows is `meshredirect graph` of the default policy (regenerate with --update-goldens).
+
+    Compared by the text it shows, not byte for byte: Graphviz's layout may differ between its versions.
+    """
+    from meshredirect.commands.graph import svg_from_dot
+
+    fresh = svg_from_dot(to_dot(compile_policy(Policy())))
+    if update_goldens:
+        README_SVG.parent.mkdir(parents=True, exist_ok=True)
+        README_SVG.write_text(fresh)
+    assert README_SVG.exists(), "no picture for the README: run pytest --update-goldens"
+    assert _svg_texts(README_SVG.read_text()) == _svg_texts(fresh)
+    readme = (README_SVG.parents[3] / "README.md").read_text()
+    assert "(docs/_static/graph/default.svg)" in readme

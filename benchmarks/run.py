@@ -1,0 +1,133 @@
+"""Run every benchmark and write the results page: ``docs/benchmarks.md`` and ``docs/_static/bench/*.png``.
+
+    ./dev bench                         # everything (needs root for the namespace benchmarks)
+    ./dev bench --quick                 # fewer repetitions, to try the runner
+    ./dev bench --only startup,apply_time
+
+Each benchmark is a function ``(Context) -> Section`` listed in BENCHMARKS; a failure in one is
+reported on the page (and makes the runner exit 1) without losing the others. The raw numbers go to
+``benchmarks/results/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import compile_time
+import kernel
+import proofs
+from harness import DOCS, RESULTS, Context, Section
+
+#: key -> the function that measures it, in the order of the page.
+BENCHMARKS: dict[str, Callable[[Context], Section]] = {
+    "compile_scaling": compile_time.scaling,
+    "startup": compile_time.startup,
+    "apply_time": kernel.apply_time,
+    "connection_rate": kernel.connection_rate,
+    "proof_time": proofs.proof_time,
+}
+#: The whole run must stay under this (the issue's budget).
+BUDGET_SECONDS = 600
+
+HEADER = """# Benchmarks
+
+Speed targets are checked here, by the scripts in `benchmarks/`, never by timed unit tests. This
+page is written by `./dev bench` (`benchmarks/run.py`); do not edit it by hand. Every figure is the
+median of repeated runs with its spread (min–max); every comparison was measured side by side in
+one run. Absolute times drift by up to 40% between runs on this kind of machine; ratios are stable.
+"""
+
+
+def machine() -> str:
+    import subprocess
+
+    def version(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=10)
+        except OSError:
+            return "absent"
+        return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr).strip() else "?"
+
+    return (
+        f"Measured {datetime.date.today().isoformat()} on {os.cpu_count()} CPUs, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, {version(['iptables-nft', '--version'])}, "
+        f"{version(['nft', '--version'])}."
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (to try the runner)")
+    parser.add_argument("--only", help="comma separated keys: " + ", ".join(BENCHMARKS))
+    parser.add_argument("--output", default=str(DOCS / "benchmarks.md"), help="the page to write")
+    args = parser.parse_args()
+    keys = list(BENCHMARKS) if not args.only else [k.strip() for k in args.only.split(",")]
+    unknown = [k for k in keys if k not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)} (expected some of: {', '.join(BENCHMARKS)})")
+    ctx = Context(quick=args.quick)
+    sections: list[Section] = []
+    failed = False
+    started = time.perf_counter()
+    for key in keys:
+        print(f"bench: {key} ...", file=sys.stderr, flush=True)
+        begin = time.perf_counter()
+        try:
+            section = BENCHMARKS[key](ctx)
+        except Exception:
+            failed = True
+            section = Section(key=key, title=key, notes=["FAILED:\n\n```text\n" + traceback.format_exc() + "```"])
+        section.seconds = time.perf_counter() - begin
+        print(f"bench: {key} took {section.seconds:.1f} s", file=sys.stderr, flush=True)
+        sections.append(section)
+    total = time.perf_counter() - started
+
+    previous: dict[str, object] = {}
+    results_file = RESULTS / "results.json"
+    if args.only and results_file.exists():
+        previous = json.loads(results_file.read_text())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results_file.write_text(
+        json.dumps({**previous, **{s.key: s.data for s in sections}}, indent=1, sort_keys=True) + "\n"
+    )
+
+    body = [HEADER, machine() + f" The whole run took {total:.0f} s" + (" (--quick)." if args.quick else "."), ""]
+    body += [section.markdown() for section in sections]
+    output = Path(args.output)
+    if args.only and output.exists():
+        # Replace only the sections that ran; keep the others as they were.
+        old = output.read_text()
+        for section in sections:
+            old = _replace_section(old, section)
+        output.write_text(old)
+    else:
+        output.write_text("\n".join(body).rstrip() + "\n")
+    print(f"bench: wrote {output} in {total:.0f} s", file=sys.stderr)
+    if total > BUDGET_SECONDS:
+        print(f"bench: over the budget of {BUDGET_SECONDS} s", file=sys.stderr)
+        failed = True
+    return 1 if failed else 0
+
+
+def _replace_section(page: str, section: Section) -> str:
+    start = page.find(f"## {section.title}\n")
+    if start < 0:
+        return page.rstrip() + "\n\n" + section.markdown()
+    end = page.find("\n## ", start + 1)
+    end = len(page) if end < 0 else end + 1
+    return page[:start] + section.markdown() + page[end:]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

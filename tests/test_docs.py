@@ -30,16 +30,15 @@ def test_every_command_has_its_help_on_the_cli_page() -> None:
         assert f"usage: meshredirect {name} [-h]" in page
 
 
-def test_every_policy_field_has_a_row_with_a_meaning_and_a_flag() -> None:
-    rows = {line.split("|")[1].strip(" `"): line for line in gen.policy_fields().splitlines()[2:]}
+def test_every_policy_field_has_an_entry_with_a_meaning_and_a_flag() -> None:
+    lines = gen.policy_fields().splitlines()
+    terms = {line.split("`")[1]: (line, lines[i + 1]) for i, line in enumerate(lines) if line.startswith("`")}
     expected = [f.name for f in attrs.fields(Policy)] + [f"dns.{f.name}" for f in attrs.fields(DnsCapture)]
-    assert list(rows) == expected
-    for name, row in rows.items():
-        cells = [c.strip() for c in row.split("|")[1:-1]]
-        assert cells[4], f"{name} has no meaning"
-        assert cells[3] != "(see below)" or name == "dns", f"{name} has no flag"
-    assert "| `-p`, `--outbound-port` |" in rows["outbound_port"]
-    assert "| `15001` |" in rows["outbound_port"]
+    assert list(terms) == expected
+    for name, (term, meaning) in terms.items():
+        assert meaning.startswith(": ") and len(meaning) > 10, f"{name} has no meaning"
+        assert "; flag `" in term or name == "dns", f"{name} has no flag"
+    assert terms["outbound_port"][0] == "`outbound_port` (`int`, default `15001`; flag `-p`, `--outbound-port`)"
 
 
 def test_every_public_name_is_in_the_api_table() -> None:

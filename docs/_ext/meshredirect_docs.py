@@ -157,7 +157,7 @@ def policy_fields() -> str:
     flags["dns.servers"] = ("`--dns-servers`", "DNS servers to capture queries to")
     flags["dns.port"] = ("`--dns-port`", "the agent's DNS port")
 
-    rows = ["| field | type | default | flag | meaning |", "|---|---|---|---|---|"]
+    entries: list[str] = []
 
     def add(owner: str, prefix: str, cls: type) -> None:
         defaults = cls()
@@ -170,14 +170,13 @@ def policy_fields() -> str:
             if not flag and name != "dns":
                 logger.warning("policy field %s has no command-line flag", name)
             kind = str(field.type).replace("meshredirect.values.", "")
-            rows.append(
-                f"| `{name}` | `{_cell(kind)}` | {_cell(_show_default(getattr(defaults, field.name)))} "
-                f"| {flag or '(see below)'} | {_cell(meaning)} |"
-            )
+            details = f"`{kind}`, default {_show_default(getattr(defaults, field.name))}"
+            details += f"; flag {flag}" if flag else "; its parts below"
+            entries.extend([f"`{name}` ({details})", f": {meaning}", ""])
 
     add("Policy", "", Policy)
     add("DnsCapture", "dns.", DnsCapture)
-    return "\n".join(rows) + "\n"
+    return "\n".join(entries)
 
 
 # ----------------------------------------------------------------------------- support matrix
@@ -221,26 +220,33 @@ def support_table() -> str:
     return summary + "\n\n" + "\n".join(rows) + "\n"
 
 
-def backend_modules() -> str:
+def _backend_entry_points() -> list[Any]:
     from importlib.metadata import entry_points
 
     from meshredirect.backend import ENTRY_POINT_GROUP
 
-    rows = ["| backend | class | first line of its documentation |", "|---|---|---|"]
-    modules: list[str] = []
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        cls = ep.load()
-        doc = (cls.__doc__ or "").strip().splitlines()
+    return sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+
+
+def backend_table() -> str:
+    rows = ["| backend | class | what it writes |", "|---|---|---|"]
+    for ep in _backend_entry_points():
+        doc = (ep.load().__doc__ or "").strip().splitlines()
         rows.append(f"| `{ep.name}` | `{ep.value}` | {_cell(doc[0] if doc else '')} |")
+    return "\n".join(rows) + "\n"
+
+
+def backend_modules() -> str:
+    packages: list[str] = []
+    for ep in _backend_entry_points():
         package = ep.value.split(":")[0].split(".")[0]
-        if package not in modules:
-            modules.append(package)
-    out = ["\n".join(rows), ""]
-    for package in modules:
-        out += [f"### `{package}`", "", *_automodule(package, ":no-members:")]
+        if package not in packages:
+            packages.append(package)
+    out: list[str] = []
+    for package in packages:
         for name in _public_modules(package):
-            if name != package:
-                out += _automodule(name)
+            out += [f"### `{name}`", ""]
+            out += _automodule(name, ":no-members:") if name == package else _automodule(name)
     return "\n".join(out)
 
 
@@ -295,7 +301,7 @@ def api_modules() -> str:
 def more_pages(docs: Path) -> str:
     present = sorted(p.stem for p in docs.glob("*.md") if p.stem not in OWN_PAGES)
     ordered = [p for p in TOPIC_ORDER if p in present] + [p for p in present if p not in TOPIC_ORDER]
-    lines = ["```{toctree}", ":caption: Topics", ":maxdepth: 2", ""]
+    lines = ["```{toctree}", ":caption: Topics", ":hidden:", ""]
     lines += ordered
     lines += ["```", ""]
     if not ordered:
@@ -328,6 +334,7 @@ def generate(app: Sphinx) -> None:
     _write(fragments / "cli.md", cli_reference())
     _write(fragments / "policy-fields.md", policy_fields())
     _write(fragments / "support-matrix.md", support_table())
+    _write(fragments / "backend-table.md", backend_table())
     _write(fragments / "backend-modules.md", backend_modules())
     _write(fragments / "exports.md", exports_table())
     _write(fragments / "api-modules.md", api_modules())

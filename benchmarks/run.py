@@ -77,6 +77,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)} (expected some of: {', '.join(BENCHMARKS)})")
     ctx = Context(quick=args.quick)
+    load_before = os.getloadavg()[0]
     sections: list[Section] = []
     failed = False
     started = time.perf_counter()
@@ -102,7 +103,17 @@ def main() -> int:
         json.dumps({**previous, **{s.key: s.data for s in sections}}, indent=1, sort_keys=True) + "\n"
     )
 
-    body = [HEADER, machine() + f" The whole run took {total:.0f} s" + (" (--quick)." if args.quick else "."), ""]
+    load_after = os.getloadavg()[0]
+    load = f" Load average (1 min) {load_before:.1f} before the run and {load_after:.1f} after it" + (
+        ": other work shared the CPUs, so absolute times are inflated; the side-by-side ratios hold better."
+        if max(load_before, load_after) > (os.cpu_count() or 1)
+        else "."
+    )
+    body = [
+        HEADER,
+        machine() + f" The whole run took {total:.0f} s" + (" (--quick)." if args.quick else ".") + load,
+        "",
+    ]
     body += [section.markdown() for section in sections]
     output = Path(args.output)
     if args.only and output.exists():

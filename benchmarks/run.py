@@ -4,8 +4,10 @@
     ./dev bench --quick                 # fewer repetitions, to try the runner
     ./dev bench --only startup,apply_time
 
-Each benchmark is a function ``(Context) -> Section`` listed in BENCHMARKS; a failure in one is
-reported on the page (and makes the runner exit 1) without losing the others. The raw numbers go to
+Each benchmark is a function ``(Context) -> Section`` listed in BENCHMARKS; any other script in
+this folder (one a part of the project added) is run as a process and the Markdown it prints goes on
+the page under its docstring's title. A failure in one is reported on the page (and makes the
+runner exit 1) without losing the others. The raw numbers go to
 ``benchmarks/results/results.json``.
 """
 
@@ -39,6 +41,10 @@ BENCHMARKS: dict[str, Callable[[Context], Section]] = {
 }
 #: The whole run must stay under this (the issue's budget).
 BUDGET_SECONDS = 600
+#: Modules of this folder that are not benchmark scripts of their own.
+NOT_SCRIPTS = frozenset({"run", "harness", "compile_time", "kernel", "proofs"})
+#: A script found in this folder (one a part of the project added) may take this long.
+SCRIPT_TIMEOUT_SECONDS = 240
 
 HEADER = """# Benchmarks
 
@@ -72,10 +78,13 @@ def main() -> int:
     parser.add_argument("--only", help="comma separated keys: " + ", ".join(BENCHMARKS))
     parser.add_argument("--output", default=str(DOCS / "benchmarks.md"), help="the page to write")
     args = parser.parse_args()
-    keys = list(BENCHMARKS) if not args.only else [k.strip() for k in args.only.split(",")]
-    unknown = [k for k in keys if k not in BENCHMARKS]
+    functions: dict[str, Callable[[Context], Section]] = dict(BENCHMARKS)
+    for path in scripts():
+        functions[path.stem] = lambda _ctx, p=path: script_section(p)  # type: ignore[misc]
+    keys = list(functions) if not args.only else [k.strip() for k in args.only.split(",")]
+    unknown = [k for k in keys if k not in functions]
     if unknown:
-        parser.error(f"unknown benchmark {', '.join(unknown)} (expected some of: {', '.join(BENCHMARKS)})")
+        parser.error(f"unknown benchmark {', '.join(unknown)} (expected some of: {', '.join(functions)})")
     ctx = Context(quick=args.quick)
     load_before = os.getloadavg()[0]
     sections: list[Section] = []
@@ -85,7 +94,7 @@ def main() -> int:
         print(f"bench: {key} ...", file=sys.stderr, flush=True)
         begin = time.perf_counter()
         try:
-            section = BENCHMARKS[key](ctx)
+            section = functions[key](ctx)
         except Exception:
             failed = True
             section = Section(key=key, title=key, notes=["FAILED:\n\n```text\n" + traceback.format_exc() + "```"])
@@ -129,6 +138,40 @@ def main() -> int:
         print(f"bench: over the budget of {BUDGET_SECONDS} s", file=sys.stderr)
         failed = True
     return 1 if failed else 0
+
+
+def scripts() -> list[Path]:
+    """Benchmark scripts other parts of the project added to this folder, run as they are."""
+    here = Path(__file__).resolve().parent
+    return sorted(p for p in here.glob("*.py") if p.stem not in NOT_SCRIPTS and not p.stem.startswith("_"))
+
+
+def script_section(path: Path) -> Section:
+    """Run a benchmark script as a process and take the Markdown it prints; its docstring says what it measures."""
+    import ast
+    import subprocess
+
+    doc = ast.get_docstring(ast.parse(path.read_text())) or path.stem
+    paragraphs = [p.strip() for p in doc.split("\n\n") if p.strip()]
+    title = paragraphs[0].splitlines()[0].rstrip(".")
+    section = Section(key=path.stem, title=title)
+    section.text = "\n\n".join(p for p in paragraphs[1:] if not p.startswith((".venv", "./", "python")))
+    section.text += f"\n\nMeasured by `benchmarks/{path.name}`, run as it is by the runner."
+    try:
+        result = subprocess.run(
+            [sys.executable, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT_SECONDS,
+            check=False,
+            cwd=path.parent.parent,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"benchmarks/{path.name} took longer than {SCRIPT_TIMEOUT_SECONDS} s") from None
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmarks/{path.name} exited {result.returncode}:\n{result.stderr.strip()[-3000:]}")
+    section.tables.append(result.stdout.strip() + "\n")
+    return section
 
 
 def _replace_section(page: str, section: Section) -> str:

@@ -37,3 +37,28 @@ def test_a_rerun_replaces_only_its_section() -> None:
 
 def test_every_benchmark_has_a_function() -> None:
     assert list(BENCHMARKS) == ["compile_scaling", "startup", "apply_time", "connection_rate", "proof_time"]
+
+
+def test_a_script_of_another_part_is_run_and_its_markdown_taken(tmp_path: Path) -> None:
+    from run import script_section
+
+    script = tmp_path / "benchmarks" / "probe.py"
+    script.parent.mkdir()
+    script.write_text(
+        '"""Probe cost.\n\nHow it is measured.\n\n    python benchmarks/probe.py\n"""\nprint("| a |\\n|---|\\n| 1 |")\n'
+    )
+    section = script_section(script)
+    assert section.title == "Probe cost"
+    assert section.text.startswith("How it is measured.") and "python benchmarks" not in section.text
+    assert section.tables == ["| a |\n|---|\n| 1 |\n"]
+
+
+def test_a_failing_script_is_reported(tmp_path: Path) -> None:
+    import pytest
+
+    from run import script_section
+
+    script = tmp_path / "broken.py"
+    script.write_text('"""Broken."""\nraise SystemExit("no kernel here")\n')
+    with pytest.raises(RuntimeError, match="benchmarks/broken.py exited 1:\nno kernel here"):
+        script_section(script)

@@ -60,5 +60,6 @@ def test_a_failing_script_is_reported(tmp_path: Path) -> None:
 
     script = tmp_path / "broken.py"
     script.write_text('"""Broken."""\nraise SystemExit("no kernel here")\n')
-    with pytest.raises(RuntimeError, match="benchmarks/broken.py exited 1:\nno kernel here"):
+    with pytest.raises(RuntimeError) as info:
         script_section(script)
+    assert str(info.value) == "benchmarks/broken.py exited 1:\nno kernel here"

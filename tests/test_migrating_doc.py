@@ -28,7 +28,14 @@ def cli(argv: list[str]) -> tuple[int, str, str]:
     return status, out.getvalue(), err.getvalue()
 
 
-@pytest.mark.parametrize("block", [b for kind, b in BLOCKS if kind == "policy"])
+POLICY_FILES = [b for kind, b in BLOCKS if kind == "text" and b.startswith("preset ")]
+
+
+def test_the_doc_shows_policy_files() -> None:
+    assert len(POLICY_FILES) == 4
+
+
+@pytest.mark.parametrize("block", POLICY_FILES)
 def test_every_policy_file_in_the_doc_parses_and_is_canonical(block: str) -> None:
     parse_policy(block)
     assert format_file(block) == block
@@ -53,7 +60,7 @@ def test_the_injection_line_is_preset_istio(tmp_path: Path) -> None:
 def test_the_customised_sidecar_prints_the_policy_shown() -> None:
     argv, _ = _command_and_output("$ meshredirect policy --from-istio-flags ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE")
     status, out, _err = cli(argv[1:])
-    shown = next(b for kind, b in BLOCKS if kind == "policy" and "mode tproxy" in b)
+    shown = next(b for b in POLICY_FILES if "mode tproxy" in b)
     assert (status, out) == (0, shown)
 
 

@@ -29,23 +29,23 @@ meshredirect.errors.SourceError: mesh.policy:1:1: unexpected 'outbund': expected
 
 Statements and clauses (``LIST`` is comma separated; ``*`` is everything, ``none`` nothing):
 
-==============  ==============================================================================
-``preset``      ``preset NAME`` (first statement): istio, istio-1.4, linkerd, kuma
-``proxy``       ``uid IDS`` ``gid IDS``
-``inbound``     ``capture PORT`` ``ports LIST|*`` ``except ports LIST`` ``tunnel PORT|none``
-                ``mode redirect|tproxy`` ``mark N`` ``table N``
-``outbound``    ``capture PORT`` ``cidr LIST|*`` ``also ports LIST`` (captured whatever the
-                address) ``except cidr LIST`` ``except ports LIST``
-``dns``         ``capture PORT`` | ``off`` [``port PORT``], ``all``, ``servers LIST``
-``interfaces``  ``exclude NAMES`` ``reroute NAMES``
-``groups``      ``include NAMES|*`` ``exclude NAMES`` (owner groups, captured or not outbound)
-``loopback``    ``cidr CIDR`` ``capture proxy|all|none``
-``passthrough`` ``ADDRESS[, ADDRESS]`` (the proxy's inbound passthrough source, IPv4 and IPv6)
-``families``    ``ipv4[, ipv6]``
-``drop``        ``invalid [off]``
-``chains``      ``prefix NAME``
-``layout``      ``multiport | one-rule-per-port``
-==============  ==============================================================================
+================  ==============================================================================
+``preset``        ``preset NAME`` (first statement): istio, istio-1.4, linkerd, kuma
+``proxy``         ``uid IDS`` ``gid IDS``
+``inbound``       ``capture PORT`` ``ports LIST|*`` ``except ports LIST`` ``tunnel PORT|none``
+                  ``mode redirect|tproxy`` ``mark N`` ``table N``
+``outbound``      ``capture PORT`` ``cidr LIST|*`` ``also ports LIST`` (captured whatever the
+                  address) ``except cidr LIST`` ``except ports LIST``
+``dns``           ``capture PORT`` | ``off`` [``port PORT``], ``all``, ``servers LIST``
+``interfaces``    ``exclude NAMES`` ``reroute NAMES``
+``groups``        ``include NAMES|*`` ``exclude NAMES`` (owner groups, captured or not outbound)
+``loopback``      ``cidr CIDR`` ``capture proxy|all|none``
+``passthrough``   ``ADDRESS[, ADDRESS]`` (the proxy's inbound passthrough source, IPv4 and IPv6)
+``families``      ``ipv4[, ipv6]``
+``drop``          ``invalid [off]``
+``chains``        ``prefix NAME``
+``layout``        ``multiport | one-rule-per-port``
+================  ==============================================================================
 """
 
 from __future__ import annotations

@@ -117,3 +117,27 @@ def test_the_annotation_table(annotation: str, value: str, line: str) -> None:
     assert f"`{annotation}: " in TEXT and f"`{line}`" in TEXT
     policy, _ = policy_from_annotations({annotation: value}, inbound_default="*")
     assert policy == parse_policy(line + "\n")
+
+
+FRONTENDS = (DOC.parent / "frontends.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "start"),
+    [("preset istio\ninbound capture 70000\n", "mesh.policy:2:17: "), ("outbund capture 15001\n", "mesh.policy:1:1: ")],
+)
+def test_the_frontends_page_shows_real_errors(text: str, start: str) -> None:
+    from meshredirect.errors import SourceError
+
+    with pytest.raises(SourceError) as info:
+        parse_policy(text, path="mesh.policy")
+    message = str(info.value)
+    assert message.startswith(start)
+    assert f"```text\n{message}\n```" in FRONTENDS
+
+
+def test_the_frontends_page_lists_every_statement() -> None:
+    from meshredirect.frontends.policy_file import STATEMENTS
+
+    for keyword in STATEMENTS:
+        assert f"| `{keyword}" in FRONTENDS

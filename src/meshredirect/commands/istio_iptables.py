@@ -20,7 +20,12 @@ RAW_ARGUMENTS = True
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    del parser
+    """Describe the command for its help page (the command reads its command line itself)."""
+    from meshredirect.frontends.istio_flags import format_help
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("flags", nargs="*", metavar="FLAG", help="istio-iptables flags, listed below")
+    parser.epilog = format_help().split("\n\n", 2)[2]
 
 
 def run(args: argparse.Namespace) -> int:

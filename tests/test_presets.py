@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import attrs
 import pytest
+from hypothesis import given, settings
 
 from meshredirect.compiler import ChainNames, compile_policy
 from meshredirect.errors import PolicyError
 from meshredirect.ir import Family, InterfaceMatch, Jump, MarkMatch, SetMark
 from meshredirect.policy import InterceptionMode, LoopbackCapture, Policy
 from meshredirect.presets import PRESETS, preset
+from meshredirect.semantics.equivalence import Difference, equivalent
+from meshredirect.semantics.model import Origin
 from meshredirect.values import ALL, IdSet, PortSet
+from strategies import policies
 
 
 def test_linkerd_values_follow_proxy_init_defaults() -> None:
@@ -81,3 +85,48 @@ def test_loopback_capture_none_still_returns_everything_over_lo() -> None:
         [type(m) for m in r.matches] == [InterfaceMatch] and r.matches[0].name == "lo"  # type: ignore[attr-defined]
         for r in output.rules
     )
+
+
+# ----------------------------------------------------------------------------- proofs (semantics engine)
+
+
+def hairpin_only(policy: Policy, differences: tuple[Difference, ...]) -> bool:
+    """Every difference is a local connection of the proxy over lo to a non-loopback address."""
+    for difference in differences:
+        c = difference.example
+        socket = c.socket
+        if c.origin is not Origin.LOCAL or c.oif != "lo" or socket is None:
+            return False
+        if socket.uid not in policy.proxy_uids and socket.gid not in policy.proxy_gids:
+            return False
+        if c.dst in policy.loopback_for(c.family):
+            return False
+    return True
+
+
+def test_linkerd_differs_from_a_hairpinning_linkerd_only_in_the_hairpin() -> None:
+    linkerd = preset("linkerd")
+    differences = equivalent(
+        compile_policy(linkerd), compile_policy(attrs.evolve(linkerd, loopback_capture=LoopbackCapture.PROXY))
+    )
+    assert differences and hairpin_only(linkerd, differences)
+    assert {str(d.first.verdict).split(" ")[0] for d in differences} == {"passed"}
+
+
+@settings(max_examples=15, deadline=None)
+@given(policies())
+def test_none_removes_the_hairpin_and_nothing_else(policy: Policy) -> None:
+    """Proof per generated policy (every connection class): NONE and PROXY differ only in the proxy's hairpin."""
+    none = attrs.evolve(policy, loopback_capture=LoopbackCapture.NONE)
+    proxy = attrs.evolve(policy, loopback_capture=LoopbackCapture.PROXY)
+    assert hairpin_only(policy, equivalent(compile_policy(none), compile_policy(proxy)))
+
+
+def test_the_hairpin_check_fails_on_a_wider_difference() -> None:
+    """ALL also captures the app's own connections over lo: not a hairpin-only difference."""
+    policy = Policy()
+    differences = equivalent(
+        compile_policy(attrs.evolve(policy, loopback_capture=LoopbackCapture.NONE)),
+        compile_policy(attrs.evolve(policy, loopback_capture=LoopbackCapture.ALL)),
+    )
+    assert differences and not hairpin_only(policy, differences)

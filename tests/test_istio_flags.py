@@ -419,6 +419,18 @@ ERRORS = [
     (["--iptables-probe-port", "70000"], {}, "--iptables-probe-port: expected a number 0-65535, got '70000'"),
     (["--force-iptables-binary", "nf"], {}, "--force-iptables-binary: expected 'nft' or 'legacy' (or empty), got 'nf'"),
     (["--enable-ipv6", "yes"], {}, "--enable-ipv6: expected 'auto' or 'true' or 'false', got 'yes'"),
+    (
+        ["--force-legacy-iptables"],
+        {},
+        "--force-legacy-iptables: expected a current flag; use --force-iptables-binary=legacy (its replacement in "
+        "istio-iptables), got '--force-legacy-iptables'",
+    ),
+    (
+        ["--iptables-trace-logging=true"],
+        {},
+        "--iptables-trace-logging: expected a current flag; use 'meshredirect graph' to see the rules "
+        "(istio-iptables dropped this flag), got '--iptables-trace-logging=true'",
+    ),
 ]
 
 

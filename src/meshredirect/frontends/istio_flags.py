@@ -50,6 +50,7 @@ from meshredirect.errors import PolicyError, UnsafePolicyError
 __all__ = [
     "ENV_ONLY",
     "FLAGS",
+    "RETIRED",
     "IstioFlag",
     "IstioFlags",
     "Kind",
@@ -310,6 +311,14 @@ ENV_ONLY: Final[dict[str, tuple[str | None, str, str]]] = {
     "ENVOY_USER": (None, DEFAULT_ENVOY_USER, "the user whose uid is the proxy's when -u is empty"),
 }
 
+#: Flags of earlier istio-iptables releases, refused with what to use instead.
+RETIRED: Final = {
+    "force-legacy-iptables": "--force-iptables-binary=legacy (its replacement in istio-iptables)",
+    "iptables-trace-logging": "'meshredirect graph' to see the rules (istio-iptables dropped this flag)",
+    "restore-format": "nothing: the rules are always applied with iptables-restore (istio-iptables dropped -f)",
+    "host-nsenter-exec": "--network-namespace PATH, which enters the namespace with nsenter",
+}
+
 _BY_LONG: Final = {f.name: f for f in FLAGS}
 _BY_SHORT: Final = {f.short: f for f in FLAGS if f.short}
 #: Policy field -> configuration field, to name the flag in errors raised by the policy.
@@ -548,6 +557,8 @@ def parse_istio_flags(argv: Sequence[str], environ: Mapping[str, str]) -> IstioF
                 wants_help = True
                 continue
             long_flag = _BY_LONG.get(name)
+            if name in RETIRED:
+                raise PolicyError(f"--{name}", expected=f"a current flag; use {RETIRED[name]}", got=arg)
             if long_flag is None:
                 raise _unknown(f"--{name}", [f"--{n}" for n in _BY_LONG])
             flag = long_flag

@@ -162,6 +162,13 @@ def test_ipv6_is_decided_from_the_pod_addresses(addresses: list[str], dual_stack
         assert bool(ours(ns, 6)) is ipv6 and ours(ns, 4)
 
 
+def test_cleanup_needs_no_address() -> None:
+    with NetNamespace() as ns:
+        assert run("--network-namespace", ns.name, "--enable-ipv6=false", *PRODUCTION)[0] == 0
+        status, out, err = run("--network-namespace", ns.name, "--cleanup-only")
+        assert (status, err) == (0, "") and "ipv4: removed our rules" in out and ours(ns) == {}
+
+
 def test_no_usable_address_and_missing_namespace_are_clear_errors() -> None:
     with NetNamespace() as ns:
         status, out, err = run("--network-namespace", ns.name, "-n", *PRODUCTION)

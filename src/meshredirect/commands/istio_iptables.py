@@ -61,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
             )
         backend = "nftables"
 
-    policy, warnings = build_policy(flags)
+    # Cleanup removes our rules of both families whatever the pod's addresses: no IPv6 detection then.
+    policy, warnings = build_policy(flags, detect_ipv6=not cleanup_only)
+    if cleanup_only:
+        warnings = [w for w in warnings if not w.startswith("IPv6 capture depends")]
     for warning in warnings:
         print(f"meshredirect istio-iptables: warning: {warning}", file=sys.stderr)
 

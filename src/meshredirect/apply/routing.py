@@ -1,0 +1,162 @@
+"""The policy routing TPROXY needs, set up idempotently and removed exactly.
+
+TPROXY marks the packets of intercepted connections; for the kernel to deliver
+them to the proxy's transparent socket (and to route the app's replies back to
+it), a policy rule sends marked packets to a route table whose default route is
+local, once per IP family:
+
+    ip -4 rule add fwmark 0x539 lookup 133 protocol 157
+    ip -4 route add local default dev lo table 133 proto 157
+
+Both carry the routing protocol number :data:`ROUTE_PROTOCOL`, which marks
+them as meshredirect's: reading them back finds exactly ours (another tool's
+identical rule stays untouched), so applying converges on what the policy
+needs (adding what is missing, removing ours that it no longer needs) and
+cleanup removes ours and nothing else.
+
+>>> from meshredirect.policy import Policy
+>>> [route.rule_argv("add") for route in routes_for(Policy(inbound_mode="TPROXY", families="both"))]  # doctest: +NORMALIZE_WHITESPACE
+[('ip', '-4', 'rule', 'add', 'fwmark', '0x539', 'lookup', '133', 'protocol', '157'),
+ ('ip', '-6', 'rule', 'add', 'fwmark', '0x539', 'lookup', '133', 'protocol', '157')]
+>>> routes_for(Policy())
+()
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+import attrs
+
+from meshredirect.apply.base import ApplyFailed, Runner
+from meshredirect.errors import EnvironmentProblem
+from meshredirect.ir import Family
+from meshredirect.policy import InterceptionMode, Policy
+
+__all__ = ["ROUTE_PROTOCOL", "RouteCommand", "RoutingApplier", "TproxyRoute", "routes_for"]
+
+#: The routing protocol number meshredirect tags its ip rules and routes with (not one of the numbers
+#: /etc/iproute2/rt_protos reserves for kernels and routing daemons).
+ROUTE_PROTOCOL: Final = 157
+#: rtnetlink's route type of a local route (RTN_LOCAL), as ``ip -N`` prints it.
+_RTN_LOCAL: Final = "2"
+_FAMILY_FLAG: Final = {Family.IPV4: "-4", Family.IPV6: "-6"}
+
+
+@attrs.frozen(kw_only=True, order=True)
+class TproxyRoute:
+    """Marked packets of one family are delivered locally: a rule (mark to table) and the table's local route."""
+
+    family: Family = attrs.field(order=lambda f: f.value)
+    mark: int
+    table: int
+
+    def rule_argv(self, verb: str) -> tuple[str, ...]:
+        flag = _FAMILY_FLAG[self.family]
+        table, protocol = str(self.table), str(ROUTE_PROTOCOL)
+        return ("ip", flag, "rule", verb, "fwmark", hex(self.mark), "lookup", table, "protocol", protocol)
+
+    def route_argv(self, verb: str) -> tuple[str, ...]:
+        flag = _FAMILY_FLAG[self.family]
+        table, protocol = str(self.table), str(ROUTE_PROTOCOL)
+        return ("ip", flag, "route", verb, "local", "default", "dev", "lo", "table", table, "proto", protocol)
+
+
+def routes_for(policy: Policy) -> tuple[TproxyRoute, ...]:
+    """The policy routing a policy needs: one per family when it intercepts inbound with TPROXY."""
+    if policy.inbound_mode is not InterceptionMode.TPROXY or not policy.captures_inbound:
+        return ()
+    return tuple(
+        TproxyRoute(family=family, mark=policy.tproxy_mark, table=policy.tproxy_route_table)
+        for family in (Family.IPV4, Family.IPV6)
+        if family in policy.families
+    )
+
+
+@attrs.frozen(kw_only=True)
+class RouteCommand:
+    """One ``ip`` command and the command that undoes it."""
+
+    argv: tuple[str, ...]
+    undo: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return " ".join(self.argv)
+
+
+class RoutingApplier:
+    """Reads and changes our policy routing through a runner (see :class:`~meshredirect.apply.iptables.Runner`)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def _json(self, argv: Sequence[str]) -> list[dict[str, object]]:
+        result = self.runner(argv)
+        if result.returncode != 0:
+            raise EnvironmentProblem(f"{' '.join(argv)} failed: {result.stderr.strip() or result.stdout.strip()}")
+        data = json.loads(result.stdout or "[]")
+        return [entry for entry in data if isinstance(entry, dict)]
+
+    def installed(self, family: Family) -> tuple[set[tuple[int, int]], set[int]]:
+        """Our rules (mark, table) and the tables holding our local default route, in one family."""
+        flag = _FAMILY_FLAG[family]
+        rules = set()
+        for entry in self._json(("ip", "-j", "-N", flag, "rule", "show")):
+            if str(entry.get("protocol")) != str(ROUTE_PROTOCOL) or "fwmark" not in entry:
+                continue
+            mark, _, mask = str(entry["fwmark"]).partition("/")
+            if mask and int(mask, 16) != 0xFFFFFFFF:
+                continue
+            rules.add((int(mark, 16), int(str(entry.get("table")))))
+        tables = set()
+        for entry in self._json(
+            ("ip", "-j", "-N", flag, "route", "show", "table", "all", "proto", str(ROUTE_PROTOCOL))
+        ):
+            if entry.get("type") == _RTN_LOCAL and entry.get("dst") == "default" and entry.get("dev") == "lo":
+                tables.add(int(str(entry.get("table"))))
+        return rules, tables
+
+    def plan(self, wanted: Iterable[TproxyRoute], families: Sequence[Family]) -> list[RouteCommand]:
+        """The commands that make our routing in ``families`` exactly ``wanted`` (none when it is)."""
+        wanted = list(wanted)
+        commands: list[RouteCommand] = []
+        for family in families:
+            rules, tables = self.installed(family)
+            mine = [route for route in wanted if route.family is family]
+            want_rules = {(route.mark, route.table) for route in mine}
+            want_tables = {route.table for route in mine}
+            for mark, table in sorted(rules - want_rules):
+                old = TproxyRoute(family=family, mark=mark, table=table)
+                commands.append(RouteCommand(argv=old.rule_argv("del"), undo=old.rule_argv("add")))
+            for table in sorted(tables - want_tables):
+                old = TproxyRoute(family=family, mark=0, table=table)
+                commands.append(RouteCommand(argv=old.route_argv("del"), undo=old.route_argv("add")))
+            for route in mine:
+                if route.table not in tables:
+                    commands.append(RouteCommand(argv=route.route_argv("add"), undo=route.route_argv("del")))
+                    tables.add(route.table)
+                if (route.mark, route.table) not in rules:
+                    commands.append(RouteCommand(argv=route.rule_argv("add"), undo=route.rule_argv("del")))
+                    rules.add((route.mark, route.table))
+        return commands
+
+    def execute(self, commands: Sequence[RouteCommand]) -> list[RouteCommand]:
+        """Run the commands in order; when one fails, undo those done and raise."""
+        done: list[RouteCommand] = []
+        for command in commands:
+            result = self.runner(command.argv)
+            if result.returncode != 0:
+                undone = self.revert(done)
+                raise ApplyFailed(f"{command} failed: {result.stderr.strip() or result.stdout.strip()}", undone=undone)
+            done.append(command)
+        return done
+
+    def revert(self, done: Sequence[RouteCommand]) -> bool:
+        """Undo commands, last first; True when every undo worked."""
+        ok = True
+        for command in reversed(done):
+            if self.runner(command.undo).returncode != 0:
+                ok = False
+        return ok

@@ -267,6 +267,10 @@ class _FamilyCompiler:
                 out += self.port_rules(Return(), (), _ports(Protocol.UDP, p.outbound_ports_exclude))
         # The proxy's inbound passthrough connects to the app from this address over lo: never capture it.
         out.append(_rule(Return(), _src([self.passthrough]), _oif(LOOPBACK_INTERFACE)))
+        if p.inbound_mode is InterceptionMode.TPROXY and p.captures_inbound:
+            # With TPROXY the passthrough keeps the original source and carries the mark instead: without
+            # this rule the hairpin rules below would send it to the inbound port again.
+            out.append(_rule(Return(), _oif(LOOPBACK_INTERFACE), MarkMatch(value=p.tproxy_mark)))
         self.hairpin(out)
         for owner in self.proxy_owners():
             out.append(_rule(Return(), owner))

@@ -33,6 +33,7 @@ Reply(server='app', id='c1', hops=1, peer=('127.0.0.6', 4242), local=('10.0.0.1'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -66,7 +67,7 @@ PR_SET_KEEPCAPS: Final = 8
 CAP_NET_ADMIN: Final = 12
 CAP_NET_RAW: Final = 13
 _LINUX_CAPABILITY_VERSION_3: Final = 0x20080522
-_WILDCARD: Final = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+_WILDCARD: Final[dict[int, str]] = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
 _ids = itertools.count(1)
 
 
@@ -174,10 +175,8 @@ class Server:
             ident, hops = _header(_read_line(conn))
             answer = {"server": self.name, "id": ident, "hops": hops}
             answer |= {"peer": _address(peer), "local": _address(conn.getsockname())}
-            try:
+            with contextlib.suppress(OSError):
                 conn.sendall((json.dumps(answer) + "\n").encode())
-            except OSError:
-                pass
 
     def close(self) -> None:
         self._stop.set()
@@ -228,11 +227,11 @@ def _libc() -> ctypes.CDLL:
 
 
 class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]  # noqa: RUF012 (ctypes layout)
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]  # noqa: RUF012
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
 
 def _drop_privileges(uid: int, gid: int, *, keep_net_admin: bool) -> None:
@@ -260,7 +259,10 @@ class _Proxy:
         self.args = args
         self.out = out
         self.lock = threading.Lock()
-        self.passthrough = {socket.AF_INET: args.passthrough_ipv4, socket.AF_INET6: args.passthrough_ipv6}
+        self.passthrough: dict[int, str] = {
+            socket.AF_INET: args.passthrough_ipv4,
+            socket.AF_INET6: args.passthrough_ipv6,
+        }
 
     def event(self, name: str, /, **fields: object) -> None:
         with self.lock:
@@ -355,10 +357,8 @@ def _transparent(sock: socket.socket) -> None:
 
 
 def _send(conn: socket.socket, data: dict[str, object]) -> None:
-    try:
+    with contextlib.suppress(OSError):
         conn.sendall((json.dumps(data) + "\n").encode())
-    except OSError:
-        pass
 
 
 def _relay(a: socket.socket, b: socket.socket) -> None:
@@ -383,10 +383,8 @@ def _relay(a: socket.socket, b: socket.socket) -> None:
             other = open_[sock]
             if not data:
                 del open_[sock]
-                try:
+                with contextlib.suppress(OSError):
                     other.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
                 continue
             try:
                 other.sendall(data)
@@ -463,10 +461,8 @@ class ProxyProcess:
         """End the proxy (by its pid: it is our child) and wait for it."""
         if self.process.poll() is None:
             self.process.kill()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired, ValueError):
             self.process.communicate(timeout=5)
-        except (subprocess.TimeoutExpired, ValueError):
-            pass
         self._out.close()
 
     def __enter__(self) -> ProxyProcess:

@@ -40,8 +40,6 @@ __all__ = ["ROUTE_PROTOCOL", "RouteCommand", "RoutingApplier", "TproxyRoute", "r
 #: The routing protocol number meshredirect tags its ip rules and routes with (not one of the numbers
 #: /etc/iproute2/rt_protos reserves for kernels and routing daemons).
 ROUTE_PROTOCOL: Final = 157
-#: rtnetlink's route type of a local route (RTN_LOCAL), as ``ip -N`` prints it.
-_RTN_LOCAL: Final = "2"
 _FAMILY_FLAG: Final = {Family.IPV4: "-4", Family.IPV6: "-6"}
 
 
@@ -99,8 +97,9 @@ class RoutingApplier:
         data = json.loads(result.stdout or "[]")
         return [entry for entry in data if isinstance(entry, dict)]
 
-    def installed(self, family: Family) -> tuple[set[tuple[int, int]], set[int]]:
-        """Our rules (mark, table) and the tables holding our local default route, in one family."""
+    def installed(self, family: Family) -> tuple[set[tuple[int, int]], set[int], set[int]]:
+        """In one family: our rules (mark, table), the tables holding our local default route, and the
+        tables holding another tool's local default route (ours cannot be added there: it exists)."""
         flag = _FAMILY_FLAG[family]
         rules = set()
         for entry in self._json(("ip", "-j", "-N", flag, "rule", "show")):
@@ -110,20 +109,21 @@ class RoutingApplier:
             if mask and int(mask, 16) != 0xFFFFFFFF:
                 continue
             rules.add((int(mark, 16), int(str(entry.get("table")))))
-        tables = set()
-        for entry in self._json(
-            ("ip", "-j", "-N", flag, "route", "show", "table", "all", "proto", str(ROUTE_PROTOCOL))
-        ):
-            if entry.get("type") == _RTN_LOCAL and entry.get("dst") == "default" and entry.get("dev") == "lo":
-                tables.add(int(str(entry.get("table"))))
-        return rules, tables
+        ours: set[int] = set()
+        theirs: set[int] = set()
+        for entry in self._json(("ip", "-j", "-N", flag, "route", "show", "table", "all", "type", "local")):
+            if entry.get("dst") != "default" or entry.get("dev") != "lo" or "table" not in entry:
+                continue
+            table = int(str(entry["table"]))
+            (ours if str(entry.get("protocol")) == str(ROUTE_PROTOCOL) else theirs).add(table)
+        return rules, ours, theirs
 
     def plan(self, wanted: Iterable[TproxyRoute], families: Sequence[Family]) -> list[RouteCommand]:
         """The commands that make our routing in ``families`` exactly ``wanted`` (none when it is)."""
         wanted = list(wanted)
         commands: list[RouteCommand] = []
         for family in families:
-            rules, tables = self.installed(family)
+            rules, tables, foreign = self.installed(family)
             mine = [route for route in wanted if route.family is family]
             want_rules = {(route.mark, route.table) for route in mine}
             want_tables = {route.table for route in mine}
@@ -134,7 +134,7 @@ class RoutingApplier:
                 old = TproxyRoute(family=family, mark=0, table=table)
                 commands.append(RouteCommand(argv=old.route_argv("del"), undo=old.route_argv("add")))
             for route in mine:
-                if route.table not in tables:
+                if route.table not in tables and route.table not in foreign:
                     commands.append(RouteCommand(argv=route.route_argv("add"), undo=route.route_argv("del")))
                     tables.add(route.table)
                 if (route.mark, route.table) not in rules:

@@ -138,14 +138,15 @@ class IptablesRestoreBackend(IptablesSaveBackend):
         r"""Our part of an ``iptables-save`` dump, in a canonical text: two dumps hold the same rules of ours
         exactly when their parts are equal (counters, comments, table order and other tools' rules aside).
 
-        Per table: our chains (sorted), then, in order, every rule in one of our chains or jumping into one,
-        with the number of other rules before it in its chain when that chain is not ours.
+        Per table: our chains (sorted), then, in order, every rule in one of our chains or jumping into one.
+        Where our jumps stand among other tools' rules does not count (another tool may insert rules
+        before ours at any time; the jumps are still ours and still right).
 
         >>> dump = "*nat\n:OUTPUT ACCEPT [3:180]\n:MR_OUT - [0:0]\n-A OUTPUT -j KUBE\n-A OUTPUT -p tcp -j MR_OUT\n"
         >>> print(IptablesRestoreBackend().owned(dump + "-A MR_OUT -j RETURN\nCOMMIT\n", "MR"), end="")
         *nat
         :MR_OUT
-        -A OUTPUT -p tcp -j MR_OUT @1
+        -A OUTPUT -p tcp -j MR_OUT
         -A MR_OUT -j RETURN
         """
         tables = {table.name: table for table in parse_save(installed).tables}
@@ -157,10 +158,8 @@ class IptablesRestoreBackend(IptablesSaveBackend):
             lines.append(f"*{name}")
             lines += [f":{chain}" for chain in sorted(part.chains)]
             for rule in tables[name].rules:
-                if rule.chain in part.chains:
+                if rule.chain in part.chains or id(rule) in part.jump_ids:
                     lines.append(f"-A {rule.chain} {rule.spec}".rstrip())
-                elif id(rule) in part.jump_ids:
-                    lines.append(f"-A {rule.chain} {rule.spec} @{part.before[id(rule)]}")
         return "".join(line + "\n" for line in lines)
 
     def transition(self, current: str, wanted: str, owner_prefix: str) -> str:

@@ -90,7 +90,7 @@ def require_root(action: str) -> None:
 
 def require_tool(name: str) -> str:
     """The path of a kernel tool, or an error that says which Debian package provides it."""
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    path = shutil.which(name)
     if path is None:
         package = TOOL_PACKAGES.get(name)
         raise EnvironmentProblem(

@@ -62,23 +62,29 @@ def kernel_state(target: Target) -> dict[str, str]:
 
 
 def nft_ruleset(json_text: str) -> str:
-    """``nft -j list ruleset`` output as sorted JSON lines: counters zeroed, handles dropped, and tables
-    left out that hold only empty base chains with an accept policy (what iptables-nft leaves behind)."""
-    items = json.loads(json_text or "{}").get("nftables", [])
-    tables: dict[tuple[str, str], list[str]] = {}
+    """``nft -j list ruleset`` output as sorted JSON lines: counters zeroed, handles dropped, and left out:
+    base chains with an accept policy and no rules, and tables left with nothing (iptables-nft creates
+    built-in chains on first use and leaves them behind, empty; they change no verdict)."""
+    items = [item for item in json.loads(json_text or "{}").get("nftables", []) if "metainfo" not in item]
+    used = {
+        (body["family"], body["table"], body["chain"])
+        for item in items
+        for kind, body in item.items()
+        if kind == "rule"
+    }
+    lines: dict[tuple[str, str], list[str]] = {}
     busy: set[tuple[str, str]] = set()
     for item in items:
         (kind, body), *_ = item.items()
-        if kind == "metainfo":
+        table = (body["family"], body["name"] if kind == "table" else body["table"])
+        empty = (body["family"], body.get("table"), body.get("name")) not in used
+        if kind == "chain" and "hook" in body and body.get("policy", "accept") == "accept" and empty:
             continue
-        key = (body.get("family", ""), body.get("table", body.get("name", "")) if kind != "table" else body["name"])
-        tables.setdefault(key, []).append(json.dumps({kind: _scrub(body)}, sort_keys=True))
-        if kind == "rule" or kind not in ("table", "chain"):
-            busy.add(key)
-        elif kind == "chain" and ("hook" not in body or body.get("policy", "accept") != "accept"):
-            busy.add(key)
-    lines = [line for key in sorted(tables) if key in busy for line in sorted(tables[key])]
-    return "".join(line + "\n" for line in lines)
+        if kind != "table":
+            busy.add(table)
+        lines.setdefault(table, []).append(json.dumps({kind: _scrub(body)}, sort_keys=True))
+    kept = [line for table in sorted(lines) if table in busy for line in sorted(lines[table])]
+    return "".join(line + "\n" for line in kept)
 
 
 def _scrub(value: Any) -> Any:

@@ -333,7 +333,7 @@ class _Proxy:
     def connect(self, family: int, kind: str, peer: Sequence[Any], destination: tuple[str, int]) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.settimeout(IO_TIMEOUT)
+            sock.settimeout(self.args.connect_timeout)
             if kind == "inbound" and self.args.mode == "TPROXY":
                 # The app sees the original client: bind its address (foreign to this host) with the mark
                 # that routes the app's replies back here.
@@ -402,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--uid", type=int, default=1337)
     parser.add_argument("--gid", type=int, default=1337)
     parser.add_argument("--max-hops", type=int, default=DEFAULT_MAX_HOPS)
+    parser.add_argument("--connect-timeout", type=float, default=IO_TIMEOUT, help="seconds per upstream connect")
     parser.add_argument("--passthrough-ipv4", default="127.0.0.6")
     parser.add_argument("--passthrough-ipv6", default="::6")
     args = parser.parse_args(argv)

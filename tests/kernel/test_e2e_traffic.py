@@ -132,7 +132,7 @@ def test_inbound_from_the_peer_reaches_the_inbound_port_and_the_passthrough_is_n
 
 @pytest.mark.parametrize("v", FAMILIES, ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize(
-    ("name", "side", "destination", "port", "server", "source"),
+    "case",
     [
         ("excluded outbound port", "pod", "peer", EXCLUDED_PORT, "peer", "pod"),
         ("excluded outbound CIDR", "pod", "peer_excluded", APP_PORT, "peer", "pod"),
@@ -140,10 +140,13 @@ def test_inbound_from_the_peer_reaches_the_inbound_port_and_the_passthrough_is_n
         ("excluded interface, inbound", "peer", "pod_eth1", APP_PORT, "app", "peer_eth1"),
         ("health port, inbound", "peer", "pod", HEALTH_PORT, "app", "peer"),
     ],
+    ids=lambda case: case[0].replace(" ", "-").replace(",", ""),
 )
 def test_exclusions_and_the_health_port_bypass_the_proxy(
-    cell: Cell, v: int, name: str, side: str, destination: str, port: int, server: str, source: str
+    cell: Cell, v: int, case: tuple[str, str, str, int, str, str]
 ) -> None:
+    """(what, which side connects, to which address, port, which server answers, from which source)"""
+    name, side, destination, port, server, source = case
     target = cell.net.pod_target if side == "pod" else cell.net.peer_target
     reply = probe(target, A[destination][v], port)
     assert (reply.server, reply.hops, reply.error) == (server, 0, None), name
@@ -211,10 +214,8 @@ def test_a_broken_ruleset_makes_a_real_loop_that_ends_at_the_hop_bound(cell: Cel
     where = cell.net.pod_target
     apply(broken, backend=cell.backend, netns=where, variant=cell.variant, routing=routes_for(cell.policy))
     try:
-        if outbound:
-            reply = probe(where, A["peer"][v], APP_PORT)
-        else:
-            reply = probe(cell.net.peer_target, A["pod"][v], APP_PORT)
+        client, address = (where, A["peer"][v]) if outbound else (cell.net.peer_target, A["pod"][v])
+        reply = probe(client, address, APP_PORT)
         accepts = cell.accepts(reply)
         kind = "outbound" if outbound else "inbound"
         if cell.mode == "TPROXY" and v == 4 and not outbound:

@@ -211,6 +211,8 @@ def _own_address(where: Target, family: Family) -> IPAddress | None:
     if result.returncode != 0:
         return None
     for link in json.loads(result.stdout or "[]"):
+        if "LOOPBACK" in link.get("flags", []):
+            continue  # addresses on lo (such as ::6, the passthrough source) are not the pod's own
         for info in link.get("addr_info", []):
             if "local" in info and not info.get("tentative") and not info.get("dadfailed"):
                 return ipaddress.ip_address(info["local"])

@@ -7,8 +7,6 @@ other tools' rules and routing that must stay exactly as they are.
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 
 from conftest import require_kernel
 from kernel.test_iptables_load import FOREIGN_V4
+from kernel.unprivileged import run_cli_as
 from meshredirect.apply.actions import apply, cleanup
 from meshredirect.apply.base import FAMILIES, ApplyFailed
 from meshredirect.apply.iptables import IptablesApplier, VariantChoice
@@ -384,26 +383,9 @@ def test_cli_refuses_without_privilege(ns: Target) -> None:
     import meshredirect.commands._policy_args
     import meshredirect.commands.apply  # noqa: F401 (imported before the child drops privileges)
 
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover (the child)
-        try:
-            os.close(read)
-            os.dup2(write, 2)
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            sys.stderr = os.fdopen(2, "w")
-            status = main(["apply", "--netns", str(ns.path)])
-            sys.stderr.flush()
-        finally:
-            os._exit(locals().get("status", 99))
-    os.close(write)
-    with os.fdopen(read) as pipe:
-        err = pipe.read()
-    _, wait_status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(wait_status) == 3
-    assert err == (
+    status, output = run_cli_as(65534, ["apply", "--netns", str(ns.path)])
+    assert (status, output) == (
+        3,
         "meshredirect apply: error: apply needs root: netfilter rules and routing can only be read and changed "
-        "with CAP_NET_ADMIN (running as uid 65534) (run as root, e.g. with sudo, or in a privileged init container)\n"
+        "with CAP_NET_ADMIN (running as uid 65534) (run as root, e.g. with sudo, or in a privileged init container)\n",
     )

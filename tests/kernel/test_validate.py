@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from conftest import require_kernel
+from kernel.unprivileged import run_cli_as
 from meshredirect.apply.actions import apply, cleanup
 from meshredirect.apply.netns import Target
 from meshredirect.apply.validate import validate
@@ -141,3 +142,37 @@ def test_cli_validate_exit_status(pod: Target, capsys: pytest.CaptureFixture[str
     )
     cleanup(netns=pod)
     assert main(["validate", "--netns", "/var/run/netns/mr-no-such-namespace"]) == 3
+
+
+def test_validate_runs_unprivileged_in_its_own_namespace(pod: Target) -> None:
+    """What a CNI deployment's validation init container does: no root, no capabilities, uid 1000."""
+    import meshredirect.api
+    import meshredirect.commands.validate  # noqa: F401 (imported before the child drops privileges)
+
+    apply(DUAL, netns=pod)
+    status, output = run_cli_as(1000, ["validate", "--family", "both", "--timeout", "1"], inside=pod)
+    assert status == 0, output
+    assert output.splitlines()[1:] == [
+        "ipv4 outbound: ok: the connection to 192.0.2.1:15002 arrived at port 15001 with original destination "
+        "192.0.2.1:15002 (SO_ORIGINAL_DST)",
+        "ipv4 inbound: skipped: probing as the proxy's uid needs root",
+        "ipv6 outbound: ok: the connection to [2001:db8::1]:15002 arrived at port 15001 with original destination "
+        "[2001:db8::1]:15002 (SO_ORIGINAL_DST)",
+        "ipv6 inbound: skipped: probing as the proxy's uid needs root",
+        "capture works",
+    ]
+    cleanup(netns=pod)
+    status, output = run_cli_as(1000, ["validate", "--timeout", "0.3"], inside=pod)
+    assert status == 1
+    assert (
+        "    likely cause: unknown: reading the rules needs CAP_NET_ADMIN (validate runs as uid 1000); "
+        "most often our rules are absent"
+    ) in output.splitlines()
+    status, output = run_cli_as(1337, ["validate"], inside=pod)
+    assert (status, output) == (
+        3,
+        "meshredirect validate: error: validate probes as its own user, whose connections the policy does not "
+        "capture (uid 1337 is the proxy's) (run it as another user, or as root)\n",
+    )
+    status, output = run_cli_as(1000, ["validate", "--netns", str(pod.path)])
+    assert status == 3 and "validate in another network namespace needs root" in output

@@ -19,6 +19,12 @@ another destination) and the likely cause, read from the rules in the
 namespace: our rules absent, redirecting to another port than the policy's,
 or another tool's rule earlier in the chain.
 
+Run as root it can act in any namespace and probe as any uid. Run unprivileged
+(an init container with no capabilities, as CNI deployments do) it checks the
+current namespace with its own uid (which must be one the policy captures),
+skips the inbound probe (it needs the proxy's uid), and cannot read the rules
+to name a cause.
+
 >>> check = Check(family=Family.IPV4, direction="outbound", ok=False,
 ...               observed="no connection arrived within 1 s", cause="rules absent: the nat table holds no ISTIO_ chains")
 >>> print(check.line())
@@ -31,6 +37,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
+import os
 import re
 import select
 import socket
@@ -77,9 +84,12 @@ class Check:
     ok: bool
     observed: str
     cause: str | None = None
+    #: The check could not run here (it counts as passed; ``observed`` says why).
+    skipped: bool = False
 
     def line(self) -> str:
-        text = f"{self.family.value} {self.direction}: {'ok' if self.ok else 'FAILED'}: {self.observed}"
+        state = "skipped" if self.skipped else ("ok" if self.ok else "FAILED")
+        text = f"{self.family.value} {self.direction}: {state}: {self.observed}"
         if self.cause:
             text += f"\n    likely cause: {self.cause}"
         return text
@@ -126,8 +136,10 @@ def validate(
     if not 1 <= probe_port <= 65535:
         raise PolicyError("probe port", expected="a port number 1-65535", got=probe_port)
     probes = _probes(probe)
-    require_root("validate")
     where = Target.of(netns)
+    if where.path is not None:
+        require_root("validate in another network namespace")
+    _refuse_exempt_identity(policy)
     where.check()
     checks: list[Check] = []
     for family in chosen:
@@ -172,6 +184,32 @@ def _refuse_uncaptured_probe(policy: Policy, family: Family, destination: tuple[
             "probe address",
             expected=f"an {family.value} destination the policy captures outbound ({reason})",
             got=f"{_show(destination)}",
+        )
+
+
+def _privileged() -> bool:
+    return os.geteuid() == 0
+
+
+def _refuse_exempt_identity(policy: Policy) -> None:
+    """Unprivileged, the probe runs as this process: it must be an app the policy captures."""
+    if _privileged():
+        return
+    uid, gid = os.geteuid(), os.getegid()
+    include = policy.owner_groups_include
+    reason = None
+    if uid in policy.proxy_uids:
+        reason = f"uid {uid} is the proxy's"
+    elif gid in policy.proxy_gids:
+        reason = f"gid {gid} is the proxy's"
+    elif include is not ALL and gid not in include:  # type: ignore[operator]
+        reason = f"gid {gid} is not in owner_groups_include"
+    elif gid in policy.owner_groups_exclude:
+        reason = f"gid {gid} is in owner_groups_exclude"
+    if reason:
+        raise EnvironmentProblem(
+            f"validate probes as its own user, whose connections the policy does not capture ({reason})",
+            remedy="run it as another user, or as root",
         )
 
 
@@ -253,9 +291,10 @@ def _validate_family(
     timeout: float,
     variant: str | None,
 ) -> list[Check]:
-    transparent = policy.inbound_mode is InterceptionMode.TPROXY
+    privileged = _privileged()
+    transparent = policy.inbound_mode is InterceptionMode.TPROXY and privileged
     inbound_port = _inbound_port(policy, destination[1]) if policy.captures_inbound else None
-    own = _own_address(where, family) if inbound_port is not None else None
+    own = _own_address(where, family) if inbound_port is not None and privileged else None
     proxy_uid = next(iter(policy.proxy_uids), None)
     proxy_gid = next(iter(policy.proxy_gids), None)
     sockets: list[socket.socket] = []
@@ -265,7 +304,7 @@ def _validate_family(
             sockets.append(outbound)
             inbound = _listen(family, policy.inbound_port, transparent=transparent, where=where)
             sockets.append(inbound)
-            with acting_as(ROOT_ID, _probe_gid(policy)):
+            with acting_as(*((ROOT_ID, _probe_gid(policy)) if privileged else (None, None))):
                 app = socket.socket(_FAMILY[family], socket.SOCK_STREAM)
                 sockets.append(app)
             proxy = None
@@ -286,6 +325,16 @@ def _validate_family(
                 diagnose=lambda: _diagnose(where, policy, family, variant),
             )
         ]
+        if inbound_port is not None and not privileged:
+            checks.append(
+                Check(
+                    family=family,
+                    direction="inbound",
+                    ok=True,
+                    skipped=True,
+                    observed="probing as the proxy's uid needs root",
+                )
+            )
         if proxy is not None and own is not None and inbound_port is not None:
             checks.append(
                 _check(
@@ -391,6 +440,11 @@ _REDIRECT_PORT = re.compile(r"-j REDIRECT --to-ports (\d+)")
 
 def _diagnose(where: Target, policy: Policy, family: Family, variant: str | None) -> str:
     """The likely cause of a failed check, read from the rules in the namespace (iptables)."""
+    if not _privileged():
+        return (
+            f"unknown: reading the rules needs CAP_NET_ADMIN (validate runs as uid {os.geteuid()}); "
+            "most often our rules are absent"
+        )
     from meshredirect.api import render
     from meshredirect.apply.iptables import _restore_backend, _tool, detect_variant
     from meshredirect.compiler import compile_policy

@@ -139,8 +139,13 @@ def _target_of(
     raise PolicyError("target", expected="a Policy or a compiled Ruleset", got=type(what).__name__)
 
 
-def _iptables(runner: Runner, variant: str | None, families: Sequence[Family]) -> tuple[IptablesApplier, VariantChoice]:
-    choice = detect_variant(runner, families) if variant is None else VariantChoice(variant=variant, reason="as asked")
+def _iptables(
+    runner: Runner, variant: str | None, families: Sequence[Family], target: Target | None = None
+) -> tuple[IptablesApplier, VariantChoice]:
+    if variant is None:
+        choice = detect_variant(runner, families, target=target)
+    else:
+        choice = VariantChoice(variant=variant, reason="as asked")
     for family in families:
         for tool in ("save", "restore"):
             require_tool(f"{'ip6tables' if family is Family.IPV6 else 'iptables'}-{choice.variant}-{tool}")
@@ -188,7 +193,7 @@ def apply(
     where.check()
     runner: Runner = where.run
     if backend == "iptables":
-        applier, choice = _iptables(runner, variant, chosen)
+        applier, choice = _iptables(runner, variant, chosen, where)
         ours: Applier = applier
     else:
         ours, choice = _nftables(runner), None

@@ -24,7 +24,8 @@ from __future__ import annotations
 import re
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Final, Protocol, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import attrs
 
@@ -32,6 +33,9 @@ from meshredirect.apply.base import FAMILIES, AppliedChange, ApplyFailed, Runner
 from meshredirect.backend import Backend, Rendering, get_backend
 from meshredirect.errors import EnvironmentProblem, PolicyError
 from meshredirect.ir import Family, Ruleset
+
+if TYPE_CHECKING:
+    from meshredirect.apply.netns import Target
 
 __all__ = [
     "FAMILIES",
@@ -119,14 +123,22 @@ def _rule_count(save_text: str) -> dict[str, int]:
     return counts
 
 
-def detect_variant(runner: Runner, families: Iterable[Family] = FAMILIES) -> VariantChoice:
+def detect_variant(
+    runner: Runner, families: Iterable[Family] = FAMILIES, *, target: Target | None = None
+) -> VariantChoice:
     """Choose the variant as meshes do, and say why: legacy when the legacy tables already hold rules
     (another tool on this node uses them, and mixing the two makes each blind to the other's rules),
-    otherwise nf_tables."""
+    otherwise nf_tables.
+
+    With the ``target`` namespace given, a family whose legacy tables were never instantiated there
+    (the kernel lists none in ``ip_tables_names``) needs no ``iptables-legacy-save`` run.
+    """
     from meshredirect.apply.netns import require_tool
 
     found: list[str] = []
     for family in families:
+        if target is not None and not _legacy_tables(target, family):
+            continue
         tool = _tool(family, "legacy", "save")
         try:
             require_tool(tool)
@@ -140,6 +152,17 @@ def detect_variant(runner: Runner, families: Iterable[Family] = FAMILIES) -> Var
     if found:
         return VariantChoice(variant="legacy", reason="the legacy tables already hold rules (" + ", ".join(found) + ")")
     return VariantChoice(variant="nft", reason="the legacy tables hold no rules")
+
+
+def _legacy_tables(target: Target, family: Family) -> bool:
+    """Whether the namespace may have legacy tables of a family (True when the kernel does not say)."""
+    name = "ip6_tables_names" if family is Family.IPV6 else "ip_tables_names"
+    with target.entered():
+        try:
+            # thread-self: the namespace of this thread, which entered() moved; /proc/net is the process's.
+            return bool(Path(f"/proc/thread-self/net/{name}").read_text().strip())
+        except OSError:
+            return True
 
 
 class IptablesApplier:

@@ -90,19 +90,23 @@ class RoutingApplier:
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
 
-    def _json(self, argv: Sequence[str]) -> list[dict[str, object]]:
-        result = self.runner(argv)
+    def _lists(self, family: Family, commands: Sequence[str]) -> list[list[dict[str, object]]]:
+        """The JSON answers of several ``ip`` read commands of one family, from one ``ip -batch`` process."""
+        argv = ("ip", "-j", "-N", _FAMILY_FLAG[family], "-batch", "-")
+        result = self.runner(argv, "".join(command + "\n" for command in commands))
         if result.returncode != 0:
             raise EnvironmentProblem(f"{' '.join(argv)} failed: {result.stderr.strip() or result.stdout.strip()}")
-        data = json.loads(result.stdout or "[]")
-        return [entry for entry in data if isinstance(entry, dict)]
+        answers = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+        if len(answers) != len(commands):
+            raise EnvironmentProblem(f"{' '.join(argv)} answered {len(answers)} times to {len(commands)} commands")
+        return [[entry for entry in answer if isinstance(entry, dict)] for answer in answers]
 
     def installed(self, family: Family) -> tuple[set[tuple[int, int]], set[int], set[int]]:
         """In one family: our rules (mark, table), the tables holding our local default route, and the
         tables holding another tool's local default route (ours cannot be added there: it exists)."""
-        flag = _FAMILY_FLAG[family]
+        rule_list, route_list = self._lists(family, ("rule show", "route show table all type local"))
         rules = set()
-        for entry in self._json(("ip", "-j", "-N", flag, "rule", "show")):
+        for entry in rule_list:
             if str(entry.get("protocol")) != str(ROUTE_PROTOCOL) or "fwmark" not in entry:
                 continue
             mark, _, mask = str(entry["fwmark"]).partition("/")
@@ -111,7 +115,7 @@ class RoutingApplier:
             rules.add((int(mark, 16), int(str(entry.get("table")))))
         ours: set[int] = set()
         theirs: set[int] = set()
-        for entry in self._json(("ip", "-j", "-N", flag, "route", "show", "table", "all", "type", "local")):
+        for entry in route_list:
             if entry.get("dst") != "default" or entry.get("dev") != "lo" or "table" not in entry:
                 continue
             table = int(str(entry["table"]))

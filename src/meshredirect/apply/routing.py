@@ -153,7 +153,10 @@ class RoutingApplier:
             result = self.runner(command.argv)
             if result.returncode != 0:
                 undone = self.revert(done)
-                raise ApplyFailed(f"{command} failed: {result.stderr.strip() or result.stdout.strip()}", undone=undone)
+                error = result.stderr.strip() or result.stdout.strip()
+                if "device is not up" in error:
+                    error += " (lo is down in the namespace: ip link set lo up)"
+                raise ApplyFailed(f"{command} failed: {error}", undone=undone)
             done.append(command)
         return done
 

@@ -7,6 +7,9 @@ other tools' rules and routing that must stay exactly as they are.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from conftest import require_kernel
+from conftest import ROOT, require_kernel
 from kernel.test_iptables_load import FOREIGN_V4
 from kernel.unprivileged import run_cli_as
 from meshredirect.apply.actions import apply, cleanup
@@ -388,4 +391,25 @@ def test_cli_refuses_without_privilege(ns: Target) -> None:
         3,
         "meshredirect apply: error: apply needs root: netfilter rules and routing can only be read and changed "
         "with CAP_NET_ADMIN (running as uid 65534) (run as root, e.g. with sudo, or in a privileged init container)\n",
+    )
+
+
+def test_missing_nftables_bindings_are_named_with_their_package(tmp_path: Path) -> None:
+    """An interpreter without site processing cannot see the bindings (they come through a .pth file)."""
+    import attrs as attrs_module
+
+    paths = [str(ROOT / "src"), str(ROOT / "backends"), str(Path(attrs_module.__file__).parent.parent)]
+    script = "from meshredirect.apply.netns import require_nftables_bindings as r; r()"
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", script],
+        env={"PYTHONPATH": ":".join(paths), "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "meshredirect.errors.EnvironmentProblem: the libnftables Python bindings (module nftables) are not "
+        "installed (install the Debian package python3-nftables (it is not on PyPI); a virtual environment "
+        "reaches it through a .pth file, as ./dev setup writes one)"
     )

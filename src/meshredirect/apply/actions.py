@@ -32,7 +32,7 @@ import attrs
 
 from meshredirect.apply.base import FAMILIES, AppliedChange, Applier, ApplyFailed, Runner, planned
 from meshredirect.apply.iptables import VARIANTS, IptablesApplier, VariantChoice, detect_variant
-from meshredirect.apply.netns import Target, require_root, require_tool
+from meshredirect.apply.netns import Target, require_nftables_bindings, require_root, require_tool
 from meshredirect.apply.routing import RouteCommand, RoutingApplier, TproxyRoute, routes_for
 from meshredirect.errors import BackendNotFoundError, EnvironmentProblem, PolicyError
 from meshredirect.ir import Family, Ruleset, TProxy
@@ -154,6 +154,7 @@ def _iptables(
 
 def _nftables(runner: Runner) -> Applier:
     """The nftables applier, from the module the nftables backend work adds."""
+    require_nftables_bindings()
     try:
         from meshredirect.apply import nftables  # type: ignore[attr-defined]
     except ImportError:

@@ -39,7 +39,7 @@ import attrs
 
 from meshredirect.errors import EnvironmentProblem
 
-__all__ = ["NETNS_DIR", "TOOL_PACKAGES", "Target", "require_root", "require_tool"]
+__all__ = ["NETNS_DIR", "TOOL_PACKAGES", "Target", "require_nftables_bindings", "require_root", "require_tool"]
 
 NETNS_DIR: Final = Path("/var/run/netns")
 #: setns(2) namespace type of a network namespace.
@@ -97,6 +97,18 @@ def require_tool(name: str) -> str:
             f"{name} is not installed", remedy=f"install the Debian package {package}" if package else None
         )
     return path
+
+
+def require_nftables_bindings() -> None:
+    """Refuse, saying what to install, when the libnftables Python bindings cannot be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec("nftables") is None:
+        raise EnvironmentProblem(
+            "the libnftables Python bindings (module nftables) are not installed",
+            remedy="install the Debian package python3-nftables (it is not on PyPI); a virtual environment "
+            "reaches it through a .pth file, as ./dev setup writes one",
+        )
 
 
 @attrs.frozen

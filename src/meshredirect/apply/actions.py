@@ -210,6 +210,9 @@ def apply(
     except ApplyFailed as exc:
         undone = ours.revert(steps, prefix)
         raise ApplyFailed(exc.message, undone=exc.undone and undone) from None
+    except BaseException:
+        ours.revert(steps, prefix)
+        raise
     return _outcome("apply", backend, where, choice, changes, commands, dry_run=False)
 
 
@@ -270,8 +273,12 @@ def cleanup(
             done.append((applier, steps))
         router.execute(commands)
     except ApplyFailed as exc:
-        undone = all(applier.revert(steps, prefix) for applier, steps in reversed(done))
+        undone = all([applier.revert(steps, prefix) for applier, steps in reversed(done)])
         raise ApplyFailed(exc.message, undone=exc.undone and undone) from None
+    except BaseException:
+        for applier, steps in reversed(done):
+            applier.revert(steps, prefix)
+        raise
     return _outcome("cleanup", backend, where, choice, changes, commands, dry_run=False)
 
 

@@ -231,9 +231,12 @@ class IptablesApplier:
             if not step.document:
                 changes.append(AppliedChange(family=step.family, document="", changed=False, tool=" ".join(step.argv)))
                 continue
-            result = self.runner(step.argv, step.document)
-            if result.returncode != 0:
-                error = result.stderr.strip() or result.stdout.strip()
+            try:
+                result = self.runner(step.argv, step.document)
+                error = None if result.returncode == 0 else (result.stderr.strip() or result.stdout.strip())
+            except EnvironmentProblem as exc:  # the tool hung or vanished: its table may have changed
+                error = str(exc)
+            if error is not None:
                 undone = self.revert(steps[: index + 1], owner_prefix)
                 raise ApplyFailed(
                     f"{' '.join(step.argv)} refused the {step.family.value} rules: {error}", undone=undone
@@ -256,7 +259,10 @@ class IptablesApplier:
                 ok = False
                 continue
             document = documents.transition(current, step.before, owner_prefix)
-            if document and self.runner(step.argv, document).returncode != 0:
+            try:
+                if document and self.runner(step.argv, document).returncode != 0:
+                    ok = False
+            except EnvironmentProblem:
                 ok = False
         return ok
 

@@ -150,10 +150,13 @@ class RoutingApplier:
         """Run the commands in order; when one fails, undo those done and raise."""
         done: list[RouteCommand] = []
         for command in commands:
-            result = self.runner(command.argv)
-            if result.returncode != 0:
+            try:
+                result = self.runner(command.argv)
+                error = None if result.returncode == 0 else (result.stderr.strip() or result.stdout.strip())
+            except EnvironmentProblem as exc:
+                error = str(exc)
+            if error is not None:
                 undone = self.revert(done)
-                error = result.stderr.strip() or result.stdout.strip()
                 if "device is not up" in error:
                     error += " (lo is down in the namespace: ip link set lo up)"
                 raise ApplyFailed(f"{command} failed: {error}", undone=undone)
@@ -164,6 +167,9 @@ class RoutingApplier:
         """Undo commands, last first; True when every undo worked."""
         ok = True
         for command in reversed(done):
-            if self.runner(command.undo).returncode != 0:
+            try:
+                if self.runner(command.undo).returncode != 0:
+                    ok = False
+            except EnvironmentProblem:
                 ok = False
         return ok

@@ -325,16 +325,11 @@ def _validate_family(
                 diagnose=lambda: _diagnose(where, policy, family, variant),
             )
         ]
-        if inbound_port is not None and not privileged:
-            checks.append(
-                Check(
-                    family=family,
-                    direction="inbound",
-                    ok=True,
-                    skipped=True,
-                    observed="probing as the proxy's uid needs root",
-                )
+        if inbound_port is not None and (not privileged or own is None):
+            why = (
+                "probing as the proxy's uid needs root" if not privileged else "the namespace has no address of its own"
             )
+            checks.append(Check(family=family, direction="inbound", ok=True, skipped=True, observed=why))
         if proxy is not None and own is not None and inbound_port is not None:
             checks.append(
                 _check(

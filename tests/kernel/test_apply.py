@@ -413,3 +413,17 @@ def test_missing_nftables_bindings_are_named_with_their_package(tmp_path: Path) 
         "installed (install the Debian package python3-nftables (it is not on PyPI); a virtual environment "
         "reaches it through a .pth file, as ./dev setup writes one)"
     )
+
+
+def test_a_process_namespace_path_is_a_target() -> None:
+    """/proc/PID/ns/net of a process running in a namespace names that namespace."""
+    require_kernel()
+    with NetNamespace() as namespace:
+        sleeper = namespace.popen(["sleep", "60"])
+        try:
+            outcome = apply(Policy(), netns=f"/proc/{sleeper.pid}/ns/net", variant="nft")
+            assert outcome.namespace == f"network namespace /proc/{sleeper.pid}/ns/net" and outcome.changed
+            assert "-j ISTIO_OUTPUT" in namespace.run(["iptables-nft-save"]).stdout
+        finally:
+            sleeper.kill()
+            sleeper.wait()

@@ -426,8 +426,11 @@ class ProxyProcess:
         for name, value in options.items():
             argv += [f"--{name.replace('_', '-')}", str(value)]
         self._out = events.open("w")
+        #: What the proxy wrote to its standard error (a file: a pipe nobody reads could fill and block it).
+        self.stderr_path = events.with_name(events.name + ".stderr")
+        self._err = self.stderr_path.open("w")
         with target.entered():
-            self.process = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.PIPE, text=True)
+            self.process = subprocess.Popen(argv, stdout=self._out, stderr=self._err, text=True)
         try:
             self.ready = self.wait_for("ready")
         except BaseException:
@@ -453,18 +456,17 @@ class ProxyProcess:
         raise TimeoutError(f"no {kind!r} event from the proxy within {timeout:g} s")
 
     def _stderr(self) -> str:
-        try:
-            return (self.process.communicate(timeout=1)[1] or "").strip()
-        except (subprocess.TimeoutExpired, ValueError):
-            return ""
+        self._err.flush()
+        return self.stderr_path.read_text().strip()
 
     def stop(self) -> None:
         """End the proxy (by its pid: it is our child) and wait for it."""
         if self.process.poll() is None:
             self.process.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired, ValueError):
-            self.process.communicate(timeout=5)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
         self._out.close()
+        self._err.close()
 
     def __enter__(self) -> ProxyProcess:
         return self

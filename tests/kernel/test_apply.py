@@ -25,10 +25,11 @@ from meshredirect.apply.base import FAMILIES, ApplyFailed
 from meshredirect.apply.iptables import IptablesApplier, VariantChoice
 from meshredirect.apply.netns import Target
 from meshredirect.apply.routing import TproxyRoute, routes_for
+from meshredirect.backend import available_backends
 from meshredirect.cli import main
 from meshredirect.compiler import compile_policy
 from meshredirect.errors import BackendNotFoundError, EnvironmentProblem, PolicyError
-from meshredirect.ir import Family, Protocol, ProtocolMatch, Rule, Ruleset, Table, TProxy
+from meshredirect.ir import Family, Jump, Rule, Ruleset, Table
 from meshredirect.policy import Policy
 from meshredirect.testing.netns import NetNamespace
 from meshredirect.testing.state import kernel_state, without_empty_tables
@@ -37,6 +38,11 @@ from strategies import policies
 pytestmark = pytest.mark.kernel
 
 VARIANTS = ("nft", "legacy")
+#: (backend, iptables variant): both iptables variants, and nftables where this build has its backend.
+BACKENDS = [("iptables", "nft"), ("iptables", "legacy")] + (
+    [("nftables", None)] if "nftables-json" in available_backends() else []
+)
+BACKEND_IDS = [f"{b}-{v}" if v else b for b, v in BACKENDS]
 
 FOREIGN_V6 = """\
 *nat
@@ -88,10 +94,23 @@ def run(target: Target, argv: Sequence[str], input: str | None = None) -> None:
     assert result.returncode == 0, f"{' '.join(argv)}: {result.stderr}"
 
 
-def load_foreign(target: Target, variant: str) -> None:
-    """Other tools' rules in every table we touch, and their policy routing (one rule identical to ours)."""
+#: Another tool's native nftables table, with hooks where ours are.
+FOREIGN_NFT = """\
+table inet firewall {
+    set blocked { type ipv4_addr; flags interval; elements = { 192.0.2.0/24 } }
+    chain input { type filter hook input priority filter; policy accept; ip saddr @blocked drop; tcp dport 22 accept; }
+    chain output { type nat hook output priority -100; policy accept; ip daddr 198.51.100.1 tcp dport 80 dnat ip to 10.0.0.9; }
+}
+"""
+
+
+def load_foreign(target: Target, variant: str, *, native: bool = False) -> None:
+    """Other tools' rules in every table we touch, and their policy routing (one rule identical to ours);
+    with ``native``, a native nftables table too."""
     run(target, [f"iptables-{variant}-restore"], FOREIGN_V4)
     run(target, [f"ip6tables-{variant}-restore"], FOREIGN_V6)
+    if native:
+        run(target, ["nft", "-f", "-"], FOREIGN_NFT)
     run(target, ["ip", "-4", "rule", "add", "fwmark", "0x539", "lookup", "133"])
     run(target, ["ip", "-6", "rule", "add", "fwmark", "0x7", "lookup", "200"])
     run(target, ["ip", "-4", "route", "add", "local", "default", "dev", "lo", "table", "133"])
@@ -101,16 +120,19 @@ def load_foreign(target: Target, variant: str) -> None:
 # ----------------------------------------------------------------------------- dry run
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_dry_run_prints_everything_and_changes_nothing(ns: Target, variant: str) -> None:
-    load_foreign(ns, variant)
+@pytest.mark.parametrize(("backend", "variant"), BACKENDS, ids=BACKEND_IDS)
+def test_dry_run_prints_everything_and_changes_nothing(ns: Target, backend: str, variant: str | None) -> None:
+    load_foreign(ns, variant or "nft", native=backend == "nftables")
     before = kernel_state(ns)
-    outcome = apply(EVERYTHING, netns=ns, variant=variant, dry_run=True)
+    outcome = apply(EVERYTHING, backend=backend, netns=ns, variant=variant, dry_run=True)
     assert kernel_state(ns) == before
     assert outcome.dry_run and outcome.changed
     text = outcome.documents()
-    assert f"# iptables-{variant}-restore --noflush\n*raw\n" in text
-    assert f"# ip6tables-{variant}-restore --noflush\n*raw\n" in text
+    if backend == "iptables":
+        assert f"# iptables-{variant}-restore --noflush\n*raw\n" in text
+        assert f"# ip6tables-{variant}-restore --noflush\n*raw\n" in text
+    else:
+        assert text.startswith('# nft -j -f -\n{"nftables": [{"add": {"table": {"family": "ip", "name": "istio"}}}')
     # Another tool's local route in table 133 is there already (not ours: left alone); ours go next to it.
     assert text.endswith(
         "ip -4 rule add fwmark 0x539 lookup 133 protocol 157\n"
@@ -119,43 +141,46 @@ def test_dry_run_prints_everything_and_changes_nothing(ns: Target, variant: str)
     )
     assert "would change" in outcome.report() and "routing: would run ip -4 rule add" in outcome.report()
 
-    apply(EVERYTHING, netns=ns, variant=variant)
+    apply(EVERYTHING, backend=backend, netns=ns, variant=variant)
     applied = kernel_state(ns)
     assert applied != before
-    dry_cleanup = cleanup(EVERYTHING, netns=ns, dry_run=True)
+    dry_cleanup = cleanup(EVERYTHING, backend=backend, netns=ns, dry_run=True)
     assert dry_cleanup.changed and kernel_state(ns) == applied
-    assert not apply(EVERYTHING, netns=ns, variant=variant, dry_run=True).changed
+    assert not apply(EVERYTHING, backend=backend, netns=ns, variant=variant, dry_run=True).changed
 
 
 # ----------------------------------------------------------------------------- idempotence, replacement
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_applying_again_changes_nothing_and_says_so(ns: Target, variant: str) -> None:
-    load_foreign(ns, variant)
-    first = apply(EVERYTHING, netns=ns, variant=variant)
+@pytest.mark.parametrize(("backend", "variant"), BACKENDS, ids=BACKEND_IDS)
+def test_applying_again_changes_nothing_and_says_so(ns: Target, backend: str, variant: str | None) -> None:
+    load_foreign(ns, variant or "nft", native=backend == "nftables")
+    first = apply(EVERYTHING, backend=backend, netns=ns, variant=variant)
     state = kernel_state(ns)
-    second = apply(EVERYTHING, netns=ns, variant=variant)
+    second = apply(EVERYTHING, backend=backend, netns=ns, variant=variant)
     assert first.changed and not second.changed
     # Nothing was even loaded: no document, no routing command.
-    assert [change.document for change in second.changes] == ["", ""] and second.routing == ()
-    assert second.report().splitlines()[-3:] == [
-        f"ipv4 (iptables-{variant}-restore): already up to date",
-        f"ipv6 (ip6tables-{variant}-restore): already up to date",
-        "nothing changed: already up to date",
-    ]
+    assert {change.document for change in second.changes} == {""} and second.routing == ()
+    if backend == "iptables":
+        expected = [
+            f"ipv4 (iptables-{variant}-restore): already up to date",
+            f"ipv6 (ip6tables-{variant}-restore): already up to date",
+        ]
+    else:
+        expected = ["ipv4+ipv6 (nft): already up to date"]
+    assert second.report().splitlines()[-len(expected) - 1 :] == [*expected, "nothing changed: already up to date"]
     assert kernel_state(ns) == state
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_a_different_policy_replaces_ours_as_if_it_had_been_the_only_one(variant: str) -> None:
+@pytest.mark.parametrize(("backend", "variant"), BACKENDS, ids=BACKEND_IDS)
+def test_a_different_policy_replaces_ours_as_if_it_had_been_the_only_one(backend: str, variant: str | None) -> None:
     with NetNamespace() as a, NetNamespace() as b:
         replaced, fresh = Target.of(str(a.path)), Target.of(str(b.path))
         for target in (replaced, fresh):
-            load_foreign(target, variant)
-        apply(EVERYTHING, netns=replaced, variant=variant)
-        outcome = apply(PLAIN_V4, netns=replaced, variant=variant)
-        apply(PLAIN_V4, netns=fresh, variant=variant)
+            load_foreign(target, variant or "nft", native=backend == "nftables")
+        apply(EVERYTHING, backend=backend, netns=replaced, variant=variant)
+        outcome = apply(PLAIN_V4, backend=backend, netns=replaced, variant=variant)
+        apply(PLAIN_V4, backend=backend, netns=fresh, variant=variant)
         assert kernel_state(replaced) == kernel_state(fresh)
     # The TPROXY routing went with the old policy; IPv6 (not in the new policy) lost our rules.
     assert [str(command) for command in outcome.routing] == [
@@ -163,47 +188,55 @@ def test_a_different_policy_replaces_ours_as_if_it_had_been_the_only_one(variant
         "ip -6 rule del fwmark 0x539 lookup 133 protocol 157",
         "ip -6 route del local default dev lo table 133 proto 157",
     ]
-    assert [change.changed for change in outcome.changes] == [True, True]
+    assert all(change.changed for change in outcome.changes)
 
 
 # ----------------------------------------------------------------------------- atomicity
 
 
 def with_rejected_rule(ruleset: Ruleset, family: Family) -> Ruleset:
-    """The ruleset plus a rule the kernel refuses, in the last table it loads for ``family``:
-    TPROXY is only valid in the mangle table, and only the kernel checks that."""
+    """The ruleset plus a rule only the kernel refuses, in the last table it loads for ``family``: a jump
+    from the outbound redirect chain back to the chain that called it makes a loop (ELOOP)."""
     tables = list(ruleset.tables)
     index = max(i for i, t in enumerate(tables) if t.family is family and t.name == "nat")
     nat = tables[index]
-    chains = list(nat.chains)
-    last = chains[-1]
-    bad = Rule(matches=(ProtocolMatch(protocol=Protocol.TCP),), target=TProxy(port=1, mark=1))
-    chains[-1] = attrs.evolve(last, rules=(*last.rules, bad))
+    chains = [
+        attrs.evolve(c, rules=(*c.rules, Rule(target=Jump(chain="ISTIO_OUTPUT")))) if c.name == "ISTIO_REDIRECT" else c
+        for c in nat.chains
+    ]
     tables[index] = Table(family=nat.family, name=nat.name, chains=tuple(chains))
     return attrs.evolve(ruleset, tables=tuple(tables))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_a_rule_the_kernel_rejects_leaves_everything_as_it_was(ns: Target, variant: str) -> None:
+def test_the_iptables_tools_commit_table_by_table_and_revert_undoes_it(ns: Target, variant: str) -> None:
+    """Why the applier keeps the state before: run alone, a document changes raw and mangle before nat fails."""
     load_foreign(ns, variant)
     apply(Policy(families="both", outbound_ports_exclude="22"), netns=ns, variant=variant)
     before = kernel_state(ns)
-    broken = with_rejected_rule(compile_policy(EVERYTHING), Family.IPV6)
-
-    # The tools commit table by table: run alone, the IPv6 document changes raw and mangle before nat fails.
     applier = IptablesApplier(ns.run, variant=variant)
-    steps = applier.plan(broken)
+    steps = applier.plan(with_rejected_rule(compile_policy(EVERYTHING), Family.IPV6))
     result = ns.run(list(steps[1].argv), steps[1].document)
     assert result.returncode != 0
     assert kernel_state(ns) != before
     assert applier.revert(steps[1:], "ISTIO")
     assert kernel_state(ns) == before
 
-    # Through the apply layer, IPv4 commits, then IPv6 fails half way: all of it is undone.
+
+@pytest.mark.parametrize(("backend", "variant"), BACKENDS, ids=BACKEND_IDS)
+def test_a_rule_the_kernel_rejects_leaves_everything_as_it_was(ns: Target, backend: str, variant: str | None) -> None:
+    load_foreign(ns, variant or "nft", native=backend == "nftables")
+    apply(Policy(families="both", outbound_ports_exclude="22"), backend=backend, netns=ns, variant=variant)
+    before = kernel_state(ns)
+    broken = with_rejected_rule(compile_policy(EVERYTHING), Family.IPV6)
+    # iptables: IPv4 commits, then IPv6 fails half way, and all of it is undone; nftables: one batch.
     with pytest.raises(ApplyFailed) as failure:
-        apply(broken, netns=ns, variant=variant, routing=routes_for(EVERYTHING))
+        apply(broken, backend=backend, netns=ns, variant=variant, routing=routes_for(EVERYTHING))
     message = str(failure.value)
-    assert message.startswith(f"ip6tables-{variant}-restore --noflush refused the ipv6 rules: ")
+    if backend == "iptables":
+        assert message.startswith(f"ip6tables-{variant}-restore --noflush refused the ipv6 rules: ")
+    else:
+        assert message.startswith("nft refused the rules: ") and "Too many links" in message
     assert message.endswith("(the previous rules were restored)")
     assert failure.value.undone
     assert kernel_state(ns) == before
@@ -225,19 +258,19 @@ def test_a_routing_command_the_kernel_rejects_undoes_rules_and_routing(ns: Targe
 # ----------------------------------------------------------------------------- cleanup
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_cleanup_removes_exactly_our_chains_jumps_and_routing(ns: Target, variant: str) -> None:
-    load_foreign(ns, variant)
+@pytest.mark.parametrize(("backend", "variant"), BACKENDS, ids=BACKEND_IDS)
+def test_cleanup_removes_exactly_our_chains_jumps_and_routing(ns: Target, backend: str, variant: str | None) -> None:
+    load_foreign(ns, variant or "nft", native=backend == "nftables")
     before = kernel_state(ns)
-    apply(EVERYTHING, netns=ns, variant=variant)
+    apply(EVERYTHING, backend=backend, netns=ns, variant=variant)
     assert kernel_state(ns) != before
-    outcome = cleanup(netns=ns)  # the default prefix; both variants looked at
+    outcome = cleanup(backend=backend, netns=ns)  # the default prefix; iptables: both variants looked at
     assert kernel_state(ns) == before
-    assert outcome.variant == VariantChoice(variant="nft,legacy", reason="cleanup looks at every installed variant")
-    assert [c.changed for c in outcome.changes] == (
-        [True, True, False, False] if variant == "nft" else [False, False, True, True]
-    )
-    again = cleanup(EVERYTHING, netns=ns)
+    if backend == "iptables":
+        assert outcome.variant == VariantChoice(variant="nft,legacy", reason="cleanup looks at every installed variant")
+        changed = [True, True, False, False] if variant == "nft" else [False, False, True, True]
+        assert [c.changed for c in outcome.changes] == changed
+    again = cleanup(EVERYTHING, backend=backend, netns=ns)
     assert not again.changed and again.report().endswith("nothing of ours found")
 
 
@@ -365,7 +398,11 @@ def test_cli_apply_cleanup_and_their_reports(ns: Target, capsys: pytest.CaptureF
             "network namespace /var/run/netns/mr-no-such-namespace does not exist",
         ),
         (["apply", "--netns", "mr-x", "-p", "0"], 2, "outbound_port: expected a port number 1-65535, got '0'"),
-        (["apply", "--backend", "nftables", "--netns", "/proc/self/ns/net", "--dry-run"], 3, "nftables"),
+        *(
+            [(["apply", "--backend", "nftables", "--netns", "/proc/self/ns/net", "--dry-run"], 3, "nftables")]
+            if "nftables-json" not in available_backends()
+            else []
+        ),
     ],
 )
 def test_cli_errors_exit_with_a_message_and_change_nothing(

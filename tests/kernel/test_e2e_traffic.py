@@ -22,6 +22,7 @@ import pytest
 from conftest import require_kernel
 from meshredirect.apply.actions import apply
 from meshredirect.apply.routing import routes_for
+from meshredirect.backend import available_backends
 from meshredirect.compiler import ChainNames, compile_policy
 from meshredirect.ir import (
     AddressMatch,
@@ -42,8 +43,10 @@ from meshredirect.testing.proxy import ProxyProcess, Reply, Server, hops_of, pro
 
 pytestmark = pytest.mark.kernel
 
-#: (backend, iptables variant). The nftables backend joins here once its applier is on main.
-BACKENDS: Final = (("iptables", "nft"), ("iptables", "legacy"))
+#: (backend, iptables variant): both iptables variants, and nftables where this build has its backend.
+BACKENDS: Final = (("iptables", "nft"), ("iptables", "legacy")) + (
+    (("nftables", None),) if "nftables-json" in available_backends() else ()
+)
 MODES: Final = ("REDIRECT", "TPROXY")
 FAMILIES: Final = (4, 6)
 APP_PORT: Final = 8080
@@ -67,7 +70,7 @@ def policy_for(mode: str) -> Policy:
 class Cell:
     net: PodNetwork
     backend: str
-    variant: str
+    variant: str | None
     mode: str
     policy: Policy
     proxy: ProxyProcess

@@ -32,7 +32,7 @@ import attrs
 
 from meshredirect.apply.base import FAMILIES, AppliedChange, Applier, ApplyFailed, Runner, planned
 from meshredirect.apply.iptables import VARIANTS, IptablesApplier, VariantChoice, detect_variant
-from meshredirect.apply.netns import Target, require_nftables_bindings, require_root, require_tool
+from meshredirect.apply.netns import Target, require_root, require_tool
 from meshredirect.apply.routing import RouteCommand, RoutingApplier, TproxyRoute, routes_for
 from meshredirect.errors import BackendNotFoundError, EnvironmentProblem, PolicyError
 from meshredirect.ir import Family, Ruleset, TProxy
@@ -70,7 +70,8 @@ class Outcome:
         verb = "would change" if self.dry_run else "changed"
         for change in self.changes:
             state = verb if change.changed else "already up to date"
-            lines.append(f"{change.family.value} ({change.tool.split(' ')[0]}): {state}")
+            label = "ipv4+ipv6" if change.family is Family.INET else change.family.value
+            lines.append(f"{label} ({change.tool.split(' ')[0]}): {state}")
         for command in self.routing:
             lines.append(f"routing: {'would run' if self.dry_run else 'ran'} {command}")
         if not self.changed:
@@ -152,16 +153,11 @@ def _iptables(
     return IptablesApplier(runner, variant=choice.variant), choice
 
 
-def _nftables(runner: Runner) -> Applier:
-    """The nftables applier, from the module the nftables backend work adds."""
-    require_nftables_bindings()
-    try:
-        from meshredirect.apply import nftables  # type: ignore[attr-defined]
-    except ImportError:
-        raise EnvironmentProblem(
-            "this build of meshredirect has no nftables applier yet", remedy="use --backend iptables"
-        ) from None
-    return nftables.NftablesApplier(runner)  # type: ignore[no-any-return]
+def _nftables(where: Target) -> Applier:
+    """The nftables applier (see :mod:`meshredirect.apply.nftables_steps`)."""
+    from meshredirect.apply.nftables_steps import nftables_applier
+
+    return nftables_applier(where)
 
 
 def apply(
@@ -197,7 +193,7 @@ def apply(
         applier, choice = _iptables(runner, variant, chosen, where)
         ours: Applier = applier
     else:
-        ours, choice = _nftables(runner), None
+        ours, choice = _nftables(where), None
     steps = ours.plan(ruleset, chosen)
     router = RoutingApplier(runner)
     commands = router.plan(routes, chosen)
@@ -257,7 +253,7 @@ def cleanup(
         )
         applier_list: list[Applier] = [IptablesApplier(runner, variant=v) for v in variants]
     else:
-        applier_list = [_nftables(runner)]
+        applier_list = [_nftables(where)]
     plans = [(applier, applier.plan_cleanup(prefix, chosen)) for applier in applier_list]
     router = RoutingApplier(runner)
     commands = router.plan((), chosen)

@@ -122,6 +122,7 @@ def validate(
     probe: Mapping[Family, IPAddress | str] | None = None,
     probe_port: int = DEFAULT_PROBE_PORT,
     variant: str | None = None,
+    backend: str = "iptables",
 ) -> Validation:
     """Check with real connections inside the namespace that the policy's capture works.
 
@@ -136,6 +137,8 @@ def validate(
     if not 1 <= probe_port <= 65535:
         raise PolicyError("probe port", expected="a port number 1-65535", got=probe_port)
     probes = _probes(probe)
+    if backend not in ("iptables", "nftables"):
+        raise PolicyError("backend", expected="iptables or nftables", got=backend)
     where = Target.of(netns)
     if where.path is not None:
         require_root("validate in another network namespace")
@@ -146,7 +149,13 @@ def validate(
         destination = (probes[family], probe_port)
         _refuse_uncaptured_probe(policy, family, destination)
         checks += _validate_family(
-            where, policy=policy, family=family, destination=destination, timeout=timeout, variant=variant
+            where,
+            policy=policy,
+            family=family,
+            destination=destination,
+            timeout=timeout,
+            variant=variant,
+            backend=backend,
         )
     return Validation(namespace=where.describe(), checks=tuple(checks))
 
@@ -290,6 +299,7 @@ def _validate_family(
     destination: tuple[IPAddress, int],
     timeout: float,
     variant: str | None,
+    backend: str,
 ) -> list[Check]:
     privileged = _privileged()
     transparent = policy.inbound_mode is InterceptionMode.TPROXY and privileged
@@ -322,7 +332,7 @@ def _validate_family(
                 listeners=listeners,
                 expected_port=policy.outbound_port,
                 timeout=timeout,
-                diagnose=lambda: _diagnose(where, policy, family, variant),
+                diagnose=lambda: _diagnose(where, policy, family, variant, backend),
             )
         ]
         if inbound_port is not None and (not privileged or own is None):
@@ -340,7 +350,7 @@ def _validate_family(
                     listeners=listeners,
                     expected_port=policy.inbound_port,
                     timeout=timeout,
-                    diagnose=lambda: _diagnose(where, policy, family, variant),
+                    diagnose=lambda: _diagnose(where, policy, family, variant, backend),
                 )
             )
         return checks
@@ -433,13 +443,15 @@ def _check(
 _REDIRECT_PORT = re.compile(r"-j REDIRECT --to-ports (\d+)")
 
 
-def _diagnose(where: Target, policy: Policy, family: Family, variant: str | None) -> str:
-    """The likely cause of a failed check, read from the rules in the namespace (iptables)."""
+def _diagnose(where: Target, policy: Policy, family: Family, variant: str | None, backend: str) -> str:
+    """The likely cause of a failed check, read from the rules in the namespace."""
     if not _privileged():
         return (
             f"unknown: reading the rules needs CAP_NET_ADMIN (validate runs as uid {os.geteuid()}); "
             "most often our rules are absent"
         )
+    if backend == "nftables":
+        return _diagnose_nftables(where, policy, family)
     from meshredirect.api import render
     from meshredirect.apply.iptables import _restore_backend, _tool, detect_variant
     from meshredirect.compiler import compile_policy
@@ -497,3 +509,25 @@ def _nat_only(save_text: str) -> str:
         if keep:
             out.append(line)
     return "".join(line + "\n" for line in out)
+
+
+def _diagnose_nftables(where: Target, policy: Policy, family: Family) -> str:
+    """The likely cause of a failed check, from our nftables table of the family."""
+    from meshredirect.apply.nftables_steps import nftables_applier
+    from meshredirect.compiler import compile_policy
+
+    applier = nftables_applier(where)
+    ruleset = compile_policy(policy).for_family(family)
+    name = applier.layout.table_name(ruleset)
+    nft_family = "ip6" if family is Family.IPV6 else "ip"
+    ours = applier.tables_of(applier.ours(applier.listing(), name, [family]))
+    if not ours:
+        return f"rules absent: no nftables table {nft_family} {name} (run meshredirect apply --backend nftables)"
+    if ours != list(applier.layout.layout(ruleset).tables):
+        return (
+            f"our nftables table {nft_family} {name} differs from the policy's (applied with other options?): re-apply"
+        )
+    return (
+        "our rules are in place as the policy says; another table's chain on the same hook "
+        "(at an earlier priority, or one that drops) may take the connection first"
+    )

@@ -40,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from meshredirect.errors import PolicyError
     from meshredirect.ir import Family
 
-    if args.backend != "iptables":
-        raise PolicyError("--backend", expected="iptables (validate reads its rules to name causes)", got=args.backend)
+    if args.backend not in ("iptables", "nftables"):
+        raise PolicyError("--backend", expected="iptables or nftables", got=args.backend)
     if not args.timeout > 0:
         raise PolicyError("--timeout", expected="a positive number of seconds", got=args.timeout)
     probes = {}
@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         probe=probes,
         probe_port=args.probe_port,
         variant=variant_of(args),
+        backend=args.backend,
     )
     print(result.report())
     return 0 if result.ok else 1

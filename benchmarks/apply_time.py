@@ -8,7 +8,9 @@ Each round creates fresh namespaces (one per configuration) and runs, interleave
 - as a process: the installed ``meshredirect apply --netns PATH`` (cached bytecode);
 - floor: the same documents loaded with ``iptables-nft-restore --noflush`` (and, for TPROXY, the
   four ``ip`` routing commands) and nothing else, started the same way (setns from this process),
-  and a bare ``true`` started in the namespace.
+  and a bare ``true`` started in the namespace;
+- where the build has the nftables backend: ``apply(policy, backend="nftables")`` in-process
+  against ``nft -j -f`` of the same JSON document (plus the ``ip`` commands) alone.
 
 Wall times; medians of ``--repeat`` rounds with min and max. Needs root. Results go to
 benchmarks/results/apply_time.json and are printed as a Markdown table.
@@ -49,6 +51,7 @@ def main() -> None:
     from meshredirect.apply.actions import apply
     from meshredirect.apply.netns import Target
     from meshredirect.apply.routing import routes_for
+    from meshredirect.backend import available_backends, create_backend
     from meshredirect.compiler import compile_policy
     from meshredirect.policy import Policy
 
@@ -63,6 +66,12 @@ def main() -> None:
     }
     routing = {name: [c.rule_argv("add") for c in routes_for(p)] + [c.route_argv("add") for c in routes_for(p)]
                for name, p in policies.items()}  # fmt: skip
+    nft_documents: dict[str, str] = {}
+    if "nftables-json" in available_backends():
+        layout = create_backend("nftables-json")
+        for name, policy in policies.items():
+            per_family = layout.commands(compile_policy(policy)).values()  # type: ignore[attr-defined]
+            nft_documents[name] = json.dumps({"nftables": [c for commands in per_family for c in commands]})
     samples: dict[str, list[float]] = {}
 
     def record(what: str, seconds: float) -> None:
@@ -100,6 +109,21 @@ def main() -> None:
                 run(floor_target, list(command))
 
         record(f"{name}: floor (iptables-nft-restore{' + ip' if routing[name] else ''} only)", timed(floor))
+        if name not in nft_documents:
+            return
+        _, nft_target = fresh()
+        record(
+            f"{name}: apply --backend nftables, in-process",
+            timed(lambda: apply(policy, backend="nftables", netns=nft_target)),
+        )
+        _, nft_floor_target = fresh()
+
+        def nft_floor() -> None:
+            run(nft_floor_target, ["nft", "-j", "-f", "-"], nft_documents[name])
+            for command in routing[name]:
+                run(nft_floor_target, list(command))
+
+        record(f"{name}: floor (nft -j -f{' + ip' if routing[name] else ''} only)", timed(nft_floor))
 
     created: list[str] = []
     try:

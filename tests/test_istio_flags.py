@@ -568,16 +568,19 @@ def test_help_lists_every_flag() -> None:
             2,
             "meshredirect istio-iptables: error: -z/--inbound-capture-port: expected a port number 1-65535, got 'http'\n",
         ),
-        (
-            ["-n", "--run-validation"],
-            3,
-            "meshredirect istio-iptables: error: --run-validation is not supported by this build yet (it arrives "
-            "with the apply layer's validate) (run without it)\n",
-        ),
     ],
 )
 def test_command_errors_exit_with_a_pinned_message(argv: list[str], status: int, message: str) -> None:
     assert run_cli(*argv) == (status, "", message)
+
+
+def test_validation_is_skipped_with_a_warning_in_a_dry_run() -> None:
+    status, out, err = run_cli("-n", "--enable-ipv6=false", "--run-validation", "-b", "*")
+    assert status == 0 and out.startswith("*nat\n")
+    assert err == (
+        "meshredirect istio-iptables: warning: --run-validation is skipped with --dry-run (nothing was applied to "
+        "validate)\n"
+    )
 
 
 def test_native_nftables_is_refused_clearly() -> None:

@@ -1,4 +1,5 @@
-"""``meshredirect istio-iptables`` programming real namespaces: apply, idempotence, drift, cleanup, TPROXY routing."""
+"""``meshredirect istio-iptables`` programming real namespaces: apply, idempotence, drift, cleanup, TPROXY
+routing, validation."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import pytest
 from conftest import require_kernel
 from meshredirect.api import render
 from meshredirect.apply.iptables import normalise_save
+from meshredirect.backend import get_backend
 from meshredirect.cli import main
-from meshredirect.commands._apply_seam import owned_lines
 from meshredirect.compiler import compile_policy
 from meshredirect.ir import Family
 from meshredirect.policy import Policy
 from meshredirect.testing.netns import NetNamespace
+from meshredirect.testing.pod import PodNetwork
 
 pytestmark = pytest.mark.kernel
 
@@ -36,13 +38,17 @@ def run(*argv: str) -> tuple[int, str, str]:
     return status, out.getvalue(), err.getvalue()
 
 
-def ours(ns: NetNamespace, family: int = 4, variant: str = "nft") -> dict[str, tuple[str, ...]]:
+DOCUMENTS = get_backend("iptables-restore")()
+
+
+def ours(ns: NetNamespace, family: int = 4, variant: str = "nft") -> str:
+    """Our part of the namespace's rules (empty when none), as the restore backend sees it."""
     tool = "ip6tables" if family == 6 else "iptables"
-    return owned_lines(ns.run([f"{tool}-{variant}-save"]).stdout, "ISTIO")
+    return DOCUMENTS.owned(ns.run([f"{tool}-{variant}-save"]).stdout, "ISTIO")  # type: ignore[attr-defined,no-any-return]
 
 
-def wanted(policy: Policy, family: Family = Family.IPV4) -> dict[str, tuple[str, ...]]:
-    return owned_lines(render(compile_policy(policy), "iptables-save").artifact(family).content, "ISTIO")
+def wanted(policy: Policy, family: Family = Family.IPV4) -> str:
+    return DOCUMENTS.owned(render(compile_policy(policy), "iptables-save").artifact(family).content, "ISTIO")  # type: ignore[attr-defined,no-any-return]
 
 
 def test_apply_is_idempotent_and_keeps_foreign_rules() -> None:
@@ -50,13 +56,17 @@ def test_apply_is_idempotent_and_keeps_foreign_rules() -> None:
         ns.run(["iptables-nft-restore"], input=FOREIGN)
         status, out, err = run("--network-namespace", ns.name, "--enable-ipv6=false", *PRODUCTION)
         assert (status, err) == (0, "")
-        assert out == "iptables variant: nft (the legacy tables hold no rules)\nipv4: applied\n"
+        assert out == (
+            f"apply: network namespace /var/run/netns/{ns.name}, backend iptables\n"
+            "iptables variant: nft (the legacy tables hold no rules)\n"
+            "ipv4 (iptables-nft-restore): changed\nipv6 (ip6tables-nft-restore): already up to date\n"
+        )
         assert ours(ns) == wanted(Policy())
         assert "-A OUTPUT -j KUBE-SERVICES" in ns.run(["iptables-nft-save"]).stdout
         status, out, _ = run("--network-namespace", ns.name, "--enable-ipv6=false", *PRODUCTION)
-        assert status == 0 and out.endswith("the rules are already in place; nothing changed\n")
+        assert status == 0 and out.endswith("nothing changed: already up to date\n")
         status, out, _ = run("--network-namespace", ns.name, "--enable-ipv6=false", "--force-apply", *PRODUCTION)
-        assert status == 0 and out.endswith("ipv4: unchanged\n")
+        assert status == 0 and out.endswith("nothing changed: already up to date\n")
 
 
 def test_drift_fails_without_reconcile_and_is_replaced_with_it() -> None:
@@ -105,8 +115,9 @@ def test_cleanup_only_removes_ours_and_nothing_else() -> None:
         status, out, _ = run("--network-namespace", ns.name, "--enable-ipv6=false", "--cleanup-only", "-n")
         assert status == 0 and "-X ISTIO_OUTPUT" in out and ours(ns)
         status, out, _ = run("--network-namespace", ns.name, "--enable-ipv6=false", "--cleanup-only")
-        assert status == 0 and "ipv4: removed our rules\nipv6: removed our rules\n" in out
-        assert ours(ns) == {} and ours(ns, 6) == {}
+        assert status == 0
+        assert "ipv4 (iptables-nft-restore): changed\nipv6 (ip6tables-nft-restore): changed\n" in out
+        assert ours(ns) == "" and ours(ns, 6) == ""
         assert normalise_save(ns.run(["iptables-nft-save"]).stdout) == normalise_save(before)
 
 
@@ -124,7 +135,7 @@ def test_tproxy_sets_up_and_cleanup_removes_policy_routing() -> None:
         assert run("--network-namespace", ns.name, "--cleanup-only", *tproxy)[0] == 0
         for v in ("-4", "-6"):
             assert "lookup 133" not in ns.run(["ip", v, "rule", "show"]).stdout
-        assert ours(ns) == {} and ours(ns, 6) == {}
+        assert ours(ns) == "" and ours(ns, 6) == ""
 
 
 def test_forced_legacy_variant_and_namespace_by_path() -> None:
@@ -132,10 +143,10 @@ def test_forced_legacy_variant_and_namespace_by_path() -> None:
         status, out, _ = run(
             "--network-namespace", str(ns.path), "--enable-ipv6=false", "--force-iptables-binary=legacy", *PRODUCTION
         )
-        assert status == 0 and out.startswith("iptables variant: legacy (forced with --force-iptables-binary=legacy)")
-        assert ours(ns, variant="legacy") == wanted(Policy()) and ours(ns) == {}
+        assert status == 0 and "iptables variant: legacy (as asked)\n" in out
+        assert ours(ns, variant="legacy") == wanted(Policy()) and ours(ns) == ""
         status, out, _ = run("--network-namespace", ns.name, "--enable-ipv6=false", *PRODUCTION)
-        assert status == 0 and out.startswith("iptables variant: legacy (the legacy tables already hold rules)")
+        assert status == 0 and "iptables variant: legacy (the legacy tables already hold rules" in out
 
 
 def address(ns: NetNamespace, *addresses: str) -> None:
@@ -166,7 +177,7 @@ def test_cleanup_needs_no_address() -> None:
     with NetNamespace() as ns:
         assert run("--network-namespace", ns.name, "--enable-ipv6=false", *PRODUCTION)[0] == 0
         status, out, err = run("--network-namespace", ns.name, "--cleanup-only")
-        assert (status, err) == (0, "") and "ipv4: removed our rules" in out and ours(ns) == {}
+        assert (status, err) == (0, "") and "ipv4 (iptables-nft-restore): changed" in out and ours(ns) == ""
 
 
 def test_no_usable_address_and_missing_namespace_are_clear_errors() -> None:
@@ -181,6 +192,20 @@ def test_no_usable_address_and_missing_namespace_are_clear_errors() -> None:
     status, out, err = run("--network-namespace", "mr-no-such-namespace", "--enable-ipv6=false", *PRODUCTION)
     assert (status, out) == (3, "")
     assert err == (
-        "meshredirect istio-iptables: error: network namespace 'mr-no-such-namespace' does not exist "
-        "(no /var/run/netns/mr-no-such-namespace)\n"
+        "meshredirect istio-iptables: error: network namespace /var/run/netns/mr-no-such-namespace does not exist "
+        "(create it (ip netns add NAME) or give /proc/PID/ns/net of a running process)\n"
     )
+
+
+def test_run_validation_passes_after_apply_and_fails_with_istio_s_code_without_rules() -> None:
+    with PodNetwork() as net:
+        where = str(net.pod_target.path)
+        status, _out, err = run(
+            "--network-namespace", where, "--skip-rule-apply", "--run-validation", "--probe-timeout=500ms", *PRODUCTION
+        )
+        assert status == 126
+        assert "likely cause: rules absent" in err and err.rstrip().endswith("capture does NOT work as the policy says")
+        status, out, err = run("--network-namespace", where, "--run-validation", "--probe-timeout=2s", *PRODUCTION)
+        assert status == 0, err
+        assert out.rstrip().endswith("capture works")
+        assert "ipv4 outbound: ok: the connection to 192.0.2.1:15002 arrived at port 15001" in out

@@ -3,9 +3,11 @@
 Takes every flag of ``istio-iptables`` with its short form and environment
 variable (see :mod:`meshredirect.frontends.istio_flags`; ``--help`` lists
 them), builds the policy they describe, and programs it. ``--dry-run`` prints
-the rules and touches nothing; ``--cleanup-only`` removes ours. What this build
-cannot do (``--run-validation``, applying ``--native-nftables``) is refused
-before anything changes, never skipped in silence.
+the rules and touches nothing; ``--cleanup-only`` removes ours;
+``--run-validation`` checks with real connections that capture works and exits
+126 when it does not (Istio's code for it). Rules are applied through
+:mod:`meshredirect.apply`; ``--native-nftables`` needs the nftables backend and
+is refused clearly without it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = format_help().split("\n\n", 2)[2]
 
 
+#: Istio's exit status when validation finds capture not working (istio-cni's repair looks for it).
+VALIDATION_FAILED = 126
+
+
 def run(args: argparse.Namespace) -> int:
     from meshredirect.errors import EnvironmentProblem
     from meshredirect.frontends.istio_flags import format_help, parse_istio_flags
@@ -39,13 +45,10 @@ def run(args: argparse.Namespace) -> int:
     dry_run = flags.flag("dry-run")
     cleanup_only = flags.flag("cleanup-only")
     skip_apply = flags.flag("skip-rule-apply")
-    touches_kernel = not dry_run and not skip_apply
-    if flags.flag("run-validation"):
-        raise EnvironmentProblem(
-            "--run-validation is not supported by this build yet (it arrives with the apply layer's validate)",
-            remedy="run without it",
-        )
-    backend = "iptables-save"
+    validation = flags.flag("run-validation")
+    netns = flags.text("network-namespace") or None
+    variant = flags.text("force-iptables-binary") or None
+    backend, render_as = "iptables", "iptables-save"
     if flags.flag("native-nftables"):
         from meshredirect.backend import available_backends
 
@@ -53,29 +56,19 @@ def run(args: argparse.Namespace) -> int:
             raise EnvironmentProblem(
                 "--native-nftables needs the nftables backend, which is not installed", remedy="run without it"
             )
-        if touches_kernel or cleanup_only:
-            raise EnvironmentProblem(
-                "--native-nftables can only print rules (--dry-run) in this build: the nftables applier is not "
-                "available yet",
-                remedy="add --dry-run, or run without --native-nftables",
-            )
-        backend = "nftables"
+        backend = render_as = "nftables"
 
     # Cleanup removes our rules of both families whatever the pod's addresses: no IPv6 detection then.
     policy, warnings = build_policy(flags, detect_ipv6=not cleanup_only)
     if cleanup_only:
         warnings = [w for w in warnings if not w.startswith("IPv6 capture depends")]
+    if validation and dry_run:
+        warnings.append("--run-validation is skipped with --dry-run (nothing was applied to validate)")
     for warning in warnings:
         print(f"meshredirect istio-iptables: warning: {warning}", file=sys.stderr)
 
     from meshredirect.api import render
-    from meshredirect.commands._apply_seam import (
-        apply_ruleset,
-        choose_variant,
-        cleanup_document,
-        cleanup_rules,
-        runner_for,
-    )
+    from meshredirect.commands._apply_seam import apply_policy, cleanup_policy, validate_policy
     from meshredirect.compiler import compile_policy
 
     ruleset = compile_policy(policy)
@@ -83,35 +76,39 @@ def run(args: argparse.Namespace) -> int:
         if skip_apply and not dry_run:
             print("meshredirect istio-iptables: --skip-rule-apply: nothing removed", file=sys.stderr)
             return 0
-        runner = runner_for(flags.text("network-namespace"))
-        variant, reason = choose_variant(runner, flags.text("force-iptables-binary"))
-        if dry_run:
-            sys.stdout.write(cleanup_document(policy, runner=runner, variant=variant))
-            return 0
-        print(f"iptables variant: {variant} ({reason})")
-        for note in cleanup_rules(policy, runner=runner, variant=variant):
-            print(note)
+        sys.stdout.write(cleanup_policy(policy, netns=netns, backend=backend, variant=variant, dry_run=dry_run) + "\n")
         return 0
     if dry_run:
-        sys.stdout.write(render(ruleset, backend).text())
+        sys.stdout.write(render(ruleset, render_as).text())
         return 0
     if skip_apply:
         print("meshredirect istio-iptables: --skip-rule-apply: nothing applied", file=sys.stderr)
-        return 0
-    runner = runner_for(flags.text("network-namespace"))
-    variant, reason = choose_variant(runner, flags.text("force-iptables-binary"))
-    print(f"iptables variant: {variant} ({reason})")
-    status, notes = apply_ruleset(
-        ruleset,
-        policy,
-        runner=runner,
-        variant=variant,
-        reconcile=flags.flag("reconcile"),
-        force=flags.flag("force-apply"),
-    )
-    for note in notes:
-        print(note, file=sys.stderr if status else sys.stdout)
-    return status
+    else:
+        status, report = apply_policy(
+            policy,
+            ruleset,
+            netns=netns,
+            backend=backend,
+            variant=variant,
+            reconcile=flags.flag("reconcile"),
+            force=flags.flag("force-apply"),
+        )
+        print(report, file=sys.stderr if status else sys.stdout)
+        if status:
+            return status
+    if validation:
+        ok, report = validate_policy(
+            policy,
+            netns=netns,
+            backend=backend,
+            variant=variant,
+            timeout=flags.seconds("probe-timeout"),
+            probe_port=int(flags.text("iptables-probe-port")),
+        )
+        print(report, file=sys.stdout if ok else sys.stderr)
+        if not ok:
+            return VALIDATION_FAILED
+    return 0
 
 
 def build_policy(flags: Any, *, detect_ipv6: bool = True, resolve_groups: bool = True) -> tuple[Any, list[str]]:
@@ -161,12 +158,12 @@ def _detect_ipv6(flags: Any) -> bool:
     """
     import json
 
-    from meshredirect.commands._apply_seam import runner_for
+    from meshredirect.apply.netns import Target
     from meshredirect.errors import EnvironmentProblem
     from meshredirect.frontends.istio_flags import addresses_enable_ipv6
 
-    runner = runner_for(flags.text("network-namespace"))
-    result = runner(["ip", "-j", "address", "show"])
+    target = Target.of(flags.text("network-namespace") or None)
+    result = target.run(["ip", "-j", "address", "show"])
     if result.returncode != 0:
         raise EnvironmentProblem(f"ip address show failed: {result.stderr.strip()}")
     entries = json.loads(result.stdout or "[]")

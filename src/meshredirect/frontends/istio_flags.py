@@ -215,7 +215,12 @@ FLAGS: Final[tuple[IstioFlag, ...]] = (
     ),
     _flag("probe-timeout", kind=Kind.DURATION, default="5s", help="validation timeout (with --run-validation)"),
     _flag("skip-rule-apply", kind=Kind.BOOL, default="false", help="apply nothing"),
-    _flag("run-validation", kind=Kind.BOOL, default="false", help="check that the rules redirect (not supported yet)"),
+    _flag(
+        "run-validation",
+        kind=Kind.BOOL,
+        default="false",
+        help="check with real connections that capture works (exit 126 when not)",
+    ),
     _flag(
         "redirect-dns",
         kind=Kind.BOOL,

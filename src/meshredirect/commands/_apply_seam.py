@@ -64,7 +64,7 @@ def apply_policy(
     force: bool,
 ) -> tuple[int, str]:
     """Apply; returns the exit status (1: drift without ``reconcile``) and the report."""
-    from meshredirect.apply import apply
+    from meshredirect.apply.actions import apply
 
     if backend == "iptables" and not force:
         state = drift(ruleset, policy, netns=netns, variant=variant)
@@ -79,7 +79,7 @@ def apply_policy(
 
 def cleanup_policy(policy: Policy, *, netns: str | None, backend: str, variant: str | None, dry_run: bool) -> str:
     """Remove our rules and TPROXY routing; the report, or (dry run) what would run."""
-    from meshredirect.apply import cleanup
+    from meshredirect.apply.actions import cleanup
 
     outcome = cleanup(policy, backend=backend, netns=netns, variant=variant, dry_run=dry_run)
     return outcome.documents() if dry_run else outcome.report()
@@ -89,7 +89,9 @@ def validate_policy(
     policy: Policy, *, netns: str | None, backend: str, variant: str | None, timeout: float, probe_port: int
 ) -> tuple[bool, str]:
     """Check with real connections that capture works (Istio's ``--run-validation``)."""
-    from meshredirect.apply import validate
+    # From the submodule: once meshredirect.apply.validate (the module) is imported, the package
+    # attribute of that name is the module, not the function its __getattr__ would give.
+    from meshredirect.apply.validate import validate
 
     result = validate(policy, netns=netns, timeout=timeout, probe_port=probe_port, variant=variant, backend=backend)
     return result.ok, result.report()

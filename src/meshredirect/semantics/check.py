@@ -141,11 +141,11 @@ def check(
 
     A policy is compiled (or, with ``ruleset``, that ruleset stands for it:
     rules read from a node, another backend's output read back), and its own
-    environment (:meth:`Environment.for_policy`) is used unless ``env`` is
+    environment (:meth:`~meshredirect.semantics.model.Environment.for_policy`) is used unless ``env`` is
     given; completeness is checked against the policy. A ruleset alone is
     checked in ``env`` (default: the default environment, with the
     interfaces the ruleset names) for the properties that need no policy.
-    ``model`` changes how the proxy behaves (see :class:`ProxyModel`).
+    ``model`` changes how the proxy behaves (see :class:`~meshredirect.semantics.proxy.ProxyModel`).
     """
     return checker(subject, env, ruleset=ruleset, model=model, families=families).run()
 

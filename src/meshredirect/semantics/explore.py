@@ -264,7 +264,7 @@ class Leaf(Generic[R]):
     """One run: its result, the region it covers and the values of its representative."""
 
     result: R
-    #: Disjoint boxes of class indices, as bit masks per dimension (see :meth:`Explorer.dims`).
+    #: Disjoint boxes of class indices, as bit masks per dimension (see ``Explorer.dims``).
     boxes: tuple[Box, ...]
     example: Mapping[str, Any]
     dims: tuple[str, ...]

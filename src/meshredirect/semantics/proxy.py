@@ -61,7 +61,7 @@ from meshredirect.semantics.interpreter import (
 )
 from meshredirect.semantics.model import DEFAULT_SOURCE_PORT, Connection, Environment, Origin
 
-__all__ = ["Arrival", "InterceptionChain", "ProxyModel", "Step", "follow"]
+__all__ = ["Arrival", "InterceptionChain", "ProxyModel", "Step", "arrival", "arrives_at", "follow"]
 
 #: More steps than this and a chain is called a loop (a sound chain has at most three).
 MAX_STEPS: Final = 6
@@ -74,7 +74,7 @@ class Arrival(enum.Enum):
     INBOUND = "inbound listener"
     TUNNEL = "tunnel listener"
     DNS = "DNS listener"
-    #: Delivered untouched to a local port (a listener of the proxy or an app: see :func:`arrives_at`).
+    #: Delivered untouched to a local port (a listener of the proxy or an app: see :func:`~meshredirect.semantics.proxy.arrives_at`).
     LOCAL = "local port"
     APP = "application"
     AWAY = "leaves the pod"
@@ -110,7 +110,7 @@ class InterceptionChain:
     """A connection and the follow-up connections the proxy opens for it, to the end."""
 
     steps: tuple[Step, ...]
-    #: The chain did not end within :data:`MAX_STEPS` steps (or a connection came back).
+    #: The chain did not end within ``MAX_STEPS`` steps (or a connection came back).
     looped: bool = False
 
     @property
@@ -232,7 +232,7 @@ def follow(
 ) -> InterceptionChain:
     """The interception chain of ``connection``: its evaluation and the proxy's follow-ups, to the end.
 
-    ``symbols`` and ``tracer`` serve the proof enumeration (see :meth:`Interpreter.evaluate`).
+    ``symbols`` and ``tracer`` serve the proof enumeration (see :meth:`~meshredirect.semantics.interpreter.Interpreter.evaluate`).
     """
     proxy_model = model if model is not None else ProxyModel()
     env = interpreter.env

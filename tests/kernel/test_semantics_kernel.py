@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,7 +29,7 @@ from hypothesis import strategies as st
 from conftest import require_kernel
 from meshredirect.apply.iptables import IptablesApplier, NamespaceRunner
 from meshredirect.compiler import compile_policy
-from meshredirect.ir import Family
+from meshredirect.ir import Family, MarkMatch, Rule, Ruleset
 from meshredirect.policy import InterceptionMode, Policy
 from meshredirect.semantics.interpreter import Dropped, Evaluation, Passed, Redirected, TProxied, evaluate
 from meshredirect.semantics.model import Connection, Environment
@@ -134,7 +135,23 @@ def sample_connections(policy: Policy, env: Environment, rng: random.Random) -> 
         remotes += [str(s) for s in policy.dns.servers_for(Family.IPV4 if version == 4 else Family.IPV6)]
         remotes = [a for a in remotes if _usable_remote(a, env)]
         dport = rng.choice(dports)
-        kind = rng.choice(["app", "app", "proxy", "passthrough", "remote", "remote"])
+        kinds = ["app", "app", "proxy", "passthrough", "remote", "remote"]
+        family = Family.IPV4 if version == 4 else Family.IPV6
+        eth0_excluded = any(name in ("eth0", "eth+", "eth0+") for name in policy.exclude_interfaces)
+        if proxy.transparent and policy.captures_inbound and family in policy.families and not eth0_excluded:
+            # Only where such a connection happens (a connection from the peer was captured inbound) and
+            # the policy's CONNMARK rules route the app's replies back to the proxy: the interpreter
+            # sees the first packet, the listener needs the handshake.
+            kinds.append("transparent")
+        kind = rng.choice(kinds)
+        if kind == "transparent":
+            # The proxy's TPROXY-mode connection to the app: from the peer's address, with the mark.
+            src, mark = PEER[version], proxy.tproxy_mark
+            dst = POD[version]
+            connection = Connection.local(env, dst=dst, dport=dport, src=src, uid=proxy.uid, gid=proxy.gid, mark=mark)
+            spec = {"dst": dst, "dport": dport, "src": src, "uid": proxy.uid, "gid": proxy.gid, "mark": mark}
+            out.append((connection, {**spec, "transparent": True}))
+            continue
         if kind == "remote":
             connection = Connection.remote(src=PEER[version], dst=POD[version], dport=dport, sport=40000)
             out.append((connection, {"dst": POD[version], "dport": dport}))
@@ -245,15 +262,24 @@ def _tproxy_routes(ns: NetNamespace, policy: Policy, add: bool) -> None:
 
 
 def agreement(
-    lab: Lab, policy: Policy, rng: random.Random, variant: str, *, predict_with: Policy | None = None
+    lab: Lab,
+    policy: Policy,
+    rng: random.Random,
+    variant: str,
+    *,
+    predict_with: Policy | None = None,
+    ruleset: Ruleset | None = None,
+    pairs: list[tuple[Connection, dict[str, Any]]] | None = None,
 ) -> tuple[list[str], list[str]]:
-    """Run the sampled connections for real: the disagreements in words, and the verdicts' kinds.
+    """Run the sampled connections (or ``pairs``) for real against ``policy``'s rules (or ``ruleset``):
+    the disagreements in words, and the verdicts' kinds.
 
     ``predict_with`` predicts with another policy's rules (to see disagreements found)."""
-    ruleset = compile_policy(policy)
-    env = Environment.for_policy(policy, ruleset)
-    model = compile_policy(predict_with) if predict_with is not None else ruleset
-    pairs = sample_connections(policy, env, rng)
+    loaded = ruleset if ruleset is not None else compile_policy(policy)
+    env = Environment.for_policy(policy, loaded)
+    model = compile_policy(predict_with) if predict_with is not None else loaded
+    if pairs is None:
+        pairs = sample_connections(policy, env, rng)
     for _connection, spec in pairs:
         if spec["dst"] not in (*POD.values(), *LOOPBACK.values()):
             lab.add_remote(spec["dst"])
@@ -261,7 +287,7 @@ def agreement(
     applier = IptablesApplier(NamespaceRunner(lab.pod.name), variant=variant)
     listeners: list[subprocess.Popen[str]] = []
     try:
-        applier.apply(ruleset)
+        applier.apply(loaded)
         _tproxy_routes(lab.pod, policy, add=True)
         listeners = [_listener(lab.pod, "pod", ports), _listener(lab.peer, "peer", ports)]
         local = [(c, s) for c, s in pairs if c.iif is None]
@@ -319,3 +345,44 @@ def test_a_wrong_prediction_is_caught(lab: Lab) -> None:
     assert problems
     assert all("\n  interpreter: " in p and "\n  kernel: " in p for p in problems)
     assert any("kernel: pod:15001 (local 127.0.0.1:15001, original destination" in p for p in problems)
+
+
+def test_the_tproxy_passthrough_bug_the_check_found_is_real_and_fixed(lab: Lab) -> None:
+    """In TPROXY mode the proxy connects to the app from the original source with the TPROXY mark, as
+    its own uid. Before the compiler's fix, nat OUTPUT hairpinned that connection to the inbound port
+    (127.0.0.1:15006 / [::1]:15006): the check reports a loop. In the kernel, over IPv6 the connection
+    lands on the inbound listener, as the interpreter says; over IPv4 its first packet does too, but
+    the handshake then fails (the listener's answer, from 127.0.0.1 to a foreign address, cannot be
+    routed; the interpreter follows first packets only). The app is never reached either way; with
+    the fix it is, as predicted."""
+    policy = Policy(inbound_mode="TPROXY", families="dual")
+    fixed = compile_policy(policy)
+    env = Environment.for_policy(policy, fixed)
+    proxy = env.proxy
+
+    def without_mark_return(ruleset: Ruleset) -> Ruleset:
+        def keep(table: str, rule: Rule) -> bool:
+            return not (table == "nat" and any(isinstance(m, MarkMatch) for m in rule.matches))
+
+        tables = tuple(
+            attrs.evolve(
+                t, chains=tuple(attrs.evolve(c, rules=tuple(r for r in c.rules if keep(t.name, r))) for c in t.chains)
+            )
+            for t in ruleset.tables
+        )
+        return attrs.evolve(ruleset, tables=tables)
+
+    pairs = []
+    for version in (4, 6):
+        spec = {"dst": POD[version], "dport": 8080, "src": PEER[version], "uid": proxy.uid, "gid": proxy.gid}
+        connection = Connection.local(env, mark=proxy.tproxy_mark, **spec)  # type: ignore[arg-type]
+        pairs.append((connection, {**spec, "mark": proxy.tproxy_mark, "transparent": True}))
+    problems, kinds = agreement(lab, policy, random.Random(0), "nft", ruleset=fixed, pairs=pairs)
+    assert not problems, "\n".join(problems)
+    assert kinds == ["Passed", "Passed"]
+    problems, kinds = agreement(lab, policy, random.Random(0), "nft", ruleset=without_mark_return(fixed), pairs=pairs)
+    assert kinds == ["Redirected", "Redirected"]
+    # IPv6 takes the redirected connection to the inbound listener for real (the loop); IPv4 drops
+    # its handshake instead (the listener's answer from 127.0.0.1 to a foreign address is martian).
+    assert len(problems) == 1, "\n".join(problems)
+    assert problems[0].startswith(str(pairs[0][0])) and "kernel: no connection" in problems[0]

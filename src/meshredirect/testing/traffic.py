@@ -8,9 +8,11 @@ Run inside a network namespace (``ip netns exec NS python -m meshredirect.testin
   port, the accepted socket's local address, its original destination
   (``SO_ORIGINAL_DST``, what NAT rewrote) and the peer; then close it.
 - ``connect``: read a JSON list of connections from stdin (``dst``,
-  ``dport``, optional ``src``, ``uid``, ``gid``, ``mark``, ``timeout``),
-  open them all at once, each from a child process that takes the uid and
-  gid first, and print a JSON list of what each got back (or the error).
+  ``dport``, optional ``src``, ``uid``, ``gid``, ``mark``, ``transparent``,
+  ``timeout``), open them all at once, each from a child process that takes
+  the uid and gid first (only the filesystem ids when the socket needs a mark
+  or a transparent source: those need the capability a uid change drops), and
+  print a JSON list of what each got back (or the error).
 
 >>> describe({"where": "pod", "port": 15001, "local": ["127.0.0.1", 15001], "orig": ["1.2.3.4", 80]})
 'pod:15001 (local 127.0.0.1:15001, original destination 1.2.3.4:80)'
@@ -113,16 +115,28 @@ def _child(spec: dict[str, Any], write: int) -> None:
     try:
         family = socket.AF_INET6 if ":" in spec["dst"] else socket.AF_INET
         sock = None
+        privileged = bool(spec.get("mark") or spec.get("transparent"))
         if spec.get("uid") is not None:
             gid = spec.get("gid", spec["uid"])
             os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(spec["uid"], spec["uid"], spec["uid"])
-            # Dropping privileges clears the parent-death signal: arm it again.
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if privileged:
+                # A mark or a transparent source needs CAP_NET_ADMIN, which a real uid change drops:
+                # change only the filesystem ids, which own the socket (what -m owner and skuid read).
+                libc.setfsgid(gid)
+                libc.setfsuid(spec["uid"])
+            else:
+                os.setresgid(gid, gid, gid)
+                os.setresuid(spec["uid"], spec["uid"], spec["uid"])
+                # Dropping privileges clears the parent-death signal: arm it again.
+                libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         sock = socket.socket(family, socket.SOCK_STREAM)
         if spec.get("mark"):
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, spec["mark"])
+        if spec.get("transparent"):
+            level, option = (
+                (socket.SOL_IP, IP_TRANSPARENT) if family == socket.AF_INET else (socket.IPPROTO_IPV6, IPV6_TRANSPARENT)
+            )
+            sock.setsockopt(level, option, 1)
         if spec.get("src"):
             sock.bind((spec["src"], 0))
         sock.settimeout(spec.get("timeout", DEFAULT_TIMEOUT))

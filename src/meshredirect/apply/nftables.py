@@ -7,8 +7,8 @@ package to the project's virtual environment through a ``.pth`` file.
 
 **Namespaces.** A ``nftables.Nftables()`` context talks netlink in the network
 namespace its process is in when it is created. So for a target namespace
-this module starts a small agent, ``python -m meshredirect.apply.nftables
---agent``, under ``nsenter --net=PATH`` (PATH is ``/var/run/netns/NAME`` for
+this module starts a small agent, ``python -m
+meshredirect.apply._nftables_agent``, under ``nsenter --net=PATH`` (PATH is ``/var/run/netns/NAME`` for
 a name given by ``ip netns add``, or any ``/proc/PID/ns/net``): the agent
 creates the context there, runs the requests it reads as JSON on standard
 input, and writes the results as JSON. Without a namespace the context is
@@ -39,6 +39,7 @@ from typing import Any, Final
 
 import attrs
 
+from meshredirect.apply import _nftables_agent
 from meshredirect.backend import create_backend
 from meshredirect.errors import EnvironmentProblem
 from meshredirect.ir import Family, Ruleset
@@ -51,8 +52,6 @@ BINDINGS_REMEDY: Final = (
     "install the Debian package python3-nftables; a virtual environment reaches it through a .pth file "
     "naming a folder that holds it (./dev setup does this)"
 )
-#: Exit status of the agent when the bindings cannot be imported.
-_NO_BINDINGS: Final = 3
 _AGENT_TIMEOUT: Final = 120
 
 Json = Any
@@ -66,44 +65,16 @@ class NftablesRequestFailed(EnvironmentProblem):
         super().__init__(message)
 
 
-def _bindings() -> Any:
-    try:
-        import nftables  # type: ignore[import-not-found]
-    except ImportError:
-        raise EnvironmentProblem("the nftables Python bindings are not importable", remedy=BINDINGS_REMEDY) from None
-    return nftables
-
-
 def run_requests(requests: Sequence[Json]) -> list[dict[str, Json]]:
     """Run requests in this process's namespace: ``{"json": DOCUMENT}`` or ``{"cmd": TEXT}`` (JSON output).
 
     Stops after the first failure; each result holds ``rc``, ``output`` and ``error``.
     """
-    nft = _bindings().Nftables()
-    nft.set_json_output(True)
-    results: list[dict[str, Json]] = []
-    for request in requests:
-        if "json" in request:
-            rc, output, error = nft.json_cmd(request["json"])
-            output = json.dumps(output) if not isinstance(output, str) else output
-        else:
-            rc, output, error = nft.cmd(request["cmd"])
-        results.append({"rc": rc, "output": output, "error": error})
-        if rc != 0:
-            break
-    return results
-
-
-def _agent() -> int:
-    """The agent's main: requests on stdin, results on stdout."""
     try:
-        requests = json.load(sys.stdin)
-        results = run_requests(requests)
-    except EnvironmentProblem as exc:
-        sys.stderr.write(f"{exc}\n")
-        return _NO_BINDINGS
-    json.dump(results, sys.stdout)
-    return 0
+        import nftables  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: F401
+    except ImportError:
+        raise EnvironmentProblem("the nftables Python bindings are not importable", remedy=BINDINGS_REMEDY) from None
+    return _nftables_agent.run_requests(list(requests))
 
 
 @attrs.frozen(kw_only=True)
@@ -147,14 +118,21 @@ class NftablesApplier:
             raise EnvironmentProblem(
                 f"network namespace {self.netns_path} does not exist", remedy="create it first (ip netns add NAME)"
             )
-        argv = ["nsenter", f"--net={self.netns_path}", "--", sys.executable, "-m", __name__, "--agent"]
+        argv = ["nsenter", f"--net={self.netns_path}", "--", sys.executable, "-m", _nftables_agent.__name__]
         try:
             result = subprocess.run(
-                argv, input=json.dumps(list(requests)), capture_output=True, text=True, timeout=_AGENT_TIMEOUT
+                argv,
+                check=False,
+                input=json.dumps(list(requests)),
+                capture_output=True,
+                text=True,
+                timeout=_AGENT_TIMEOUT,
             )
         except FileNotFoundError:
-            raise EnvironmentProblem("nsenter is not installed", remedy="install the Debian package util-linux") from None
-        if result.returncode == _NO_BINDINGS:
+            raise EnvironmentProblem(
+                "nsenter is not installed", remedy="install the Debian package util-linux"
+            ) from None
+        if result.returncode == _nftables_agent.NO_BINDINGS:
             raise EnvironmentProblem(result.stderr.strip(), remedy=BINDINGS_REMEDY)
         if result.returncode != 0:
             raise EnvironmentProblem(
@@ -211,7 +189,9 @@ class NftablesApplier:
         self._checked([{"json": document}], f"loading table {name}")
         return NftablesChange(document=json.dumps(document), changed=True, families=wanted.families)
 
-    def cleanup(self, name: str, families: Iterable[Family] = (Family.IPV4, Family.IPV6, Family.INET)) -> NftablesChange:
+    def cleanup(
+        self, name: str, families: Iterable[Family] = (Family.IPV4, Family.IPV6, Family.INET)
+    ) -> NftablesChange:
         """Delete our table ``name`` of each family where it exists; other tables stay as they are."""
         current = self.our_tables(name)
         commands: list[Json] = []
@@ -231,7 +211,3 @@ class NftablesApplier:
 def _same_tables(current: Ruleset, wanted: Ruleset) -> bool:
     key = lambda table: (table.family.value, table.name)  # noqa: E731
     return sorted(current.tables, key=key) == sorted(wanted.tables, key=key)
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["--agent"]:
-    sys.exit(_agent())

@@ -34,6 +34,7 @@ from iptables):
   ``log``, ``meta mark set``, ``ct mark set``, ``ct zone set`` -> the IR targets.
   Mark expressions are decoded by evaluating them at mark 0 and mark 0xffffffff
   (any composition of ``&``, ``|``, ``^`` with constants is ``(mark & a) ^ b``).
+- ``reject with tcp reset`` gets back the tcp match nft adds to it but does not print.
 - ``tproxy to ...`` followed by an optional ``meta mark set`` and ``accept`` -> TProxy.
   (Without ``accept`` nft's tproxy is not terminal: that form stays unknown.)
 - a verdict map (``vmap``) -> one rule per verdict, in a canonical order:
@@ -610,9 +611,10 @@ class _RuleReader:
                 continue
             statements.append(statement)
         try:
-            return self.targets(matches, statements)
+            rules = self.targets(matches, statements)
         except _NOT_MODELLED:
             return [Rule(matches=tuple(matches), target=self.unknown_target(statements))]
+        return [_with_reset_dependency(rule) for rule in rules]
 
     # -- matches ---------------------------------------------------------------
 
@@ -927,6 +929,16 @@ class _RuleReader:
         else:
             raise _Unknown
         return Reject(with_=names[code])
+
+
+def _with_reset_dependency(rule: Rule) -> Rule:
+    """``reject with tcp reset`` implies a tcp match that nft does not print: put it back, first."""
+    if not (isinstance(rule.target, Reject) and rule.target.with_ == "tcp-reset"):
+        return rule
+    tcp = ProtocolMatch(protocol=Protocol.TCP)
+    if any(m == tcp or (isinstance(m, PortMatch) and m.protocol is Protocol.TCP) for m in rule.matches):
+        return rule
+    return attrs.evolve(rule, matches=(tcp, *rule.matches))
 
 
 def verdict_order(target: Target) -> tuple[int, str]:

@@ -31,18 +31,26 @@ from meshredirect.ir import (
     Accept,
     AddressMatch,
     Chain,
+    CtState,
+    CtStateMatch,
     Direction,
     Family,
     Goto,
     Hook,
     InterfaceMatch,
     Jump,
+    MarkMatch,
     Match,
+    OwnerKind,
+    OwnerMatch,
+    PortMatch,
     Protocol,
     ProtocolMatch,
+    Redirect,
     Return,
     Rule,
     Ruleset,
+    SetMark,
     Table,
     iptables_base_chain,
 )
@@ -50,6 +58,7 @@ from meshredirect.policy import Policy
 from meshredirect.readers.nftables import read_nft_json
 from meshredirect.testing.netns import NetNamespace
 from meshredirect.testing.samples import SAMPLE_MATCHES, SAMPLE_TARGETS, TARGET_PLACES
+from meshredirect.values import AddressSet, IdSet, PortSet
 from meshredirect_nftables import NftLowering
 from strategies import policies
 
@@ -334,3 +343,54 @@ def test_istio_nft_goldens_load_and_read_back_without_unknown_nodes() -> None:
             ruleset = read_nft_json(ns.run(["nft", "-j", "list", "ruleset"]).stdout, path=path.name)
         unknown = [r for t in ruleset.tables for c in t.chains for r in c.rules if "Unknown" in repr(r)]
         assert ruleset.tables and not unknown, path.name
+
+
+FOREIGN_NFT = """\
+table ip other {
+    set excluded { type ipv4_addr; flags interval; elements = { 10.96.0.0/12, 192.168.1.1, 172.16.0.0-172.16.0.3 } }
+    chain out {
+        type nat hook output priority -100; policy accept;
+        counter ip daddr @excluded return
+        ip daddr 127.0.0.1/32 counter return
+        meta l4proto tcp tcp dport { 15090, 15020-15021 } counter return
+        meta skuid != { 1337, 5-9 } counter jump redir
+        ip daddr vmap { 10.0.0.0/8 : jump redir, 11.0.0.0/8 : return }
+        ct state established,related accept
+        meta mark & 0xff == 0x3a meta mark set meta mark & 0xffff00ff ^ 0x1200
+    }
+    chain redir {
+        meta l4proto tcp counter redirect to :15001
+    }
+}
+"""
+
+
+def test_a_real_listing_of_foreign_rules_reads_as_the_ir_it_means() -> None:
+    """Handles, counters, metainfo, reordered elements, plain /32 addresses, ranges: what nft prints, read exactly."""
+    with NetNamespace() as ns:
+        ns.run(["nft", "-f", "-"], input=FOREIGN_NFT)
+        listing = ns.run(["nft", "-j", "list", "ruleset"]).stdout
+    table = read_nft_json(listing).tables[0]
+    dst = Direction.DESTINATION
+    out = table.chain("out").rules
+    assert [(r.matches, r.target) for r in out] == [
+        (
+            (AddressMatch(direction=dst, addresses=AddressSet.of("10.96.0.0/12", "192.168.1.1", "172.16.0.0/30")),),
+            Return(),
+        ),
+        ((AddressMatch(direction=dst, addresses=AddressSet.of("127.0.0.1")),), Return()),
+        ((PortMatch(protocol=Protocol.TCP, ports=PortSet.of((15020, 15021), 15090)),), Return()),
+        (
+            (OwnerMatch(kind=OwnerKind.UID, ids=IdSet.of(1337, (5, 9)), negate=True, socketless=False),),
+            Jump(chain="redir"),
+        ),
+        ((AddressMatch(direction=dst, addresses=AddressSet.of("11.0.0.0/8")),), Return()),
+        ((AddressMatch(direction=dst, addresses=AddressSet.of("10.0.0.0/8")),), Jump(chain="redir")),
+        ((CtStateMatch(states={CtState.ESTABLISHED, CtState.RELATED}),), Accept()),
+        ((MarkMatch(value=0x3A, mask=0xFF),), SetMark(value=0x1200, mask=0xFF00)),
+    ]
+    assert table.chain("redir").rules == (
+        Rule(matches=(ProtocolMatch(protocol=Protocol.TCP),), target=Redirect(ports=PortSet.of(15001))),
+    )
+    base = table.chain("out").base
+    assert base is not None and (base.hook, base.priority) == (Hook.OUTPUT, -100)

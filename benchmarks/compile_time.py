@@ -66,6 +66,16 @@ def in_process(repeat: int) -> list[dict[str, object]]:
 
 
 def as_process(repeat: int) -> list[dict[str, object]]:
+    """Start-up as a user sees it: bytecode compiled once and cached (an installed package has it)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(ROOT / "src"), str(ROOT / "backends")],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     exe = str(Path(sys.executable).parent / "meshredirect")
     fields = big_policy_fields(10_000, 1_000)
     # 10,000 CIDRs do not fit on a command line: pass them in an @file, one argument per line.

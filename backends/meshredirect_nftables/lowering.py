@@ -57,6 +57,7 @@ refused with :class:`~meshredirect.errors.UnsupportedError`:
 from __future__ import annotations
 
 import json
+import operator
 import re
 from collections.abc import Iterable
 from typing import Any, ClassVar, Final, assert_never
@@ -235,6 +236,8 @@ class NftLowering:
 
     def _family_variants(self, family: Family, rule: Rule) -> list[Rule]:
         version = _version_of(family)
+        if not any(isinstance(m, (FamilyMatch, AddressMatch)) for m in rule.matches):
+            return [rule]
         if version is not None:
             matches: list[Match] = []
             for match in rule.matches:
@@ -243,14 +246,16 @@ class NftLowering:
                         return []  # never holds in this table
                     continue  # always holds
                 if isinstance(match, AddressMatch):
-                    networks = match.addresses.for_version(version)
-                    if not networks:
-                        if match.negate:
-                            continue  # no address of this family to exclude: always holds (as the iptables backend)
-                        return []
-                    match = attrs.evolve(match, addresses=networks)
+                    if any(n.version != version for n in match.addresses):
+                        networks = match.addresses.for_version(version)
+                        if not networks:
+                            if match.negate:
+                                continue  # no address of this family to exclude: always holds (as iptables does)
+                            return []
+                        match = attrs.evolve(match, addresses=networks)
                 matches.append(match)
-            return [attrs.evolve(rule, matches=tuple(matches))]
+            return [rule if len(matches) == len(rule.matches) and all(map(operator.is_, matches, rule.matches))
+                    else attrs.evolve(rule, matches=tuple(matches))]  # fmt: skip
         # inet: an address match of both versions splits the rule in two; a packet is of one version only.
         versions = {4, 6}
         for match in rule.matches:
@@ -287,6 +292,8 @@ class NftLowering:
                 matches = [tcp, *(m for m in matches if m != tcp)]
         if isinstance(target, TProxy) and target.mark is not None and target.mark == 0 and target.mask == 0:
             target = TProxy(port=target.port, address=target.address)  # sets no bit: no mark
+        if target is rule.target and len(matches) == len(rule.matches):
+            return rule
         return attrs.evolve(rule, matches=tuple(matches), target=target)
 
     # ----------------------------------------------------------------------------- commands

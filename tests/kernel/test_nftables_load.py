@@ -428,3 +428,78 @@ def test_finding_istio_nft_captures_ipv6_where_its_iptables_rules_do_not() -> No
         "10.9.0.2": "captured",
         "fd09::2": "not captured",
     }
+
+
+#: Runs in the pod: the app listens on 80, the proxy (optionally) on 15006 with IP_TRANSPARENT; prints who accepted.
+_POD = """
+import json, select, socket, sys
+transparent = sys.argv[1] == "1"
+listeners = {}
+app = socket.socket(); app.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); app.bind(("0.0.0.0", 80)); app.listen(4)
+listeners[app] = "app"
+if transparent:
+    proxy = socket.socket(); proxy.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+    proxy.bind(("0.0.0.0", 15006)); proxy.listen(4); listeners[proxy] = "proxy"
+print("ready", flush=True)
+ready, _, _ = select.select(list(listeners), [], [], 1.5)
+who = "nothing"
+for s in ready:
+    conn, _ = s.accept(); who = f"{listeners[s]} as {conn.getsockname()[0]}:{conn.getsockname()[1]}"; conn.close()
+print(who, flush=True)
+"""
+_PEER = """
+import socket
+c = socket.socket(); c.settimeout(0.7)
+try:
+    c.connect(("10.10.0.1", 80))
+except OSError:
+    pass
+"""
+
+
+def _tproxy_probe(load: list[tuple[list[str], str]], *, transparent_listener: bool) -> str:
+    """A connection from a peer namespace to the pod's port 80 in TPROXY mode: who accepts it?"""
+    import subprocess
+
+    with NetNamespace() as pod, NetNamespace() as peer:
+        for command in (
+            ["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+            ["ip", "link", "set", "v1", "netns", peer.name],
+            ["ip", "link", "set", "v0", "up"],
+            ["ip", "addr", "add", "10.10.0.1/24", "dev", "v0"],
+            ["ip", "rule", "add", "fwmark", "1337", "lookup", "133"],
+            ["ip", "route", "add", "local", "default", "dev", "lo", "table", "133"],
+        ):
+            pod.run(command)
+        peer.run(["ip", "link", "set", "v1", "up"])
+        peer.run(["ip", "addr", "add", "10.10.0.2/24", "dev", "v1"])
+        for argv, text in load:
+            pod.run(argv, input=text)
+        server = pod.popen([sys.executable, "-c", _POD, "1" if transparent_listener else "0"], stdout=subprocess.PIPE)
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+            peer.run([sys.executable, "-c", _PEER])
+            return server.stdout.readline().strip()
+        finally:
+            server.kill()
+            server.wait()
+
+
+@pytest.mark.parametrize("listener", [True, False], ids=["proxy listening", "proxy down"])
+def test_tproxy_with_real_connections_and_the_istio_nft_finding(listener: bool) -> None:
+    """Ours drops when no transparent listener exists, as xt_TPROXY does; Istio's nft rule lets the app get it."""
+    case = "inbound-ports-wildcard-tproxy"
+    ours = render(compile_policy(policy_from_istio_config(CASES[case])), "nftables").text()
+    istio_nft = (ISTIO / "nftables" / f"{case}.golden").read_text()
+    istio_iptables = (ISTIO / "iptables" / f"{case}.v4.restore").read_text()
+    got = {
+        "ours": _tproxy_probe([(["nft", "-f", "-"], ours)], transparent_listener=listener),
+        "istio iptables": _tproxy_probe(
+            [(["iptables-nft-restore", "--noflush"], istio_iptables)], transparent_listener=listener
+        ),
+        "istio nft": _tproxy_probe([(["nft", "-f", "-"], istio_nft)], transparent_listener=listener),
+    }
+    if listener:
+        assert got == dict.fromkeys(got, "proxy as 10.10.0.1:80")
+    else:
+        assert got == {"ours": "nothing", "istio iptables": "nothing", "istio nft": "app as 10.10.0.1:80"}

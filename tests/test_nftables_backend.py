@@ -11,6 +11,7 @@ import typing
 
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshredirect.api import render
 from meshredirect.compiler import compile_policy
@@ -25,6 +26,7 @@ from meshredirect.ir import (
     Drop,
     Family,
     FamilyMatch,
+    Goto,
     Hook,
     InterfaceMatch,
     Jump,
@@ -52,6 +54,7 @@ from meshredirect.readers.nftables import read_nft_json
 from meshredirect.testing.samples import SAMPLE_MATCHES, SAMPLE_TARGETS, TARGET_PLACES, coverage_gaps
 from meshredirect.values import AddressSet, IdSet, PortSet
 from meshredirect_nftables import PRIORITY_OFFSET, TPROXY_DROP_COMMENT, NftablesJsonBackend, NftLowering
+from meshredirect_nftables.lowering import merge_lookups
 from meshredirect_nftables.text import statement_text
 from strategies import policies
 
@@ -332,3 +335,60 @@ def test_snat_ranges_and_ipv6_addresses() -> None:
                 ports=PortSet.of((80, 90)))  # fmt: skip
     rule = _rule_of(ProtocolMatch(protocol=Protocol.TCP), target=snat)
     assert lowered(rule, ("nat", Hook.POSTROUTING)) == "meta l4proto tcp snat to 10.0.0.1-10.0.0.4:80-90"
+
+
+# ----------------------------------------------------------------------------- one lookup for many rules
+
+
+def _walk(rules: list[Rule], port: int) -> list[object]:
+    """What a run of single-match rules does to a packet: the jumps it makes (each returns) and its verdict."""
+    path: list[object] = []
+    for rule in rules:
+        (match,) = rule.matches
+        assert isinstance(match, PortMatch)
+        if port in match.ports:
+            path.append(rule.target)
+            if not isinstance(rule.target, Jump):
+                return path
+    return [*path, "falls through"]
+
+
+_VERDICTS = st.sampled_from([Return(), Accept(), Drop(), Jump(chain="A"), Jump(chain="B"), Goto(chain="C")])
+_PORT_RULES = st.lists(
+    st.tuples(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 6)), min_size=1, max_size=3), _VERDICTS).map(
+        lambda t: Rule(
+            matches=(PortMatch(protocol=Protocol.TCP, ports=PortSet.of(*((a, a + w) for a, w in t[0]))),), target=t[1]
+        )
+    ),
+    max_size=6,
+)
+
+
+@settings(deadline=None)
+@given(_PORT_RULES)
+def test_merging_lookups_keeps_what_every_packet_meets(rules: list[Rule]) -> None:
+    merged = merge_lookups(rules)
+    for port in range(1, 50):
+        assert _walk(merged, port) == _walk(rules, port), port
+    # and the renderer writes each run it merged as one rule (a set or a verdict map)
+    assert len(merged) <= len(rules)
+
+
+def test_a_jump_that_a_later_rule_overlaps_cuts_the_lookup() -> None:
+    def rule(ports: PortSet, target: Target) -> Rule:
+        return Rule(matches=(PortMatch(protocol=Protocol.TCP, ports=ports),), target=target)
+
+    rules = [rule(PortSet.of(80), Jump(chain="A")), rule(PortSet.of(80, 443), Return())]
+    assert merge_lookups(rules) == rules  # port 80 comes back from A and must still meet the return
+    disjoint = [rule(PortSet.of(80), Jump(chain="A")), rule(PortSet.of(443), Return())]
+    assert merge_lookups(disjoint) == [disjoint[1], disjoint[0]]  # one verdict map: returns first
+
+
+def test_the_compiled_exclusions_share_one_lookup_with_the_loopback_return() -> None:
+    policy = Policy(outbound_cidrs="10.0.0.0/8", outbound_cidrs_exclude="10.96.0.0/12,192.168.0.0/16")
+    text = render(compile_policy(policy), "nftables").text()
+    assert (
+        "ip daddr vmap { 10.96.0.0/12 : return, 127.0.0.1 : return, 192.168.0.0/16 : return, "
+        "10.0.0.0/10 : jump nat-ISTIO_REDIRECT, 10.64.0.0/11 : jump nat-ISTIO_REDIRECT, "
+        "10.112.0.0/12 : jump nat-ISTIO_REDIRECT, 10.128.0.0/9 : jump nat-ISTIO_REDIRECT }"
+    ) in text

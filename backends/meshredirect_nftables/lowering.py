@@ -60,7 +60,7 @@ import json
 import operator
 import re
 from collections.abc import Iterable
-from typing import Any, ClassVar, Final, assert_never
+from typing import Any, ClassVar, Final, TypeAlias, assert_never
 
 import attrs
 
@@ -122,10 +122,11 @@ from meshredirect.readers.nftables import (
     ICMP_REJECT_CODES,
     ICMPV6_REJECT_CODES,
     LOG_LEVELS,
+    verdict_order,
 )
-from meshredirect.values import IntervalSet, IPNetwork, PortSet
+from meshredirect.values import AddressSet, IntervalSet, IPNetwork, PortSet
 
-__all__ = ["DEFAULT_TABLE", "PRIORITY_OFFSET", "TPROXY_DROP_COMMENT", "NftLowering"]
+__all__ = ["DEFAULT_TABLE", "PRIORITY_OFFSET", "TPROXY_DROP_COMMENT", "NftLowering", "merge_lookups"]
 
 Json = Any
 
@@ -215,7 +216,8 @@ class NftLowering:
                     rules: list[Rule] = []
                     for rule in chain.rules:
                         rules.extend(self.canonical_rules(family, self._renamed(rule, names, table)))
-                    chains.append(Chain(name=new_name, rules=tuple(_with_tproxy_drops(rules)), base=base))
+                    rules = merge_lookups(_with_tproxy_drops(rules))
+                    chains.append(Chain(name=new_name, rules=tuple(rules), base=base))
             tables.append(Table(family=family, name=name, chains=tuple(chains)))
         return Ruleset(tables=tuple(tables))
 
@@ -245,14 +247,13 @@ class NftLowering:
                     if match.family is not family:
                         return []  # never holds in this table
                     continue  # always holds
-                if isinstance(match, AddressMatch):
-                    if any(n.version != version for n in match.addresses):
-                        networks = match.addresses.for_version(version)
-                        if not networks:
-                            if match.negate:
-                                continue  # no address of this family to exclude: always holds (as iptables does)
-                            return []
-                        match = attrs.evolve(match, addresses=networks)
+                if isinstance(match, AddressMatch) and any(n.version != version for n in match.addresses):
+                    networks = match.addresses.for_version(version)
+                    if not networks:
+                        if match.negate:
+                            continue  # no address of this family to exclude: always holds (as iptables does)
+                        return []
+                    match = attrs.evolve(match, addresses=networks)
                 matches.append(match)
             return [rule if len(matches) == len(rule.matches) and all(map(operator.is_, matches, rule.matches))
                     else attrs.evolve(rule, matches=tuple(matches))]  # fmt: skip
@@ -325,8 +326,13 @@ class NftLowering:
                 )
             commands.append({"add": {"chain": spec}})
         for chain in table.chains:
-            for rule in chain.rules:
+            for run in _verdict_map_runs(chain.rules):
+                rule = run[0]
                 spec = {"family": family, "table": table.name, "chain": chain.name}
+                if len(run) > 1:
+                    spec["expr"] = self.verdict_map_expr(table.family, run, places.get(chain.name, frozenset()))
+                    commands.append({"add": {"rule": spec}})
+                    continue
                 spec["expr"] = self.rule_expr(table.family, rule, places.get(chain.name, frozenset()))
                 if rule.comment is not None:
                     if len(rule.comment.encode()) > MAX_COMMENT - 1:
@@ -376,6 +382,22 @@ class NftLowering:
             expr.append({"counter": None})
         expr += self.target_statements(family, rule)
         return expr
+
+    def verdict_map_expr(self, family: Family, run: list[Rule], places: Iterable[_Place] = ()) -> list[Json]:
+        """One lookup for a run of rules on one key with disjoint sets and distinct verdicts (see :func:`merge_lookups`)."""
+        places = tuple(places)
+        pairs: list[Json] = []
+        left: Json = None
+        for rule in run:
+            self.check_place(rule.target, places)
+            match = self.match_expr(family, rule.matches[0])["match"]
+            left = match["left"]
+            (verdict,) = self.target_statements(family, rule)
+            right = match["right"]
+            for member in right["set"] if isinstance(right, dict) and "set" in right else [right]:
+                pairs.append([member, verdict])
+        expr: list[Json] = [{"counter": None}] if self.counters else []
+        return [*expr, {"vmap": {"key": left, "data": {"set": pairs}}}]
 
     def check_place(self, node: Match | Target, places: tuple[_Place, ...]) -> None:
         """Refuse what cannot run where the rule can run (the kernel would reject it, or it would never act)."""
@@ -640,6 +662,158 @@ def _with_tproxy_drops(rules: list[Rule]) -> list[Rule]:
             if not (following and isinstance(following.target, Drop) and following.matches == rule.matches):
                 out.append(Rule(matches=rule.matches, target=Drop(), comment=TPROXY_DROP_COMMENT))
     return out
+
+
+# ----------------------------------------------------------------------------- one lookup for many rules
+
+_Verdict: TypeAlias = Accept | Drop | Return | Jump | Goto
+
+
+def _lookup_key(rule: Rule) -> tuple[object, ...] | None:
+    """What a rule looks up, if it is one positive set match with a verdict: (kind, details) or None."""
+    if len(rule.matches) != 1 or rule.comment is not None or not isinstance(rule.target, _Verdict.__args__):  # type: ignore[attr-defined]
+        return None
+    match = rule.matches[0]
+    if isinstance(match, AddressMatch) and not match.negate:
+        versions = {n.version for n in match.addresses}
+        return ("address", match.direction, versions.pop()) if len(versions) == 1 else None
+    if isinstance(match, PortMatch) and not match.negate and match.protocol in _PORT_PROTOCOLS and match.ports:
+        return ("port", match.protocol, match.direction)
+    return None
+
+
+def _members(match: Match) -> AddressSet | PortSet:
+    assert isinstance(match, (AddressMatch, PortMatch))
+    return match.addresses if isinstance(match, AddressMatch) else match.ports
+
+
+def _with_members(match: Match, members: AddressSet | PortSet) -> Match:
+    if isinstance(match, AddressMatch):
+        assert isinstance(members, AddressSet)
+        return attrs.evolve(match, addresses=members)
+    assert isinstance(match, PortMatch) and isinstance(members, PortSet)
+    return attrs.evolve(match, ports=members)
+
+
+def _disjoint(a: AddressSet | PortSet, b: AddressSet | PortSet) -> bool:
+    if isinstance(a, PortSet):
+        assert isinstance(b, PortSet)
+        return not a.intersects(b)
+    assert isinstance(b, AddressSet)
+    return not any(a.overlaps(network) for network in b)
+
+
+def _difference(a: AddressSet | PortSet, b: AddressSet | PortSet) -> AddressSet | PortSet:
+    if isinstance(a, PortSet):
+        assert isinstance(b, PortSet)
+        return a.difference(b)
+    assert isinstance(b, AddressSet)
+    out: list[IPNetwork] = []
+    for network in a:
+        pieces = [network]
+        for other in b:
+            if other.version != network.version:
+                continue
+            next_pieces: list[IPNetwork] = []
+            for piece in pieces:
+                if not piece.overlaps(other):  # type: ignore[arg-type]
+                    next_pieces.append(piece)
+                elif not piece.subnet_of(other):  # type: ignore[arg-type]
+                    next_pieces.extend(piece.address_exclude(other))  # type: ignore[arg-type]
+            pieces = next_pieces
+        out.extend(pieces)
+    return AddressSet(tuple(out))
+
+
+def _union(a: AddressSet | PortSet, b: AddressSet | PortSet) -> AddressSet | PortSet:
+    if isinstance(a, PortSet):
+        assert isinstance(b, PortSet)
+        return a.union(b)
+    assert isinstance(b, AddressSet)
+    return AddressSet(a.networks + b.networks)
+
+
+def merge_lookups(rules: Iterable[Rule]) -> list[Rule]:
+    """Consecutive rules that look up one key become one lookup: a set (one verdict) or a verdict map.
+
+    A run of rules, each one positive address or port set with a verdict, is
+    exactly one lookup whose entries are each rule's set minus the sets before
+    it (a packet met the first rule that matched), provided that no packet
+    could come back from a ``jump`` and match a later rule of the run: the set
+    of every jump rule must be disjoint from the sets after it (otherwise the
+    run is cut there). The result, in IR, is one rule per verdict (in
+    :func:`~meshredirect.readers.nftables.verdict_order`), with disjoint sets:
+    the order no longer matters, and the nftables JSON holds it as one
+    ``vmap`` (or one set when there is a single verdict).
+
+    >>> from meshredirect.values import AddressSet
+    >>> def to(cidrs, target):
+    ...     return Rule(matches=(AddressMatch(direction=Direction.DESTINATION, addresses=AddressSet.of(*cidrs)),), target=target)
+    >>> merged = merge_lookups([to(["127.0.0.1"], Return()), to(["10.96.0.0/12"], Return()), to(["10.0.0.0/8"], Jump(chain="R"))])
+    >>> [(str(r.matches[0].addresses), r.target) for r in merged]
+    [('10.96.0.0/12,127.0.0.1/32', Return()), ('10.0.0.0/10,10.64.0.0/11,10.112.0.0/12,10.128.0.0/9', Jump(chain='R'))]
+    """
+    rules = list(rules)
+    out: list[Rule] = []
+    index = 0
+    while index < len(rules):
+        key = _lookup_key(rules[index])
+        if key is None:
+            out.append(rules[index])
+            index += 1
+            continue
+        end = index
+        while end < len(rules) and _lookup_key(rules[end]) == key:
+            end += 1
+        group: list[Rule] = []
+        for rule in rules[index:end]:
+            jumps = [g for g in group if isinstance(g.target, Jump)]
+            if any(not _disjoint(_members(g.matches[0]), _members(rule.matches[0])) for g in jumps):
+                out.extend(_one_lookup(group))
+                group = []
+            group.append(rule)
+        out.extend(_one_lookup(group))
+        index = end
+    return out
+
+
+def _one_lookup(group: list[Rule]) -> list[Rule]:
+    if len(group) < 2:
+        return group
+    covered: AddressSet | PortSet | None = None
+    entries: dict[object, tuple[Target, AddressSet | PortSet]] = {}
+    for rule in group:
+        members = _members(rule.matches[0])
+        entry = members if covered is None else _difference(members, covered)
+        covered = members if covered is None else _union(covered, members)
+        if not entry:
+            continue  # shadowed by the rules before it
+        target, sofar = entries.get(rule.target, (rule.target, None))  # type: ignore[arg-type]
+        entries[rule.target] = (target, entry if sofar is None else _union(sofar, entry))
+    template = group[0].matches[0]
+    merged = [Rule(matches=(_with_members(template, members),), target=target) for target, members in entries.values()]
+    return sorted(merged, key=lambda r: verdict_order(r.target))
+
+
+def _verdict_map_runs(rules: Iterable[Rule]) -> list[list[Rule]]:
+    """Split a chain's rules into runs: a run of several rules is one verdict map (as :func:`merge_lookups` leaves
+    them: one key, distinct verdicts in verdict order, disjoint sets); every other rule is a run of one."""
+    runs: list[list[Rule]] = []
+    for rule in rules:
+        key = _lookup_key(rule)
+        last = runs[-1] if runs else None
+        if (
+            key is not None
+            and last is not None
+            and _lookup_key(last[0]) == key
+            and all(r.target != rule.target for r in last)
+            and verdict_order(last[-1].target) < verdict_order(rule.target)
+            and all(_disjoint(_members(r.matches[0]), _members(rule.matches[0])) for r in last)
+        ):
+            last.append(rule)
+        else:
+            runs.append([rule])
+    return runs
 
 
 def _misplaced(node: Match | Target, place: _Place) -> str | None:

@@ -132,6 +132,9 @@ def statement_text(statement: Json) -> str:
         return f"{expression_text(left)} {op}{right}"
     if kind in ("accept", "drop", "return", "continue"):
         return kind
+    if kind == "vmap":
+        pairs = ", ".join(f"{expression_text(key)} : {statement_text(verdict)}" for key, verdict in spec["data"]["set"])
+        return f"{expression_text(spec['key'])} vmap {{ {pairs} }}"
     if kind in ("jump", "goto"):
         return f"{kind} {_name(spec['target'])}"
     if kind == "counter":

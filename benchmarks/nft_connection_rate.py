@@ -124,7 +124,9 @@ class Config:
 
         if not self.cidrs:
             return Policy()
-        return Policy(outbound_cidrs_exclude=excluded_cidrs(self.cidrs), outbound_ports_exclude=list(range(20000, 20200, 2)))
+        return Policy(
+            outbound_cidrs_exclude=excluded_cidrs(self.cidrs), outbound_ports_exclude=list(range(20000, 20200, 2))
+        )
 
     def setup(self, index: int, server: str) -> None:
         from meshredirect.api import render
@@ -170,7 +172,9 @@ class Config:
         """How many connections the REDIRECT rule saw, from the rule counters (None: no rules)."""
         if self.backend == "nftables-json":
             listing = json.loads(
-                subprocess.run(["ip", "netns", "exec", self.ns, "nft", "-j", "list", "ruleset"], capture_output=True, check=True).stdout
+                subprocess.run(
+                    ["ip", "netns", "exec", self.ns, "nft", "-j", "list", "ruleset"], capture_output=True, check=True
+                ).stdout
             )
             for item in listing["nftables"]:
                 rule = item.get("rule")
@@ -178,7 +182,9 @@ class Config:
                     return next(s["counter"]["packets"] for s in rule["expr"] if "counter" in s)
         if self.backend == "iptables":
             text = subprocess.run(
-                ["ip", "netns", "exec", self.ns, f"iptables-{self.variant}-save", "-c", "-t", "nat"], capture_output=True, check=True
+                ["ip", "netns", "exec", self.ns, f"iptables-{self.variant}-save", "-c", "-t", "nat"],
+                capture_output=True,
+                check=True,
             ).stdout.decode()
             found = re.search(r"\[(\d+):\d+\] -A ISTIO_REDIRECT .*REDIRECT", text)
             return int(found.group(1)) if found else 0
@@ -248,8 +254,12 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"cidrs": n, "rounds": args.rounds, "slice": args.slice, "kernel": platform.release()}
     (RESULTS / "nft_connection_rate.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    print(f"{n:,} excluded CIDRs, {args.rounds} rounds of {args.slice} connections per configuration, kernel {meta['kernel']}\n")
-    print("| configuration | connections/s | us/connection | ratio to baseline (median) | min | max | REDIRECT counter |")
+    print(
+        f"{n:,} excluded CIDRs, {args.rounds} rounds of {args.slice} connections per configuration, kernel {meta['kernel']}\n"
+    )
+    print(
+        "| configuration | connections/s | us/connection | ratio to baseline (median) | min | max | REDIRECT counter |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         counter = "-" if row["redirect_counter"] is None else f"{row['redirect_counter']:,} of {row['connections']:,}"

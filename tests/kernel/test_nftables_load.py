@@ -397,40 +397,6 @@ def test_a_real_listing_of_foreign_rules_reads_as_the_ir_it_means() -> None:
     assert base is not None and (base.hook, base.priority) == (Hook.OUTPUT, -100)
 
 
-def _probe_in_fresh_namespace(load: list[tuple[list[str], str]]) -> dict[str, str]:
-    with NetNamespace() as ns:
-        for command in (
-            ["ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
-            ["ip", "link", "set", "v0", "up"],
-            ["ip", "link", "set", "v1", "up"],
-            ["ip", "addr", "add", "10.9.0.1/24", "dev", "v0"],
-            ["ip", "-6", "addr", "add", "fd09::1/64", "dev", "v0", "nodad"],
-        ):
-            ns.run(command)
-        for argv, text in load:
-            ns.run(argv, input=text)
-        return json.loads(ns.run([sys.executable, "-c", _PROBE, "15001"]).stdout)  # type: ignore[no-any-return]
-
-
-def test_finding_istio_nft_captures_ipv6_where_its_iptables_rules_do_not() -> None:
-    """kube-virt-interfaces (outbound '*', IPv6 off): Istio's inet table sends IPv6 connections to the proxy too."""
-    case = "kube-virt-interfaces"
-    assert CASES[case]["enable_ipv6"] is False
-    nft = (ISTIO / "nftables" / f"{case}.golden").read_text()
-    iptables = (ISTIO / "iptables" / f"{case}.v4.restore").read_text()
-    assert _probe_in_fresh_namespace([(["nft", "-f", "-"], nft)]) == {"10.9.0.2": "captured", "fd09::2": "captured"}
-    assert _probe_in_fresh_namespace([(["iptables-nft-restore", "--noflush"], iptables)]) == {
-        "10.9.0.2": "captured",
-        "fd09::2": "not captured",
-    }
-    # Ours, from the same configuration: IPv4 only, as Istio's iptables rules.
-    ours = render(compile_policy(policy_from_istio_config(CASES[case])), "nftables").text()
-    assert _probe_in_fresh_namespace([(["nft", "-f", "-"], ours)]) == {
-        "10.9.0.2": "captured",
-        "fd09::2": "not captured",
-    }
-
-
 #: Runs in the pod: the app listens on 80, the proxy (optionally) on 15006 with IP_TRANSPARENT; prints who accepted.
 _POD = """
 import json, select, socket, sys

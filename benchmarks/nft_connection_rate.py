@@ -23,7 +23,7 @@ never evaluated, so the counters are checked, not assumed).
 
     .venv/bin/python benchmarks/nft_connection_rate.py [--cidrs 1000] [--rounds 9] [--slice 3000]
 
-Needs root. Results go to benchmarks/results/nft_connection_rate.json and are
+Needs root. Results go to benchmarks/results/nft_connection_rate_N.json and are
 printed as a Markdown table.
 """
 
@@ -253,7 +253,7 @@ def main() -> None:
         })  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"cidrs": n, "rounds": args.rounds, "slice": args.slice, "kernel": platform.release()}
-    (RESULTS / "nft_connection_rate.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (RESULTS / f"nft_connection_rate_{n}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(
         f"{n:,} excluded CIDRs, {args.rounds} rounds of {args.slice} connections per configuration, kernel {meta['kernel']}\n"
     )

@@ -56,6 +56,8 @@ from meshredirect.ir import (
 )
 from meshredirect.policy import Policy
 from meshredirect.readers.nftables import read_nft_json
+from meshredirect.semantics.equivalence import equivalence_report
+from meshredirect.semantics.model import Environment
 from meshredirect.testing.netns import NetNamespace
 from meshredirect.testing.samples import SAMPLE_MATCHES, SAMPLE_TARGETS, TARGET_PLACES
 from meshredirect.values import AddressSet, IdSet, PortSet
@@ -101,7 +103,11 @@ def test_istio_case_loads_and_reads_back_as_loaded(case: str) -> None:
                 resolve_groups(policy, _system_group)
             return
         policy = resolve_groups(policy, _system_group)
-    assert_loads_and_reads_back(compile_policy(policy))
+    ruleset = compile_policy(policy)
+    back = assert_loads_and_reads_back(ruleset)
+    # What the kernel holds means what the compiler meant (and what the iptables backends render), class by class.
+    report = equivalence_report(ruleset, back, Environment.for_policy(policy))
+    assert report.equivalent, "\n".join(str(d) for d in report.differences[:3])
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

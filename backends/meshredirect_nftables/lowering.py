@@ -126,7 +126,7 @@ from meshredirect.readers.nftables import (
 )
 from meshredirect.values import AddressSet, IntervalSet, IPNetwork, PortSet
 
-__all__ = ["DEFAULT_TABLE", "PRIORITY_OFFSET", "TPROXY_DROP_COMMENT", "NftLowering", "merge_lookups"]
+__all__ = ["DEFAULT_TABLE", "PRIORITY_OFFSET", "TPROXY_DROP_COMMENT", "NftLowering", "Place", "merge_lookups"]
 
 Json = Any
 
@@ -152,11 +152,11 @@ _NO_OUTPUT_INTERFACE: Final = frozenset({Hook.PREROUTING, Hook.INPUT})
 
 
 @attrs.frozen
-class _Place:
-    """A base chain a user chain is reachable from: where its rules can run."""
+class Place:
+    """A base chain a chain can be reached from: where its rules can run (hook, chain type, priority)."""
 
     hook: Hook
-    type: ChainType
+    chain_type: ChainType
     priority: int
 
 
@@ -349,14 +349,14 @@ class NftLowering:
         if base.type is ChainType.NAT and base.hook is Hook.FORWARD:
             raise UnsupportedError(self.name, chain, "nft has no nat chains at the forward hook")
 
-    def places(self, table: Table) -> dict[str, frozenset[_Place]]:
+    def places(self, table: Table) -> dict[str, frozenset[Place]]:
         """For every chain, the base chains it can run under (through jumps and gotos)."""
         by_name = {c.name: c for c in table.chains}
-        result: dict[str, set[_Place]] = {}
+        result: dict[str, set[Place]] = {}
         for chain in table.chains:
             if chain.base is None:
                 continue
-            place = _Place(chain.base.hook, chain.base.type, chain.base.priority)
+            place = Place(chain.base.hook, chain.base.type, chain.base.priority)
             todo = [chain.name]
             while todo:
                 name = todo.pop()
@@ -371,7 +371,7 @@ class NftLowering:
 
     # ----------------------------------------------------------------------------- rules
 
-    def rule_expr(self, family: Family, rule: Rule, places: Iterable[_Place] = ()) -> list[Json]:
+    def rule_expr(self, family: Family, rule: Rule, places: Iterable[Place] = ()) -> list[Json]:
         """The statements of one laid-out rule."""
         places = tuple(places)
         for match in rule.matches:
@@ -383,7 +383,7 @@ class NftLowering:
         expr += self.target_statements(family, rule)
         return expr
 
-    def verdict_map_expr(self, family: Family, run: list[Rule], places: Iterable[_Place] = ()) -> list[Json]:
+    def verdict_map_expr(self, family: Family, run: list[Rule], places: Iterable[Place] = ()) -> list[Json]:
         """One lookup for a run of rules on one key with disjoint sets and distinct verdicts (see :func:`merge_lookups`)."""
         places = tuple(places)
         pairs: list[Json] = []
@@ -399,7 +399,7 @@ class NftLowering:
         expr: list[Json] = [{"counter": None}] if self.counters else []
         return [*expr, {"vmap": {"key": left, "data": {"set": pairs}}}]
 
-    def check_place(self, node: Match | Target, places: tuple[_Place, ...]) -> None:
+    def check_place(self, node: Match | Target, places: tuple[Place, ...]) -> None:
         """Refuse what cannot run where the rule can run (the kernel would reject it, or it would never act)."""
         for place in places:
             problem = _misplaced(node, place)
@@ -816,7 +816,7 @@ def _verdict_map_runs(rules: Iterable[Rule]) -> list[list[Rule]]:
     return runs
 
 
-def _misplaced(node: Match | Target, place: _Place) -> str | None:
+def _misplaced(node: Match | Target, place: Place) -> str | None:
     hook = place.hook
     if isinstance(node, InterfaceMatch):
         if node.direction is Direction.SOURCE and hook in _NO_INPUT_INTERFACE:
@@ -824,13 +824,13 @@ def _misplaced(node: Match | Target, place: _Place) -> str | None:
         if node.direction is Direction.DESTINATION and hook in _NO_OUTPUT_INTERFACE:
             return f"packets have no output interface yet at {hook.value}"
     elif isinstance(node, (Redirect, Dnat)):
-        if place.type is not ChainType.NAT or hook not in (Hook.PREROUTING, Hook.OUTPUT):
+        if place.chain_type is not ChainType.NAT or hook not in (Hook.PREROUTING, Hook.OUTPUT):
             return "redirect and dnat run in nat chains at prerouting or output"
     elif isinstance(node, (Snat, Masquerade)):
-        if place.type is not ChainType.NAT or hook not in (Hook.POSTROUTING, Hook.INPUT):
+        if place.chain_type is not ChainType.NAT or hook not in (Hook.POSTROUTING, Hook.INPUT):
             return "snat and masquerade run in nat chains at postrouting or input"
     elif isinstance(node, TProxy):
-        if hook is not Hook.PREROUTING or place.type is not ChainType.FILTER:
+        if hook is not Hook.PREROUTING or place.chain_type is not ChainType.FILTER:
             return "tproxy runs in filter chains at prerouting"
     elif isinstance(node, CtZone) and place.priority >= CONNTRACK_PRIORITY:
         return f"ct zone set must run before conntrack (priority below {CONNTRACK_PRIORITY}), not at {place.priority}"

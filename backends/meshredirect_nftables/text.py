@@ -177,7 +177,7 @@ def statement_text(statement: Json) -> str:
 
 
 def table_text(commands: list[Json]) -> str:
-    """The text of one table's replace transaction (as :meth:`NftLowering.table_commands` writes it)."""
+    """The text of one table's replace transaction (as :meth:`~meshredirect_nftables.lowering.NftLowering.table_commands` writes it)."""
     head: list[str] = []
     chains: dict[str, list[str]] = {}
     declared: dict[str, str] = {}

@@ -19,7 +19,7 @@ each family of the ruleset ``add table; delete table; add table, chains,
 rules`` of our table, and for each other family ``add table; delete table``
 (which removes a table left from an earlier policy). libnftables sends it as
 one netlink batch, which the kernel commits whole or not at all: a failed
-load leaves the previous table exactly as it was. :meth:`cleanup` deletes
+load leaves the previous table exactly as it was. :meth:`NftablesApplier.cleanup` deletes
 only our tables.
 
 >>> applier = NftablesApplier("mr-example", table="mesh")

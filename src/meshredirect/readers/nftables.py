@@ -41,7 +41,7 @@ from iptables):
   its keys are disjoint, so the order does not change the meaning.
 - several non-terminal statements in one rule -> one IR rule per statement,
   where no statement writes what a match of the rule reads; otherwise unknown.
-- ``counter`` is ignored; a rule ``comment`` becomes :attr:`Rule.comment`.
+- ``counter`` is ignored; a rule ``comment`` becomes :attr:`~meshredirect.ir.Rule.comment`.
 
 Tables of the ``arp``, ``bridge`` and ``netdev`` families and base chains on
 hooks the IR has no place for (``ingress``, ``egress``) are not read: they
@@ -142,6 +142,7 @@ __all__ = [
     "canonical_json",
     "mark_function",
     "read_nft_json",
+    "verdict_order",
 ]
 
 #: The ``dialect`` of unknown nodes this reader makes (and the nftables backend writes back).

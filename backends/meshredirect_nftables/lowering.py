@@ -56,6 +56,7 @@ refused with :class:`~meshredirect.errors.UnsupportedError`:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import operator
 import re
@@ -695,34 +696,63 @@ def _with_members(match: Match, members: AddressSet | PortSet) -> Match:
     return attrs.evolve(match, ports=members)
 
 
+def _spans(members: AddressSet | PortSet) -> dict[int, list[tuple[int, int]]]:
+    """Sorted, disjoint integer intervals per IP version (0 for ports): sets are normalised, so already sorted."""
+    if isinstance(members, PortSet):
+        return {0: list(members.intervals)}
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for network in members:
+        spans.setdefault(network.version, []).append((int(network.network_address), int(network.broadcast_address)))
+    return {version: sorted(items) for version, items in spans.items()}
+
+
+def _spans_disjoint(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i][1] < b[j][0]:
+            i += 1
+        elif b[j][1] < a[i][0]:
+            j += 1
+        else:
+            return False
+    return True
+
+
+def _spans_minus(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``a`` without ``b``, in one sweep over both sorted lists."""
+    out: list[tuple[int, int]] = []
+    j = 0
+    for lo, hi in a:
+        while j < len(b) and b[j][1] < lo:
+            j += 1
+        k = j
+        while k < len(b) and b[k][0] <= hi:
+            if b[k][0] > lo:
+                out.append((lo, b[k][0] - 1))
+            lo = max(lo, b[k][1] + 1)
+            if lo > hi:
+                break
+            k += 1
+        if lo <= hi:
+            out.append((lo, hi))
+    return out
+
+
 def _disjoint(a: AddressSet | PortSet, b: AddressSet | PortSet) -> bool:
-    if isinstance(a, PortSet):
-        assert isinstance(b, PortSet)
-        return not a.intersects(b)
-    assert isinstance(b, AddressSet)
-    return not any(a.overlaps(network) for network in b)
+    spans_b = _spans(b)
+    return all(_spans_disjoint(items, spans_b.get(version, [])) for version, items in _spans(a).items())
 
 
 def _difference(a: AddressSet | PortSet, b: AddressSet | PortSet) -> AddressSet | PortSet:
+    spans_b = _spans(b)
     if isinstance(a, PortSet):
-        assert isinstance(b, PortSet)
-        return a.difference(b)
-    assert isinstance(b, AddressSet)
-    out: list[IPNetwork] = []
-    for network in a:
-        pieces = [network]
-        for other in b:
-            if other.version != network.version:
-                continue
-            next_pieces: list[IPNetwork] = []
-            for piece in pieces:
-                if not piece.overlaps(other):  # type: ignore[arg-type]
-                    next_pieces.append(piece)
-                elif not piece.subnet_of(other):  # type: ignore[arg-type]
-                    next_pieces.extend(piece.address_exclude(other))  # type: ignore[arg-type]
-            pieces = next_pieces
-        out.extend(pieces)
-    return AddressSet(tuple(out))
+        return PortSet(tuple(_spans_minus(list(a.intervals), spans_b.get(0, []))))
+    networks: list[IPNetwork] = []
+    for version, items in _spans(a).items():
+        kind = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+        for lo, hi in _spans_minus(items, spans_b.get(version, [])):
+            networks.extend(ipaddress.summarize_address_range(kind(lo), kind(hi)))  # type: ignore[arg-type]
+    return AddressSet(tuple(networks))
 
 
 def _union(a: AddressSet | PortSet, b: AddressSet | PortSet) -> AddressSet | PortSet:

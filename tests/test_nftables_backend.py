@@ -387,3 +387,37 @@ def test_the_compiled_exclusions_share_one_lookup_with_the_loopback_return() -> 
         "10.0.0.0/10 : jump nat-ISTIO_REDIRECT, 10.64.0.0/11 : jump nat-ISTIO_REDIRECT, "
         "10.112.0.0/12 : jump nat-ISTIO_REDIRECT, 10.128.0.0/9 : jump nat-ISTIO_REDIRECT }"
     ) in text
+
+
+_NETWORKS = st.builds(
+    lambda a, p: str(ipaddress.ip_network((0x0A000000 + a, p), strict=False)), st.integers(0, 63), st.integers(26, 32)
+)
+_ADDRESS_RULES = st.lists(
+    st.tuples(st.lists(_NETWORKS, min_size=1, max_size=3), _VERDICTS).map(
+        lambda t: Rule(
+            matches=(AddressMatch(direction=Direction.DESTINATION, addresses=AddressSet.of(*t[0])),), target=t[1]
+        )
+    ),
+    max_size=6,
+)
+
+
+def _walk_address(rules: list[Rule], address: ipaddress.IPv4Address) -> list[object]:
+    path: list[object] = []
+    for rule in rules:
+        (match,) = rule.matches
+        assert isinstance(match, AddressMatch)
+        if address in match.addresses:
+            path.append(rule.target)
+            if not isinstance(rule.target, Jump):
+                return path
+    return [*path, "falls through"]
+
+
+@settings(deadline=None)
+@given(_ADDRESS_RULES)
+def test_merging_address_lookups_keeps_what_every_packet_meets(rules: list[Rule]) -> None:
+    merged = merge_lookups(rules)
+    for offset in range(70):
+        address = ipaddress.IPv4Address(0x0A000000 + offset)
+        assert _walk_address(merged, address) == _walk_address(rules, address), address

@@ -348,6 +348,8 @@ def _walk(rules: list[Rule], port: int) -> list[object]:
     return [*path, "falls through"]
 
 
+#: Runs of up to six rules over a small space: a few hundred cover it well.
+MERGE_EXAMPLES = 200
 _VERDICTS = st.sampled_from([Return(), Accept(), Drop(), Jump(chain="A"), Jump(chain="B"), Goto(chain="C")])
 _PORT_RULES = st.lists(
     st.tuples(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 6)), min_size=1, max_size=3), _VERDICTS).map(
@@ -359,7 +361,7 @@ _PORT_RULES = st.lists(
 )
 
 
-@settings(deadline=None)
+@settings(max_examples=MERGE_EXAMPLES, deadline=None)
 @given(_PORT_RULES)
 def test_merging_lookups_keeps_what_every_packet_meets(rules: list[Rule]) -> None:
     merged = merge_lookups(rules)
@@ -414,7 +416,7 @@ def _walk_address(rules: list[Rule], address: ipaddress.IPv4Address) -> list[obj
     return [*path, "falls through"]
 
 
-@settings(deadline=None)
+@settings(max_examples=MERGE_EXAMPLES, deadline=None)
 @given(_ADDRESS_RULES)
 def test_merging_address_lookups_keeps_what_every_packet_meets(rules: list[Rule]) -> None:
     merged = merge_lookups(rules)

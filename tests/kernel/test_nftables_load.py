@@ -476,3 +476,18 @@ def test_tproxy_with_real_connections_and_the_istio_nft_finding(listener: bool) 
         assert got == dict.fromkeys(got, "proxy as 10.10.0.1:80")
     else:
         assert got == {"ours": "nothing", "istio iptables": "nothing", "istio nft": "app as 10.10.0.1:80"}
+
+
+def test_without_a_namespace_the_applier_works_in_its_own_process_namespace() -> None:
+    """In-process mode (no agent): run inside a throwaway namespace, never the host's."""
+    code = (
+        "from meshredirect.apply.nftables import NftablesApplier\n"
+        "from meshredirect.compiler import compile_policy\n"
+        "from meshredirect.policy import Policy\n"
+        "applier = NftablesApplier()\n"
+        "print(applier.apply(compile_policy(Policy())).changed, applier.apply(compile_policy(Policy())).changed)\n"
+        "print([t.name for t in applier.read().tables])\n"
+    )
+    with NetNamespace() as ns:
+        out = ns.run([sys.executable, "-c", code]).stdout.split("\n")
+    assert out[:2] == ["True False", "['istio']"]

@@ -39,7 +39,9 @@ refused with :class:`~meshredirect.errors.UnsupportedError`:
   a TProxy rule becomes ``tproxy to :P meta mark set M accept`` followed by
   the same matches with ``drop``.
 - sets: port, id and address sets become anonymous interval sets (one lookup
-  however many members); a single member is written as a plain value.
+  however many members); a single member is written as a plain value; runs
+  of rules that look up one key become one set or one verdict map where that
+  is exact (:func:`merge_lookups`).
 - ipset and statistic matches, ct states SNAT/DNAT, connmark save/restore
   with partial masks, and NAT targets of several port ranges are refused.
 

@@ -201,6 +201,13 @@ def test_what_has_no_ir_form_is_kept_as_unknown_never_guessed() -> None:
     ]
 
 
+def test_user_and_group_names_resolve_through_the_mappings_given() -> None:
+    text = document([_match({"meta": {"key": "skgid"}}, {"set": ["java", 7]}), RETURN])
+    rules = read_nft_json(text, groups={"java": 1001}).tables[0].chain("c").rules
+    assert rules[0].matches == (OwnerMatch(kind=OwnerKind.GID, ids=IdSet.of(7, 1001), socketless=False),)
+    assert isinstance(read_nft_json(text).tables[0].chain("c").rules[0].matches[0], UnknownMatch)
+
+
 def test_rejects_defaults_and_the_hidden_tcp_match() -> None:
     rules = read_rules(
         [{"reject": {"type": "icmp", "expr": "port-unreachable"}}],

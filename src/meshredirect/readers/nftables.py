@@ -359,8 +359,9 @@ _IGNORED_OBJECTS: Final = frozenset(
 
 
 class _Builder:
-    def __init__(self, document: _Document) -> None:
+    def __init__(self, document: _Document, names: Mapping[str, Mapping[str, int]]) -> None:
         self.doc = document
+        self.names = names
         self.tables: dict[tuple[str, str], _TableState] = {}
 
     # -- objects ------------------------------------------------------------
@@ -555,7 +556,7 @@ class _Builder:
                     raise self.doc.error(index, f"expected a jump to a declared chain, got a jump to {target!r}")
         comment = spec.get("comment") if isinstance(spec.get("comment"), str) else None
         position = self.doc.position(index)
-        rules = _RuleReader(table).read(expr)
+        rules = _RuleReader(table, self.names).read(expr)
         return [attrs.evolve(rule, comment=comment, position=position) for rule in rules]
 
 
@@ -591,8 +592,9 @@ _WRITES_CTMARK: Final = (ConnmarkSave, ConnmarkSet)
 
 
 class _RuleReader:
-    def __init__(self, table: _TableState) -> None:
+    def __init__(self, table: _TableState, names: Mapping[str, Mapping[str, int]]) -> None:
         self.table = table
+        self.names = names
         self.family = table.family
 
     def read(self, expr: list[Json]) -> list[Rule]:
@@ -666,7 +668,10 @@ class _RuleReader:
                 family = Family.IPV6 if family is Family.IPV4 else Family.IPV4
             return [FamilyMatch(family=family)]
         if key in ("skuid", "skgid"):
-            ids = IdSet(tuple(self.intervals(right, _id_interval)))
+            known = self.names["users" if key == "skuid" else "groups"]
+            ids = IdSet(
+                tuple(self.intervals(right, lambda v: _id_interval(known.get(v, v) if isinstance(v, str) else v)))
+            )
             kind = OwnerKind.UID if key == "skuid" else OwnerKind.GID
             return [OwnerMatch(kind=kind, ids=ids, negate=negate, socketless=False)]
         if key in ("iifname", "oifname"):
@@ -980,7 +985,7 @@ def _port_interval(value: Json) -> tuple[int, int]:
 
 def _id_interval(value: Json) -> tuple[int, int]:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID:
-        raise _Unknown  # user and group names are not resolved here
+        raise _Unknown  # a user or group name the caller did not map
     return value, value
 
 
@@ -1024,15 +1029,23 @@ def _networks(member: Json, version: int) -> Iterable[IPNetwork]:
 # ----------------------------------------------------------------------------- entry point
 
 
-def read_nft_json(text: str | bytes | Mapping[str, Json], *, path: str = "<stdin>") -> Ruleset:
+def read_nft_json(
+    text: str | bytes | Mapping[str, Json],
+    *,
+    path: str = "<stdin>",
+    users: Mapping[str, int] | None = None,
+    groups: Mapping[str, int] | None = None,
+) -> Ruleset:
     """Read an ``nft -j list ruleset`` dump (or ``nft -j -f`` input) into IR; see the module docstring.
 
-    ``text`` may also be the already parsed document (then positions are not known).
+    ``text`` may also be the already parsed document (then positions are not known). ``users`` and
+    ``groups`` map the names ``meta skuid``/``skgid`` may print to ids (the reader does no lookups of
+    its own); a name they do not hold makes the match unknown.
     """
     if isinstance(text, Mapping):
         text = json.dumps(text, indent=1)
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
-    builder = _Builder(_Document(text, path))
+    builder = _Builder(_Document(text, path), {"users": users or {}, "groups": groups or {}})
     builder.run()
     return builder.ruleset()

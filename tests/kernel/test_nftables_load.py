@@ -491,3 +491,20 @@ def test_without_a_namespace_the_applier_works_in_its_own_process_namespace() ->
     with NetNamespace() as ns:
         out = ns.run([sys.executable, "-c", code]).stdout.split("\n")
     assert out[:2] == ["True False", "['istio']"]
+
+
+def test_a_dry_run_is_checked_by_the_kernel_and_changes_nothing() -> None:
+    with NetNamespace() as ns:
+        applier = NftablesApplier(ns.name)
+        applier.apply(compile_policy(Policy()))
+        before = ns.run(["nft", "-j", "list", "ruleset"]).stdout
+        change = applier.apply(compile_policy(Policy(inbound_mode="TPROXY")), dry_run=True)
+        assert not change.changed and change.document
+        assert ns.run(["nft", "-j", "list", "ruleset"]).stdout == before
+        # The kernel, not only nft, checks it: a rule only the kernel refuses fails the dry run.
+        bad = {"add": {"rule": {"family": "ip", "table": "istio", "chain": "nat-OUTPUT", "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+            {"tproxy": {"port": 1}}, {"accept": None}]}}}  # fmt: skip
+        with pytest.raises(NftablesRequestFailed, match="Operation not supported"):
+            applier._checked([{"json": {"nftables": [bad]}, "dry_run": True}], "checking")
+        assert ns.run(["nft", "-j", "list", "ruleset"]).stdout == before

@@ -1,7 +1,8 @@
 """The agent :mod:`meshredirect.apply.nftables` starts inside a target network namespace.
 
 It reads a JSON list of requests on standard input (``{"json": DOCUMENT}`` or
-``{"cmd": TEXT}``), runs them through one ``nftables.Nftables()`` context
+``{"cmd": TEXT}``, with ``"dry_run": true`` to have the kernel check a
+transaction without committing it), runs them through one ``nftables.Nftables()`` context
 created here (so in this process's namespace), stops after the first
 failure, and writes a JSON list of ``{"rc", "output", "error"}``. It imports
 nothing else, so that it starts fast. Exit status 3: the bindings are missing.
@@ -24,6 +25,7 @@ def run_requests(requests: list[Any]) -> list[dict[str, Any]]:
     nft.set_json_output(True)
     results: list[dict[str, Any]] = []
     for request in requests:
+        nft.set_dry_run(bool(request.get("dry_run", False)))
         if "json" in request:
             rc, output, error = nft.json_cmd(request["json"])
             output = output if isinstance(output, str) else json.dumps(output)

@@ -170,8 +170,12 @@ class NftablesApplier:
     def backend(self) -> Any:
         return create_backend("nftables-json", {"table": self.table, "counters": self.counters})
 
-    def apply(self, ruleset: Ruleset) -> NftablesChange:
-        """Replace our tables by ``ruleset`` in one transaction; nothing is sent when they already hold it."""
+    def apply(self, ruleset: Ruleset, *, dry_run: bool = False) -> NftablesChange:
+        """Replace our tables by ``ruleset`` in one transaction; nothing is sent when they already hold it.
+
+        With ``dry_run`` the kernel checks the transaction (nft's ``--check``: the batch is
+        validated, then aborted) and nothing changes; a rejection raises as a real load would.
+        """
         backend = self.backend()
         name = backend.table_name(ruleset)
         wanted = backend.layout(ruleset)
@@ -186,8 +190,9 @@ class NftablesApplier:
             elif current.table(family, name) is not None:
                 commands += backend.removal(family, name)
         document = {"nftables": commands}
-        self._checked([{"json": document}], f"loading table {name}")
-        return NftablesChange(document=json.dumps(document), changed=True, families=wanted.families)
+        what = f"{'checking' if dry_run else 'loading'} table {name}"
+        self._checked([{"json": document, "dry_run": dry_run}], what)
+        return NftablesChange(document=json.dumps(document), changed=not dry_run, families=wanted.families)
 
     def cleanup(
         self, name: str, families: Iterable[Family] = (Family.IPV4, Family.IPV6, Family.INET)

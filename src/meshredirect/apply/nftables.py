@@ -5,25 +5,26 @@ PyPI): pure Python over ``libnftables.so.1``, installed for Debian's python3
 under ``/usr/lib/python3/dist-packages``. ``./dev setup`` exposes only that
 package to the project's virtual environment through a ``.pth`` file.
 
-**Namespaces.** A ``nftables.Nftables()`` context talks netlink in the network
-namespace its process is in when it is created. So for a target namespace
-this module starts a small agent, ``python -m
-meshredirect.apply._nftables_agent``, under ``nsenter --net=PATH`` (PATH is ``/var/run/netns/NAME`` for
-a name given by ``ip netns add``, or any ``/proc/PID/ns/net``): the agent
-creates the context there, runs the requests it reads as JSON on standard
-input, and writes the results as JSON. Without a namespace the context is
-created in this process (the current namespace).
+**Namespaces.** A ``nftables.Nftables()`` context talks netlink in the
+network namespace of the thread that creates it. So the context is created
+inside :meth:`Target.entered() <meshredirect.apply.netns.Target.entered>`,
+which moves only the calling thread into the target namespace (``setns(2)``
+on ``/var/run/netns/NAME`` or ``/proc/PID/ns/net``) and back: no helper
+process, and nothing else in the process moves.
 
 **Atomicity.** :meth:`NftablesApplier.apply` sends one JSON document: for
 each family of the ruleset ``add table; delete table; add table, chains,
-rules`` of our table, and for each other family ``add table; delete table``
-(which removes a table left from an earlier policy). libnftables sends it as
-one netlink batch, which the kernel commits whole or not at all: a failed
-load leaves the previous table exactly as it was. :meth:`NftablesApplier.cleanup` deletes
-only our tables.
+rules`` of our table, and for each other family where our table exists ``add
+table; delete table``. libnftables sends it as one netlink batch, which the
+kernel commits whole or not at all: a failed load leaves the previous table
+exactly as it was. :meth:`NftablesApplier.cleanup` deletes only our tables.
+
+This is the library interface to our nftables tables; the ``meshredirect
+apply`` command and :mod:`meshredirect.apply.actions` reach the same backend
+and reader through :mod:`meshredirect.apply.nftables_steps`.
 
 >>> applier = NftablesApplier("mr-example", table="mesh")
->>> str(applier.netns_path)
+>>> str(applier.target.path)
 '/var/run/netns/mr-example'
 """
 
@@ -31,28 +32,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterable, Sequence
-from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import attrs
 
-from meshredirect.apply import _nftables_agent
+from meshredirect.apply.netns import Target, require_nftables_bindings
 from meshredirect.backend import create_backend
 from meshredirect.errors import EnvironmentProblem
 from meshredirect.ir import Family, Ruleset
 from meshredirect.readers.nftables import FAMILY_NAMES, read_nft_json
 
-__all__ = ["NETNS_DIR", "NftablesApplier", "NftablesChange", "NftablesRequestFailed", "run_requests"]
+__all__ = ["NftablesApplier", "NftablesChange", "NftablesRequestFailed", "run_requests"]
 
-NETNS_DIR: Final = Path("/var/run/netns")
-BINDINGS_REMEDY: Final = (
-    "install the Debian package python3-nftables; a virtual environment reaches it through a .pth file "
-    "naming a folder that holds it (./dev setup does this)"
-)
-_AGENT_TIMEOUT: Final = 120
 
 Json = Any
 
@@ -65,16 +57,30 @@ class NftablesRequestFailed(EnvironmentProblem):
         super().__init__(message)
 
 
-def run_requests(requests: Sequence[Json]) -> list[dict[str, Json]]:
-    """Run requests in this process's namespace: ``{"json": DOCUMENT}`` or ``{"cmd": TEXT}`` (JSON output).
+def run_requests(requests: Sequence[Json], target: Target | None = None) -> list[dict[str, Json]]:
+    """Run requests in a namespace (default: this thread's): ``{"json": DOCUMENT}`` or ``{"cmd": TEXT}``,
+    with ``"dry_run": True`` to have the kernel check a transaction without committing it.
 
-    Stops after the first failure; each result holds ``rc``, ``output`` and ``error``.
+    JSON output; stops after the first failure; each result holds ``rc``, ``output`` and ``error``.
     """
-    try:
-        import nftables  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: F401
-    except ImportError:
-        raise EnvironmentProblem("the nftables Python bindings are not importable", remedy=BINDINGS_REMEDY) from None
-    return _nftables_agent.run_requests(list(requests))
+    require_nftables_bindings()
+    import nftables  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+    with (target or Target.of(None)).entered():
+        nft = nftables.Nftables()
+    nft.set_json_output(True)
+    results: list[dict[str, Json]] = []
+    for request in requests:
+        nft.set_dry_run(bool(request.get("dry_run", False)))
+        if "json" in request:
+            rc, output, error = nft.json_cmd(request["json"])
+            output = output if isinstance(output, str) else json.dumps(output)
+        else:
+            rc, output, error = nft.cmd(request["cmd"])
+        results.append({"rc": rc, "output": output, "error": error})
+        if rc != 0:
+            break
+    return results
 
 
 @attrs.frozen(kw_only=True)
@@ -98,13 +104,7 @@ class NftablesApplier:
     def __init__(
         self, netns: str | os.PathLike[str] | None = None, *, table: str | None = None, counters: bool = False
     ) -> None:
-        self.netns_path: Path | None
-        if netns is None:
-            self.netns_path = None
-        elif isinstance(netns, str) and "/" not in netns:
-            self.netns_path = NETNS_DIR / netns
-        else:
-            self.netns_path = Path(netns)
+        self.target = Target.of(netns)
         self.table = table
         self.counters = counters
 
@@ -112,35 +112,7 @@ class NftablesApplier:
 
     def run(self, requests: Sequence[Json]) -> list[dict[str, Json]]:
         """Run requests in the target namespace (see :func:`run_requests`)."""
-        if self.netns_path is None:
-            return run_requests(requests)
-        if not self.netns_path.exists():
-            raise EnvironmentProblem(
-                f"network namespace {self.netns_path} does not exist", remedy="create it first (ip netns add NAME)"
-            )
-        argv = ["nsenter", f"--net={self.netns_path}", "--", sys.executable, "-m", _nftables_agent.__name__]
-        try:
-            result = subprocess.run(
-                argv,
-                check=False,
-                input=json.dumps(list(requests)),
-                capture_output=True,
-                text=True,
-                timeout=_AGENT_TIMEOUT,
-            )
-        except FileNotFoundError:
-            raise EnvironmentProblem(
-                "nsenter is not installed", remedy="install the Debian package util-linux"
-            ) from None
-        if result.returncode == _nftables_agent.NO_BINDINGS:
-            raise EnvironmentProblem(result.stderr.strip(), remedy=BINDINGS_REMEDY)
-        if result.returncode != 0:
-            raise EnvironmentProblem(
-                f"cannot enter network namespace {self.netns_path}: {result.stderr.strip()}",
-                remedy="run as root (CAP_SYS_ADMIN and CAP_NET_ADMIN)",
-            )
-        results: list[dict[str, Json]] = json.loads(result.stdout)
-        return results
+        return run_requests(requests, self.target)
 
     def _checked(self, requests: Sequence[Json], what: str) -> list[dict[str, Json]]:
         results = self.run(requests)
@@ -158,7 +130,7 @@ class NftablesApplier:
 
     def read(self) -> Ruleset:
         """Every table of the namespace as IR."""
-        return read_nft_json(self.listing(), path=f"nft list ruleset ({self.netns_path or 'this namespace'})")
+        return read_nft_json(self.listing(), path=f"nft list ruleset ({self.target.describe()})")
 
     def our_tables(self, name: str) -> Ruleset:
         """Our tables only (every family)."""

@@ -479,7 +479,7 @@ def test_tproxy_with_real_connections_and_the_istio_nft_finding(listener: bool) 
 
 
 def test_without_a_namespace_the_applier_works_in_its_own_process_namespace() -> None:
-    """In-process mode (no agent): run inside a throwaway namespace, never the host's."""
+    """With no namespace given the applier acts in its own: run it inside a throwaway namespace, never the host's."""
     code = (
         "from meshredirect.apply.nftables import NftablesApplier\n"
         "from meshredirect.compiler import compile_policy\n"

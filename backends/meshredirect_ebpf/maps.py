@@ -1,0 +1,247 @@
+"""Every map of the program as data: its definition, its entries as the kernel stores them, and the JSON document.
+
+Keys and values are the bytes ``bpftool map update ... key hex .. value hex ..``
+takes, in the layout of the C structs (little-endian integers as the machine
+stores them, addresses and LPM prefixes in network order as the kernel wants).
+
+>>> from meshredirect_ebpf.environment import Environment
+>>> from meshredirect_ebpf.plan import Program
+>>> maps = map_definitions(Program(decisions=(), sets=(), environment=Environment.pod("10.0.0.5")))
+>>> [m.name for m in maps]
+['mr_local4', 'mr_local6', 'mr_route4', 'mr_route6', 'mr_orig_cookie', 'mr_orig_tuple']
+>>> [(e.label, e.key.hex(" "), e.value.hex(" ")) for e in maps[0].entries][1]
+('10.0.0.5/32 -> lo, source 10.0.0.5', '20 00 00 00 0a 00 00 05', '01 00 00 00 0a 00 00 05')
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Final, assert_never
+
+import attrs
+
+from meshredirect.errors import PolicyError
+from meshredirect.values import IPAddress, IPNetwork
+from meshredirect_ebpf.environment import Environment, Route
+from meshredirect_ebpf.limits import (
+    CONNECTION_STATE_ENTRIES,
+    LOCAL_ROUTE_ENTRIES,
+    MAIN_ROUTE_ENTRIES,
+    MAP_ENTRIES_MAX,
+)
+from meshredirect_ebpf.plan import PROGRAMS, ConnectionState, IntegerSet, PrefixSet, Program, SetMap
+
+__all__ = ["FORMAT", "MapDefinition", "MapEntry", "map_definitions", "maps_document"]
+
+#: Identifies the JSON document's layout.
+FORMAT: Final = "meshredirect-ebpf-maps/1"
+#: BPF_F_NO_PREALLOC: LPM tries require it.
+NO_PREALLOC: Final = 1
+#: The value every set member maps to.
+PRESENT: Final = b"\x01"
+#: sizeof(struct mr_original) and sizeof(struct mr_tuple) in the generated C.
+ORIGINAL_SIZE: Final = 40
+TUPLE_SIZE: Final = 40
+
+
+@attrs.frozen(kw_only=True)
+class MapEntry:
+    label: str
+    key: bytes
+    value: bytes
+
+
+@attrs.frozen(kw_only=True)
+class MapDefinition:
+    """One map: what the C declares and what is loaded into it."""
+
+    name: str
+    #: ``lpm_trie``, ``hash`` or ``lru_hash`` (bpftool's names).
+    type: str
+    key_type: str
+    value_type: str
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    #: ``policy`` (from the IR), ``environment`` (the node's routes) or ``program`` (filled as connections come).
+    filled_by: str
+    purpose: str
+    entries: tuple[MapEntry, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        assert 1 <= self.max_entries <= MAP_ENTRIES_MAX, self
+        assert len(self.entries) <= self.max_entries, self.name
+
+
+def _u32(value: int) -> bytes:
+    return value.to_bytes(4, "little")
+
+
+def lpm_key(network: IPNetwork) -> bytes:
+    """``struct mr_lpm{4,6}_key``: the prefix length (host order), then the address (network order)."""
+    return _u32(network.prefixlen) + network.network_address.packed
+
+
+def _address(address: IPAddress | None, version: int) -> bytes:
+    if address is None:
+        return bytes(4 if version == 4 else 16)
+    return address.packed
+
+
+def route_value(route: Route, environment: Environment) -> bytes:
+    """``struct mr_route{4,6}``: the interface number, then the preferred source (zero: none)."""
+    version = route.network.version
+    return _u32(environment.interface_id(route.interface)) + _address(route.source, version)
+
+
+def _route_label(route: Route) -> str:
+    source = f", source {route.source}" if route.source is not None else ""
+    return f"{route.network} -> {route.interface}{source}"
+
+
+def _set_definition(item: SetMap) -> MapDefinition:
+    match item:
+        case PrefixSet():
+            size = 4 + (4 if item.version == 4 else 16)
+            return MapDefinition(
+                name=item.name,
+                type="lpm_trie",
+                key_type=f"struct mr_lpm{item.version}_key",
+                value_type="__u8",
+                key_size=size,
+                value_size=1,
+                max_entries=max(1, len(item.networks)),
+                flags=NO_PREALLOC,
+                filled_by="policy",
+                purpose=item.purpose,
+                entries=tuple(MapEntry(label=str(n), key=lpm_key(n), value=PRESENT) for n in item.networks),
+            )
+        case IntegerSet():
+            width = item.bits // 8
+            entries = tuple(
+                MapEntry(label=str(v), key=v.to_bytes(width, "little"), value=PRESENT)
+                for lo, hi in item.intervals
+                for v in range(lo, hi + 1)
+            )
+            return MapDefinition(
+                name=item.name,
+                type="hash",
+                key_type=f"__u{item.bits}",
+                value_type="__u8",
+                key_size=width,
+                value_size=1,
+                max_entries=max(1, len(entries)),
+                flags=0,
+                filled_by="policy",
+                purpose=item.purpose,
+                entries=entries,
+            )
+        case _:
+            assert_never(item)
+
+
+def _route_definition(
+    name: str, version: int, routes: tuple[Route, ...], env: Environment, local: bool
+) -> MapDefinition:
+    capacity = LOCAL_ROUTE_ENTRIES if local else MAIN_ROUTE_ENTRIES
+    mine = [r for r in routes if r.network.version == version]
+    if len(mine) > capacity:
+        raise PolicyError(
+            "environment.local" if local else "environment.routes",
+            expected=f"at most {capacity} IPv{version} routes (the map's capacity)",
+            got=len(mine),
+        )
+    return MapDefinition(
+        name=name,
+        type="lpm_trie",
+        key_type=f"struct mr_lpm{version}_key",
+        value_type=f"struct mr_route{version}",
+        key_size=4 + (4 if version == 4 else 16),
+        value_size=4 + (4 if version == 4 else 16),
+        max_entries=capacity,
+        flags=NO_PREALLOC,
+        filled_by="environment",
+        purpose=(
+            f"the local routing table, IPv{version}: addresses of this node (the connection leaves on lo)"
+            if local
+            else f"the main routing table, IPv{version}: the interface and preferred source of each destination"
+        ),
+        entries=tuple(MapEntry(label=_route_label(r), key=lpm_key(r.network), value=route_value(r, env)) for r in mine),
+    )
+
+
+def map_definitions(program: Program) -> tuple[MapDefinition, ...]:
+    """Every map the C source declares, in declaration order: routing tables, connection state, then sets."""
+    env = program.environment
+    maps = [
+        _route_definition("mr_local4", 4, env.local, env, local=True),
+        _route_definition("mr_local6", 6, env.local, env, local=True),
+        _route_definition("mr_route4", 4, env.routes, env, local=False),
+        _route_definition("mr_route6", 6, env.routes, env, local=False),
+        MapDefinition(
+            name=ConnectionState.BY_COOKIE.value,
+            type="lru_hash",
+            key_type="__u64",
+            value_type="struct mr_original",
+            key_size=8,
+            value_size=ORIGINAL_SIZE,
+            max_entries=CONNECTION_STATE_ENTRIES,
+            flags=0,
+            filled_by="program",
+            purpose="socket cookie of a redirected connection -> its original destination (connect, getpeername)",
+        ),
+        MapDefinition(
+            name=ConnectionState.BY_TUPLE.value,
+            type="lru_hash",
+            key_type="struct mr_tuple",
+            value_type="struct mr_original",
+            key_size=TUPLE_SIZE,
+            value_size=ORIGINAL_SIZE,
+            max_entries=CONNECTION_STATE_ENTRIES,
+            flags=0,
+            filled_by="program",
+            purpose="addresses and ports of a redirected connection -> its original destination (SO_ORIGINAL_DST)",
+        ),
+    ]
+    maps += [_set_definition(item) for item in program.sets]
+    return tuple(maps)
+
+
+def maps_document(program: Program) -> str:
+    """The JSON document of the programs (name, section, attach type) and of every map: definitions, and the
+    entries to load as bpftool takes them."""
+
+    interfaces = {str(program.environment.interface_id(name)): name for name in program.environment.interfaces}
+    document = {
+        "format": FORMAT,
+        "programs": [{"name": name, "section": section, "attach": attach} for section, name, attach in PROGRAMS],
+        "interfaces": {"0": "(no route)", **interfaces},
+        "maps": [
+            {
+                "name": m.name,
+                "type": m.type,
+                "key_size": m.key_size,
+                "value_size": m.value_size,
+                "max_entries": m.max_entries,
+                "flags": m.flags,
+                "filled_by": m.filled_by,
+                "purpose": m.purpose,
+                "entries": [{"member": e.label, "key": e.key.hex(" "), "value": e.value.hex(" ")} for e in m.entries],
+            }
+            for m in map_definitions(program)
+        ],
+    }
+    return json.dumps(document, indent=1) + "\n"
+
+
+def read_entries(document: str) -> dict[str, tuple[MapEntry, ...]]:
+    """The entries of every map of a maps document (what a loader puts into the kernel)."""
+    data = json.loads(document)
+    return {
+        m["name"]: tuple(
+            MapEntry(label=e["member"], key=bytes.fromhex(e["key"]), value=bytes.fromhex(e["value"]))
+            for e in m["entries"]
+        )
+        for m in data["maps"]
+    }

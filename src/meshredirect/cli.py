@@ -71,7 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"meshredirect: error: unknown command {name!r}{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return EXIT_USAGE
     module = importlib.import_module(COMMANDS[name][0])
-    parser = _Parser(prog=f"meshredirect {name}", description=COMMANDS[name][1])
+    parser = _Parser(
+        prog=f"meshredirect {name}",
+        description=COMMANDS[name][1],
+        fromfile_prefix_chars="@",
+        epilog="Arguments can also come from a file: @FILE reads one argument per line.",
+    )
     module.configure(parser)
     namespace = parser.parse_args(rest)
     from meshredirect.errors import EnvironmentProblem, MeshRedirectError

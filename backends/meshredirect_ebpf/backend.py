@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar, Final
 
 from meshredirect.backend import Artifact, Rendering
@@ -26,7 +27,8 @@ class EbpfBackend:
 
     ``environment`` holds the node's local addresses and routes (default:
     loopback and a default route via eth0; give the pod's addresses, see
-    :meth:`Environment.pod`). With ``local_only`` the chains a connect hook
+    :meth:`Environment.pod`); ``local_addresses`` and ``routes``
+    (``"NETWORK=INTERFACE"``) build one as ``Environment.pod`` does. With ``local_only`` the chains a connect hook
     cannot implement (remote inbound capture, TPROXY, DNS zones) are left out
     and listed in the README instead of refused.
 
@@ -44,8 +46,18 @@ class EbpfBackend:
 
     name: ClassVar[str] = "ebpf"
 
-    def __init__(self, environment: Environment | None = None, local_only: bool = False) -> None:
-        self.environment = environment or Environment()
+    def __init__(
+        self,
+        environment: Environment | None = None,
+        local_only: bool = False,
+        local_addresses: Sequence[str] = (),
+        routes: Sequence[str] = (),
+    ) -> None:
+        if environment is None:
+            environment = (
+                Environment.pod(*local_addresses, routes=routes) if local_addresses or routes else Environment()
+            )
+        self.environment = environment
         self.local_only = bool(local_only)
 
     def plan(self, ruleset: Ruleset) -> Program:

@@ -52,6 +52,22 @@ def _source(value: object) -> IPAddress | None:
         raise PolicyError("route source", expected="an IPv4 or IPv6 address", got=value) from None
 
 
+def _address(value: str | IPAddress, *, field: str) -> IPAddress:
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return value
+    try:
+        return ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise PolicyError(field, expected="IPv4 or IPv6 addresses", got=value) from None
+
+
+def _route(text: str) -> Route:
+    network, sep, interface = text.partition("=")
+    if not sep or not interface.strip():
+        raise PolicyError("routes", expected="NETWORK=INTERFACE, e.g. 10.1.0.0/16=eth1", got=text)
+    return Route(network=network.strip(), interface=interface.strip())
+
+
 def _network(value: object) -> IPNetwork:
     return network_of(value, field="route")  # type: ignore[arg-type]
 
@@ -113,12 +129,19 @@ class Environment:
                 seen.add(route.network)
 
     @classmethod
-    def pod(cls, *addresses: str | IPAddress, interface: str = "eth0") -> Environment:
-        """A pod: loopback, its own addresses (local), and a default route per family via ``interface``.
+    def pod(
+        cls, *addresses: str | IPAddress, interface: str = "eth0", routes: Iterable[str | Route] = ()
+    ) -> Environment:
+        """A pod: loopback, its own addresses (local), a default route per family via ``interface``, and
+        ``routes`` (``"NETWORK=INTERFACE"`` or :class:`Route`).
 
-        The default routes prefer the pod's first address of their family as source.
+        Routes without a source prefer the pod's first address of their family.
+
+        >>> Environment.pod("10.0.0.5", routes=["10.1.0.0/16=eth1"]).routes[-1]
+        Route(network=IPv4Network('10.1.0.0/16'), interface='eth1', source=IPv4Address('10.0.0.5'), local=False)
         """
-        parsed = [ipaddress.ip_address(a) if isinstance(a, str) else a for a in addresses]
+        parsed = [_address(a, field="local_addresses") for a in addresses]
+        own = {v: next((a for a in parsed if a.version == v), None) for v in (4, 6)}
         local: list[Route] = []
         for version, loopback in ((4, LOOPBACK_ROUTES[0]), (6, LOOPBACK_ROUTES[1])):
             local.append(loopback)
@@ -127,11 +150,16 @@ class Environment:
                 for a in parsed
                 if a.version == version
             ]
-        routes = []
-        for version, default in ((4, "0.0.0.0/0"), (6, "::/0")):
-            own = [a for a in parsed if a.version == version]
-            routes.append(Route(network=default, interface=interface, source=own[0] if own else None))
-        return cls(local=tuple(local), routes=tuple(routes))
+        main = [
+            Route(network="0.0.0.0/0", interface=interface, source=own[4]),
+            Route(network="::/0", interface=interface, source=own[6]),
+        ]
+        for item in routes:
+            route = item if isinstance(item, Route) else _route(item)
+            if route.source is None:
+                route = attrs.evolve(route, source=own[route.network.version])
+            main = [r for r in main if r.network != route.network] + [route]
+        return cls(local=tuple(local), routes=tuple(main))
 
     @property
     def interfaces(self) -> tuple[str, ...]:

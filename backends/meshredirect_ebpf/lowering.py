@@ -160,13 +160,13 @@ def _left_out_reason(table: Table, chain: Chain) -> str:
         return (
             f"{table.family.value} {table.name} {chain.name} decides for connections arriving from other hosts; a cgroup "
             "connect hook sees only connections that local processes open, so capturing remote inbound connections "
-            "needs another mechanism (render with local_only and install these chains with an iptables or nftables "
+            "needs another mechanism (render with local_only, --local-only on the command line, and install these chains with an iptables or nftables "
             "backend, or send mesh traffic to the peer's inbound port at the client's connect)"
         )
     return (
         f"{table.family.value} {table.name} {chain.name} is a {kind} chain of the {hook.value} hook: only the nat "
-        "OUTPUT decision (where a local connection goes) is made at connect time (render with local_only to leave it "
-        "to another backend)"
+        "OUTPUT decision (where a local connection goes) is made at connect time (render with local_only, --local-only, "
+        "to leave it to another backend)"
     )
 
 

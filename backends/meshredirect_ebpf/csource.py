@@ -86,6 +86,8 @@ HEADER: Final = """\
 /* SO_ORIGINAL_DST (linux/netfilter_ipv4.h) and IP6T_SO_ORIGINAL_DST share the number. */
 #define MR_SO_ORIGINAL_DST 80
 #define MR_LOOPBACK4 0x7f000001u
+/* Helpers a policy may not need (clang would warn about them). */
+#define MR_HELPER static __always_inline __attribute__((unused))
 
 /* Verdicts of a chain function. A redirect carries its port (0: keep the destination port). */
 #define MR_RETURN 0u
@@ -161,14 +163,14 @@ struct mr_conn6 {
 """
 
 HELPERS: Final = """\
-static __always_inline int mr_member4(void *map, __u32 addr)
+MR_HELPER int mr_member4(void *map, __u32 addr)
 {
 \tstruct mr_lpm4_key key = { .prefixlen = 32, .addr = addr };
 
 \treturn bpf_map_lookup_elem(map, &key) != 0;
 }
 
-static __always_inline int mr_member6(void *map, const __u32 *addr)
+MR_HELPER int mr_member6(void *map, const __u32 *addr)
 {
 \tstruct mr_lpm6_key key = { .prefixlen = 128 };
 
@@ -179,29 +181,29 @@ static __always_inline int mr_member6(void *map, const __u32 *addr)
 \treturn bpf_map_lookup_elem(map, &key) != 0;
 }
 
-static __always_inline int mr_member16(void *map, __u16 value)
+MR_HELPER int mr_member16(void *map, __u16 value)
 {
 \treturn bpf_map_lookup_elem(map, &value) != 0;
 }
 
-static __always_inline int mr_member32(void *map, __u32 value)
+MR_HELPER int mr_member32(void *map, __u32 value)
 {
 \treturn bpf_map_lookup_elem(map, &value) != 0;
 }
 
-static __always_inline int mr_is_mapped(const __u32 *addr)
+MR_HELPER int mr_is_mapped(const __u32 *addr)
 {
 \treturn addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0xffff);
 }
 
-static __always_inline int mr_is_unspecified6(const __u32 *addr)
+MR_HELPER int mr_is_unspecified6(const __u32 *addr)
 {
 \treturn (addr[0] | addr[1] | addr[2] | addr[3]) == 0;
 }
 
 /* The route of c->dst: the local table first (the destination is this node's), then the
  * longest prefix of the main table. An unbound socket takes the route's preferred source. */
-static __always_inline void mr_route_of4(struct mr_conn4 *c)
+MR_HELPER void mr_route_of4(struct mr_conn4 *c)
 {
 \tstruct mr_lpm4_key key = { .prefixlen = 32, .addr = c->dst };
 \tstruct mr_route4 *route = bpf_map_lookup_elem(&mr_local4, &key);
@@ -219,7 +221,7 @@ static __always_inline void mr_route_of4(struct mr_conn4 *c)
 \t\tc->src = route->source;
 }
 
-static __always_inline void mr_route_of6(struct mr_conn6 *c)
+MR_HELPER void mr_route_of6(struct mr_conn6 *c)
 {
 \tstruct mr_lpm6_key key = { .prefixlen = 128 };
 \tstruct mr_route6 *route;
@@ -246,7 +248,7 @@ static __always_inline void mr_route_of6(struct mr_conn6 *c)
 \t}
 }
 
-static __always_inline void mr_owner(__u32 *uid, __u32 *gid)
+MR_HELPER void mr_owner(__u32 *uid, __u32 *gid)
 {
 \t__u64 ids = bpf_get_current_uid_gid();
 
@@ -257,14 +259,14 @@ static __always_inline void mr_owner(__u32 *uid, __u32 *gid)
 
 HOOKS: Final = """\
 /* Remember where a redirected connection meant to go, under the socket's cookie. */
-static __always_inline void mr_remember(struct bpf_sock_addr *ctx, const struct mr_original *original)
+MR_HELPER void mr_remember(struct bpf_sock_addr *ctx, const struct mr_original *original)
 {
 \t__u64 cookie = bpf_get_socket_cookie(ctx);
 
 \tbpf_map_update_elem(&mr_orig_cookie, &cookie, original, BPF_ANY);
 }
 
-static __always_inline void mr_original4(struct mr_original *o, const struct mr_conn4 *c, __u32 verdict)
+MR_HELPER void mr_original4(struct mr_original *o, const struct mr_conn4 *c, __u32 verdict)
 {
 \to->family = 4;
 \to->addr[0] = c->dst;
@@ -273,7 +275,7 @@ static __always_inline void mr_original4(struct mr_original *o, const struct mr_
 \to->proxy_port = (verdict & 0xffff) ? (__u16)(verdict & 0xffff) : c->dport;
 }
 
-static __always_inline void mr_fill4(struct mr_conn4 *c, struct bpf_sock_addr *ctx, __u32 dst, __u32 bound)
+MR_HELPER void mr_fill4(struct mr_conn4 *c, struct bpf_sock_addr *ctx, __u32 dst, __u32 bound)
 {
 \tc->protocol = (__u8)ctx->protocol;
 \tc->dst = dst;
@@ -425,7 +427,7 @@ int mr_sockops(struct bpf_sock_ops *skops)
 }
 
 /* The proxy's accepted socket, as the application's side: its peer is the application. */
-static __always_inline int mr_tuple_of(struct bpf_sock *sk, struct mr_tuple *tuple, __u32 family)
+MR_HELPER int mr_tuple_of(struct bpf_sock *sk, struct mr_tuple *tuple, __u32 family)
 {
 \ttuple->local_port = bpf_ntohs(sk->dst_port);
 \ttuple->peer_port = (__u16)sk->src_port;
@@ -535,7 +537,7 @@ int mr_getsockopt(struct bpf_sockopt *ctx)
 }
 
 /* The application asks whom it is connected to: the address it asked for, not the proxy's. */
-static __always_inline struct mr_original *mr_redirected(struct bpf_sock_addr *ctx)
+MR_HELPER struct mr_original *mr_redirected(struct bpf_sock_addr *ctx)
 {
 \t__u64 cookie = bpf_get_socket_cookie(ctx);
 

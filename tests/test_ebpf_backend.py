@@ -473,6 +473,8 @@ def test_every_golden_compiles(tmp_path: Path) -> None:
 def test_the_backend_takes_plain_options() -> None:
     backend = EbpfBackend(local_addresses=["10.0.0.5"], routes=["10.1.0.0/16=eth1"], local_only=True)
     assert backend.environment == Environment.pod("10.0.0.5", routes=["10.1.0.0/16=eth1"])
-    with pytest.raises(PolicyError, match="routes: expected NETWORK=INTERFACE, e.g. 10.1.0.0/16=eth1, got 'eth1'"):
+    with pytest.raises(
+        PolicyError, match=re.escape("routes: expected NETWORK=INTERFACE, e.g. 10.1.0.0/16=eth1, got 'eth1'")
+    ):
         EbpfBackend(routes=["eth1"])
     assert attrs.evolve(Environment(), routes=()).route(ipaddress.ip_address("1.1.1.1")) is None

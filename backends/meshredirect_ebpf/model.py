@@ -24,13 +24,16 @@ Rewritten(address=IPv4Address('127.0.0.1'), port=15006)
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-from typing import Final, TypeAlias, assert_never
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, Final, TypeAlias, assert_never
+from typing import Protocol as TypingProtocol
 
 import attrs
 
 from meshredirect.ir import ChainPolicy, Family, Protocol
-from meshredirect.values import IPAddress
+from meshredirect.values import AddressSet, IdSet, IPAddress, PortSet
 from meshredirect_ebpf.environment import Environment
 from meshredirect_ebpf.plan import (
     AcceptConnection,
@@ -55,7 +58,19 @@ from meshredirect_ebpf.plan import (
     ReturnToCaller,
 )
 
-__all__ = ["ConnectCall", "Outcome", "Refused", "Rewritten", "Unchanged", "decide"]
+__all__ = [
+    "ConnectCall",
+    "In",
+    "Outcome",
+    "Port",
+    "Probe",
+    "Refused",
+    "Rewritten",
+    "RouteOf",
+    "Unchanged",
+    "decide",
+    "run",
+]
 
 LOOPBACK: Final[dict[int, IPAddress]] = {4: ipaddress.IPv4Address("127.0.0.1"), 6: ipaddress.IPv6Address("::1")}
 #: What ``mr_route_of*`` leaves in ``c->oif`` for a destination without a route.
@@ -100,74 +115,126 @@ class Refused:
 Outcome: TypeAlias = Unchanged | Rewritten | Refused
 
 
-@attrs.frozen(kw_only=True)
-class _Connection:
-    family: Family
-    protocol: Protocol
-    dst: IPAddress
-    dport: int
-    src: IPAddress
-    uid: int
-    gid: int
-    oif: int
-    local: bool
+#: What the route of a destination gives the program: the interface number, whether the destination is
+#: local, the preferred source (None: none).
+RouteFacts: TypeAlias = tuple[int, bool, IPAddress | None]
 
 
-def _unspecified(version: int) -> IPAddress:
-    return ipaddress.IPv4Address(0) if version == 4 else ipaddress.IPv6Address(0)
+class Probe(TypingProtocol):
+    """How the model reads the connection: every test on a field goes through :meth:`test`.
+
+    Fields: ``dst``, ``src`` (the bound address; unspecified when unbound), ``dport``, ``uid``, ``gid``.
+    A test's key must be hashable by value or stable in identity (the path explorer of the semantics
+    engine caches the classes of a field by key).
+    """
+
+    def test(self, field: str, key: Callable[[Any], Hashable]) -> Any: ...
+
+    def value(self, field: str) -> Any: ...
 
 
-def _gather(
-    environment: Environment, family: Family, call: ConnectCall, dst: IPAddress, bound: IPAddress | None
-) -> _Connection:
-    """``mr_fill4`` / the IPv6 prologue and ``mr_route_of*``."""
-    version = family.version
-    src = bound if bound is not None and not bound.is_unspecified else _unspecified(version)
-    route = environment.route(dst)
-    oif, local = NO_ROUTE, False
-    if route is not None:
-        oif, local = environment.interface_id(route.interface), route.local
-        if src.is_unspecified and route.source is not None:
-            src = route.source
-    return _Connection(
-        family=family,
-        protocol=call.protocol,
-        dst=dst,
-        dport=call.port,
-        src=src,
-        uid=call.uid,
-        gid=call.gid,
-        oif=oif,
-        local=local,
-    )
+@attrs.frozen
+class _Concrete:
+    values: Mapping[str, Any]
+
+    def test(self, field: str, key: Callable[[Any], Hashable]) -> Any:
+        return key(self.values[field])
+
+    def value(self, field: str) -> Any:
+        return self.values[field]
+
+
+@attrs.frozen
+class RouteOf:
+    """``mr_route_of*``: the route of a destination in the environment, as the program sees it."""
+
+    environment: Environment
+
+    def __call__(self, destination: IPAddress) -> RouteFacts:
+        route = self.environment.route(destination)
+        if route is None:
+            return (NO_ROUTE, False, None)
+        return (self.environment.interface_id(route.interface), route.local, route.source)
+
+
+def _is_unspecified(address: IPAddress) -> bool:
+    return address.is_unspecified
+
+
+@functools.cache
+def _route_key(environment: Environment) -> RouteOf:
+    return RouteOf(environment)
+
+
+@functools.cache
+def _members(item: PrefixSet | IntegerSet) -> In:
+    """The set a map holds, as a test by value (``In`` is cached by value by the explorer)."""
+    if isinstance(item, PrefixSet):
+        return In(AddressSet(item.networks))
+    if item.bits == 16:
+        return In(PortSet(tuple((max(lo, 1), hi) for lo, hi in item.intervals)))
+    return In(IdSet(item.intervals))
+
+
+@attrs.frozen
+class In:
+    """``value in members``; hashable by value."""
+
+    members: Hashable
+
+    def __call__(self, value: object) -> bool:
+        return value in self.members  # type: ignore[operator]
+
+
+@attrs.frozen
+class Port:
+    """A redirect's port: a constant, or (``kept``) the connection's destination port."""
+
+    number: int
+    kept: bool
 
 
 class _Run:
-    def __init__(self, program: Program, decision: Decision, connection: _Connection) -> None:
+    """``mr{4,6}_decide`` and what it calls, over a probe."""
+
+    def __init__(self, program: Program, decision: Decision, protocol: Protocol, probe: Probe) -> None:
         self.program = program
         self.decision = decision
-        self.c = connection
+        self.protocol = protocol
+        self.probe = probe
+        self._route: RouteFacts | None = None
+        self._source: IPAddress | bool | None = False
+
+    def route(self) -> RouteFacts:
+        if self._route is None:
+            self._route = self.probe.test("dst", _route_key(self.program.environment))
+        return self._route
+
+    def source_is_member(self, members: In) -> bool:
+        """The bound source, or (unbound) the route's preferred source (none: the unspecified address)."""
+        if self.probe.test("src", _is_unspecified):
+            source = self.route()[2]
+            if source is None:
+                source = ipaddress.ip_address(0 if self.decision.family is Family.IPV4 else "::")
+            return members(source)
+        return bool(self.probe.test("src", members))
 
     def holds(self, condition: Condition) -> bool:
-        c = self.c
         match condition:
             case Constant():
                 return condition.value
             case ProtocolIs():
-                return c.protocol is condition.protocol
+                return self.protocol is condition.protocol
             case Member():
-                item = self.program.set_map(condition.map)
-                if isinstance(item, PrefixSet):
-                    address = c.dst if condition.field is Field.DESTINATION else c.src
-                    return any(address.version == n.version and address in n for n in item.networks)
-                assert isinstance(item, IntegerSet)
-                value = {Field.DESTINATION_PORT: c.dport, Field.UID: c.uid, Field.GID: c.gid}[condition.field]
-                return value in item
+                members = _members(self.program.set_map(condition.map))
+                if condition.field is Field.SOURCE:
+                    return self.source_is_member(members)
+                return bool(self.probe.test(condition.field.value, members))
             case OutputInterface():
                 env = self.program.environment
-                return any(c.oif == env.interface_id(name) for name in condition.interfaces)
+                return self.route()[0] in {env.interface_id(name) for name in condition.interfaces}
             case DestinationIsLocal():
-                return c.local
+                return self.route()[1]
             case Not():
                 return not self.holds(condition.operand)
             case AllOf():
@@ -175,8 +242,8 @@ class _Run:
             case _:
                 assert_never(condition)
 
-    def call(self, name: str) -> int | str:
-        """A chain function: ``"return"``, ``"accept"``, ``"deny"`` or the redirect port (-1: keep)."""
+    def call(self, name: str) -> Port | str:
+        """A chain function: ``"return"``, ``"accept"``, ``"deny"`` or the redirect's port."""
         for step in self.decision.function(name).steps:
             if not self.holds(step.condition):
                 continue
@@ -189,7 +256,9 @@ class _Run:
                 case Deny():
                     return "deny"
                 case RedirectTo():
-                    return self.c.dport if action.port is None else action.port
+                    if action.port is None:
+                        return Port(number=self.probe.value("dport"), kept=True)
+                    return Port(number=action.port, kept=False)
                 case Call():
                     verdict = self.call(action.function)
                     if verdict != "return":
@@ -202,7 +271,7 @@ class _Run:
                     assert_never(action)
         return "return"
 
-    def decide(self) -> int | str:
+    def decide(self) -> Port | str:
         for entry in self.decision.entries:
             verdict = self.call(entry.function)
             if verdict == "return":
@@ -212,6 +281,15 @@ class _Run:
         return "accept"
 
 
+def run(program: Program, family: Family, protocol: Protocol, probe: Probe) -> Port | str:
+    """The decision of ``family`` for a connection read through ``probe``: ``"accept"`` (unchanged),
+    ``"deny"``, or the :class:`Port` of a redirect to loopback. For the proof enumeration."""
+    decision = program.decision(family)
+    if decision is None:
+        return "accept"
+    return _Run(program, decision, protocol, probe).decide()
+
+
 def decide(program: Program, call: ConnectCall) -> Outcome:
     """What the program does with one ``connect()`` (see the module docstring)."""
     destination, bound, family = call.destination, call.bound, call.family
@@ -219,19 +297,17 @@ def decide(program: Program, call: ConnectCall) -> Outcome:
     if mapped:
         assert isinstance(destination, ipaddress.IPv6Address) and destination.ipv4_mapped is not None
         destination = destination.ipv4_mapped
-        mapped_bound = bound.ipv4_mapped if isinstance(bound, ipaddress.IPv6Address) else None
-        bound = mapped_bound
+        bound = bound.ipv4_mapped if isinstance(bound, ipaddress.IPv6Address) else None
         family = Family.IPV4
-    decision = program.decision(family)
-    if decision is None:
-        return Unchanged()
-    connection = _gather(program.environment, family, call, destination, bound)
-    verdict = _Run(program, decision, connection).decide()
+    if bound is None:
+        bound = ipaddress.ip_address(0 if family is Family.IPV4 else "::")
+    values = {"dst": destination, "src": bound, "dport": call.port, "uid": call.uid, "gid": call.gid}
+    verdict = run(program, family, call.protocol, _Concrete(values))
     if verdict == "deny":
         return Refused()
     if verdict == "accept":
         return Unchanged()
-    assert isinstance(verdict, int)
+    assert isinstance(verdict, Port)
     if mapped:
-        return Rewritten(address=ipaddress.IPv6Address("::ffff:127.0.0.1"), port=verdict)
-    return Rewritten(address=LOOPBACK[family.version], port=verdict)
+        return Rewritten(address=ipaddress.IPv6Address("::ffff:127.0.0.1"), port=verdict.number)
+    return Rewritten(address=LOOPBACK[family.version], port=verdict.number)

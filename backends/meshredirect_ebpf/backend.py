@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Final
+from typing import TYPE_CHECKING, ClassVar, Final
 
 from meshredirect.backend import Artifact, Rendering
+from meshredirect.errors import EnvironmentProblem, PolicyError
 from meshredirect.ir import Ruleset
 from meshredirect_ebpf.csource import c_source
 from meshredirect_ebpf.environment import Environment
 from meshredirect_ebpf.lowering import lower
 from meshredirect_ebpf.maps import map_definitions, maps_document
 from meshredirect_ebpf.plan import PROGRAMS, Program
+
+if TYPE_CHECKING:
+    from meshredirect_ebpf.proof import Proof
 
 __all__ = ["C_FILE", "MAPS_FILE", "README_FILE", "EbpfBackend"]
 
@@ -27,7 +31,8 @@ class EbpfBackend:
 
     ``environment`` holds the node's local addresses and routes (default:
     loopback and a default route via eth0; give the pod's addresses, see
-    :meth:`Environment.pod`); ``local_addresses`` and ``routes``
+    :meth:`Environment.pod`, or a :class:`meshredirect.semantics.Environment`,
+    whose routing it takes); ``local_addresses`` and ``routes``
     (``"NETWORK=INTERFACE"``) build one as ``Environment.pod`` does. With ``local_only`` the chains a connect hook
     cannot implement (remote inbound capture, TPROXY, DNS zones) are left out
     and listed in the README instead of refused.
@@ -48,21 +53,55 @@ class EbpfBackend:
 
     def __init__(
         self,
-        environment: Environment | None = None,
+        environment: Environment | object | None = None,
         local_only: bool = False,
         local_addresses: Sequence[str] = (),
         routes: Sequence[str] = (),
     ) -> None:
+        #: The semantics engine's environment the backend was built from, if any (see :meth:`prove`).
+        self.semantics_environment: object | None = None
+        if environment is not None and not isinstance(environment, Environment):
+            from meshredirect_ebpf.proof import environment_of
+
+            self.semantics_environment = environment
+            environment = environment_of(environment)
         if environment is None:
             environment = (
                 Environment.pod(*local_addresses, routes=routes) if local_addresses or routes else Environment()
             )
-        self.environment = environment
+        self.environment: Environment = environment
         self.local_only = bool(local_only)
 
     def plan(self, ruleset: Ruleset) -> Program:
         """The program plan (what the C does, as data; :mod:`meshredirect_ebpf.model` runs it)."""
         return lower(ruleset, self.environment, local_only=self.local_only)
+
+    def prove(self, ruleset: Ruleset) -> Proof:
+        """Prove with the semantics engine that the program decides as the IR for every class of local
+        connections (see :mod:`meshredirect_ebpf.proof`).
+
+        The proof runs in the semantics engine's environment the backend was built from
+        (``environment=`` a :class:`meshredirect.semantics.Environment`), else in its default one; the
+        backend's own environment must be that environment's routing.
+        """
+        from meshredirect_ebpf.proof import environment_of, prove
+
+        try:
+            from meshredirect.semantics.model import Environment as SemanticsEnvironment  # type: ignore[import-not-found]
+        except ImportError:
+            raise EnvironmentProblem(
+                "proving the eBPF program needs the semantics engine (meshredirect.semantics), which this "
+                "installation lacks"
+            ) from None
+        env = self.semantics_environment or SemanticsEnvironment.default().covering(ruleset)
+        if environment_of(env) != self.environment:
+            raise PolicyError(
+                "environment",
+                expected="the routing of the environment the proof runs in (build the backend with environment= "
+                "a meshredirect.semantics Environment)",
+                got="another environment",
+            )
+        return prove(self.plan(ruleset), ruleset, env)
 
     def render(self, ruleset: Ruleset) -> Rendering:
         program = self.plan(ruleset)

@@ -162,7 +162,8 @@ def _is_unspecified(address: IPAddress) -> bool:
 
 
 @functools.cache
-def _route_key(environment: Environment) -> RouteOf:
+def route_key(environment: Environment) -> RouteOf:
+    """The route test of an environment (one object per environment: the explorer caches tests by identity)."""
     return RouteOf(environment)
 
 
@@ -207,7 +208,7 @@ class _Run:
 
     def route(self) -> RouteFacts:
         if self._route is None:
-            self._route = self.probe.test("dst", _route_key(self.program.environment))
+            self._route = self.probe.test("dst", route_key(self.program.environment))
         return self._route
 
     def source_is_member(self, members: In) -> bool:

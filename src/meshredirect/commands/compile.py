@@ -89,6 +89,21 @@ def run(args: argparse.Namespace) -> int:
         options["local_addresses"] = [a for item in args.local_address for a in item.split(",") if a.strip()]
         options["routes"] = args.route
     ruleset = compile_policy(policy)
+    if args.check and args.backend == "ebpf":
+        # The proof runs in the semantics engine's model of the pod; the program is built for its routing.
+        if args.local_address or args.route:
+            raise PolicyError(
+                "--check",
+                expected="the semantics engine's environment of the policy (leave out --local-address and --route)",
+                got=" ".join([*args.local_address, *args.route]),
+            )
+        try:
+            from meshredirect.semantics.model import Environment  # type: ignore[import-not-found]
+        except ImportError:
+            raise EnvironmentProblem(
+                "--check needs the semantics engine (meshredirect.semantics), which this installation lacks"
+            ) from None
+        options["environment"] = Environment.for_policy(policy, ruleset)
     backend = create_backend(args.backend, options)
     rendering = backend.render(ruleset)
     status = 0

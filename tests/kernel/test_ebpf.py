@@ -298,3 +298,32 @@ def test_generated_policies_load_into_the_kernel(policy: Policy) -> None:
         finally:
             loaded.remove()
     assert os.path.isdir(bpffs.path) is False
+
+
+def test_every_supported_ir_node_loads_into_the_kernel() -> None:
+    """One program holding every sample match and target the backend lowers passes the kernel's verifier."""
+    from meshredirect.errors import UnsupportedError
+    from meshredirect.ir import Chain, Hook, Protocol, ProtocolMatch, Rule, Table, iptables_base_chain
+    from meshredirect.testing.samples import SAMPLE_MATCHES, SAMPLE_TARGETS
+    from meshredirect_ebpf.lowering import lower
+
+    tcp = ProtocolMatch(protocol=Protocol.TCP)
+    candidates = [Rule(matches=(m,), target=Return()) for items in SAMPLE_MATCHES.values() for m in items]
+    candidates += [Rule(matches=(tcp,), target=t) for items in SAMPLE_TARGETS.values() for t in items]
+    next_chain = Chain(name="MESH_NEXT", rules=(Rule(target=Return()),))
+
+    def ruleset(*rules: Rule) -> Ruleset:
+        output = Chain(name="OUTPUT", rules=rules, base=iptables_base_chain("nat", Hook.OUTPUT))
+        return Ruleset(tables=(Table(family=Family.IPV4, name="nat", chains=(output, next_chain)),))
+
+    supported = []
+    for rule in candidates:
+        try:
+            lower(ruleset(rule), ENVIRONMENT)
+        except UnsupportedError:
+            continue
+        supported.append(rule)
+    assert len(supported) == 24  # 16 matches and 8 targets (see tests/test_ebpf_backend.py)
+    rendering = EbpfBackend(environment=ENVIRONMENT).render(ruleset(*supported))
+    with _bpf_ready() as (bpffs, work):
+        load(rendering, work, bpffs.path / "meshredirect").remove()

@@ -31,7 +31,7 @@ class EbpfBackend:
 
     ``environment`` holds the node's local addresses and routes (default:
     loopback and a default route via eth0; give the pod's addresses, see
-    :meth:`Environment.pod`, or a :class:`meshredirect.semantics.Environment`,
+    :meth:`~meshredirect_ebpf.environment.Environment.pod`, or a ``meshredirect.semantics`` ``Environment``,
     whose routing it takes); ``local_addresses`` and ``routes``
     (``"NETWORK=INTERFACE"``) build one as ``Environment.pod`` does. With ``local_only`` the chains a connect hook
     cannot implement (remote inbound capture, TPROXY, DNS zones) are left out
@@ -81,7 +81,7 @@ class EbpfBackend:
         connections (see :mod:`meshredirect_ebpf.proof`).
 
         The proof runs in the semantics engine's environment the backend was built from
-        (``environment=`` a :class:`meshredirect.semantics.Environment`), else in its default one; the
+        (``environment=`` a ``meshredirect.semantics`` ``Environment``), else in its default one; the
         backend's own environment must be that environment's routing.
         """
         from meshredirect_ebpf.proof import environment_of, prove
@@ -184,7 +184,7 @@ def readme(program: Program) -> str:
         lines.append("Nothing: the program implements the whole ruleset.")
     lines += ["", "## Maps", ""]
     lines += [
-        f"- `{m.name}` ({m.type}, {len(m.entries)}/{m.max_entries} entries, {m.filled_by}): {m.purpose}"
+        f"- `{m.name}` ({m.map_type}, {len(m.entries)}/{m.max_entries} entries, {m.filled_by}): {m.purpose}"
         for m in map_definitions(program)
     ]
     return "\n".join(lines) + "\n"

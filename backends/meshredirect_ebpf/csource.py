@@ -785,7 +785,7 @@ class _Printer:
         for m in definitions:
             lines.append(f"/* {_comment(m.purpose)} ({m.filled_by}) */")
             lines.append("struct {")
-            lines.append(f"\t__uint(type, BPF_MAP_TYPE_{m.type.upper()});")
+            lines.append(f"\t__uint(type, BPF_MAP_TYPE_{m.map_type.upper()});")
             if m.flags:
                 lines.append("\t__uint(map_flags, BPF_F_NO_PREALLOC);")
             lines.append(f"\t__type(key, {m.key_type});")

@@ -57,7 +57,7 @@ class MapDefinition:
 
     name: str
     #: ``lpm_trie``, ``hash`` or ``lru_hash`` (bpftool's names).
-    type: str
+    map_type: str
     key_type: str
     value_type: str
     key_size: int
@@ -106,7 +106,7 @@ def _set_definition(item: SetMap) -> MapDefinition:
             size = 4 + (4 if item.version == 4 else 16)
             return MapDefinition(
                 name=item.name,
-                type="lpm_trie",
+                map_type="lpm_trie",
                 key_type=f"struct mr_lpm{item.version}_key",
                 value_type="__u8",
                 key_size=size,
@@ -126,7 +126,7 @@ def _set_definition(item: SetMap) -> MapDefinition:
             )
             return MapDefinition(
                 name=item.name,
-                type="hash",
+                map_type="hash",
                 key_type=f"__u{item.bits}",
                 value_type="__u8",
                 key_size=width,
@@ -154,7 +154,7 @@ def _route_definition(
         )
     return MapDefinition(
         name=name,
-        type="lpm_trie",
+        map_type="lpm_trie",
         key_type=f"struct mr_lpm{version}_key",
         value_type=f"struct mr_route{version}",
         key_size=4 + (4 if version == 4 else 16),
@@ -181,7 +181,7 @@ def map_definitions(program: Program) -> tuple[MapDefinition, ...]:
         _route_definition("mr_route6", 6, env.routes, env, local=False),
         MapDefinition(
             name=ConnectionState.BY_COOKIE.value,
-            type="lru_hash",
+            map_type="lru_hash",
             key_type="__u64",
             value_type="struct mr_original",
             key_size=8,
@@ -193,7 +193,7 @@ def map_definitions(program: Program) -> tuple[MapDefinition, ...]:
         ),
         MapDefinition(
             name=ConnectionState.BY_TUPLE.value,
-            type="lru_hash",
+            map_type="lru_hash",
             key_type="struct mr_tuple",
             value_type="struct mr_original",
             key_size=TUPLE_SIZE,
@@ -220,7 +220,7 @@ def maps_document(program: Program) -> str:
         "maps": [
             {
                 "name": m.name,
-                "type": m.type,
+                "type": m.map_type,
                 "key_size": m.key_size,
                 "value_size": m.value_size,
                 "max_entries": m.max_entries,

@@ -4,7 +4,7 @@
 ``connect()``: gather the fields (the task's uid/gid, the bound source or the
 route's preferred source, the route's interface from the environment's maps),
 run the family's decision (IPv4 for IPv4-mapped destinations), and return the
-:data:`Outcome`. Map lookups behave as the kernel's maps do: an LPM trie finds
+``Outcome``. Map lookups behave as the kernel's maps do: an LPM trie finds
 the longest prefix covering an address, a hash map its exact key.
 
 >>> import ipaddress
@@ -112,6 +112,7 @@ class Refused:
     """connect() fails (EPERM)."""
 
 
+#: What the program does with one connect().
 Outcome: TypeAlias = Unchanged | Rewritten | Refused
 
 

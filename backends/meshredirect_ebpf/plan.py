@@ -2,7 +2,7 @@
 
 The lowering (:mod:`meshredirect_ebpf.lowering`) turns the IR's nat OUTPUT
 chains into a :class:`Program`: one :class:`Function` per chain, one
-:class:`Step` per rule (a :data:`Condition` and an :data:`Action`), and the
+:class:`Step` per rule (a ``Condition`` and an ``Action``), and the
 sets the conditions look up, as map definitions with their contents. The C
 source (:mod:`meshredirect_ebpf.csource`) is printed from the plan, statement
 for statement, and the reference model (:mod:`meshredirect_ebpf.model`) runs
@@ -107,6 +107,7 @@ class IntegerSet:
         return isinstance(value, int) and any(lo <= value <= hi for lo, hi in self.intervals)
 
 
+#: Every set map: the closed union of what a condition looks up.
 SetMap: TypeAlias = PrefixSet | IntegerSet
 
 # ----------------------------------------------------------------------------- conditions
@@ -154,6 +155,7 @@ class AllOf:
     operands: tuple[Condition, ...]
 
 
+#: Every condition: the closed union the C printer and the model handle in full.
 Condition: TypeAlias = Constant | ProtocolIs | Member | OutputInterface | DestinationIsLocal | Not | AllOf
 
 # ----------------------------------------------------------------------------- actions
@@ -200,6 +202,7 @@ class Nothing:
     """IR ``Continue``: a rule without a verdict."""
 
 
+#: Every action of a step: the closed union the C printer and the model handle in full.
 Action: TypeAlias = ReturnToCaller | AcceptConnection | Deny | RedirectTo | Call | GoTo | Nothing
 
 # ----------------------------------------------------------------------------- structure

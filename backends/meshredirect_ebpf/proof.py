@@ -1,6 +1,6 @@
 """Proof that the program decides as the IR does, for every class of local connections.
 
-The semantics engine (:mod:`meshredirect.semantics`) splits every dimension of
+The semantics engine (``meshredirect.semantics``) splits every dimension of
 a connection at the constants of the ruleset and of the environment into
 classes, and explores them path by path: every test on a dimension goes
 through the explorer, which then also runs the other outcomes. Here the
@@ -23,7 +23,7 @@ What the comparison leaves out, each for a reason:
   ``::`` (the kernel connects to loopback instead), broadcast and multicast.
 
 The environment the program needs (local addresses and routes) is derived
-from the semantics engine's :class:`~meshredirect.semantics.model.Environment`
+from the semantics engine's ``Environment`` (``meshredirect.semantics.model``)
 by :func:`environment_of`, so both sides route alike.
 """
 
@@ -46,7 +46,6 @@ from meshredirect_ebpf.plan import Program
 if TYPE_CHECKING:
     from meshredirect.semantics.explore import Run  # type: ignore[import-not-found]
     from meshredirect.semantics.interpreter import Evaluation  # type: ignore[import-not-found]
-    from meshredirect.semantics.model import Environment as SemanticsEnvironment  # type: ignore[import-not-found]
 
 __all__ = ["Difference", "Proof", "environment_of", "lowered_part", "prove"]
 
@@ -108,7 +107,7 @@ class Proof:
 # ----------------------------------------------------------------------------- the environment
 
 
-def environment_of(env: SemanticsEnvironment) -> Environment:
+def environment_of(env: Any) -> Environment:
     """The program's routing tables for a semantics engine environment: the same routes.
 
     Local: lo's networks (source: lo's first address for loopback ones, else the address itself)
@@ -248,7 +247,7 @@ def _agrees(evaluation: Evaluation, decision: Port | str, version: int, run: Run
     return bool(verdict.port == decision.number)
 
 
-def prove(program: Program, ruleset: Ruleset, env: SemanticsEnvironment) -> Proof:
+def prove(program: Program, ruleset: Ruleset, env: Any) -> Proof:
     """Compare the program (its reference model) with the IR interpreter on every class of local connections.
 
     ``program`` must have been planned in ``environment_of(env)``.

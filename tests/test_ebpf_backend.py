@@ -158,20 +158,22 @@ def test_chains_a_connect_hook_cannot_implement_are_refused_or_left_out_and_list
     assert "- ipv4 mangle OUTPUT (route chain of OUTPUT)\n" in readme
 
 
-def test_a_redirect_udp_can_reach_is_refused_naming_the_rule() -> None:
-    ruleset = compile_policy(Policy(dns={"enabled": True, "capture_all": True}, inbound_ports=""))
-    with pytest.raises(UnsupportedError) as info:
-        EbpfBackend(local_only=True).render(ruleset)
-    assert info.value.reason == (
-        "this REDIRECT can be reached by udp connections; the program redirects TCP only (UDP, as DNS capture needs, "
-        "would take the sendmsg and recvmsg hooks as well)"
-    )
-    assert isinstance(info.value.node, Rule) and info.value.node.matches[-1] == PortMatch(
-        protocol=Protocol.UDP, ports=PortSet.of(53)
-    )
+def test_a_redirect_other_protocols_can_reach_is_refused_naming_the_rule() -> None:
+    # DNS capture redirects UDP: connect() and sendmsg() hooks do that.
+    lower(compile_policy(Policy(dns={"enabled": True, "capture_all": True})), ENV, local_only=True)
     # A redirect without a protocol match can be reached by anything.
-    with pytest.raises(UnsupportedError, match="reached by icmp, ipv6-icmp, other, sctp, udp connections"):
-        lower(nat_output(Rule(target=Redirect(ports=PortSet.of(15001)))), ENV)
+    rule = Rule(target=Redirect(ports=PortSet.of(15001)))
+    with pytest.raises(UnsupportedError) as info:
+        lower(nat_output(rule), ENV)
+    assert info.value.node == rule
+    assert info.value.reason == (
+        "this REDIRECT can be reached by icmp, ipv6-icmp, other, sctp connections; the program redirects TCP and UDP "
+        "only (the protocols whose sockets connect() and sendmsg() hooks rewrite)"
+    )
+    udp = Rule(matches=(ProtocolMatch(protocol=Protocol.UDP),), target=Redirect(ports=PortSet.of(15053)))
+    assert decide(lower(nat_output(udp), ENV), call("1.1.1.1", 53, protocol=Protocol.UDP)) == Rewritten(
+        address=ipaddress.ip_address("127.0.0.1"), port=15053
+    )
 
 
 def test_cycles_and_missing_chains_are_refused() -> None:
@@ -297,7 +299,7 @@ MODEL_CASES: Final = [
     (call("127.0.0.1"), Unchanged(), "loopback destination"),
     (call("127.0.0.1", uid=1337), Unchanged(), "the proxy to loopback"),
     (call("127.0.0.53"), Unchanged(), "127/8 is local: leaves on lo"),
-    (call("93.184.216.34", protocol=Protocol.UDP), Unchanged(), "UDP is never redirected"),
+    (call("93.184.216.34", protocol=Protocol.UDP), Unchanged(), "UDP without DNS capture is not redirected"),
 ]  # fmt: skip
 
 

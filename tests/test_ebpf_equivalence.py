@@ -20,7 +20,6 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 
 from meshredirect.compiler import compile_policy
-from meshredirect.errors import UnsupportedError
 from meshredirect.ir import OwnerMatch, Return, Ruleset
 from meshredirect.policy import DnsCapture, Policy
 from meshredirect.presets import preset
@@ -55,22 +54,17 @@ def _proof(policy: Policy) -> Any:
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(policies(dns=DnsCapture()))
+@given(policies())
 @example(Policy())
 @example(Policy(families="both"))
 @example(preset("istio-1.4"))
 @example(Policy(families="both", inbound_mode="TPROXY", exclude_interfaces="eth1", owner_groups_include="4000"))
+@example(Policy(families="both", dns=DnsCapture(enabled=True, servers=["10.96.0.10", "127.0.0.53", "fd00:10:96::a"])))
+@example(Policy(dns=DnsCapture(enabled=True, capture_all=True), loopback_capture="all"))
 def test_the_model_decides_as_the_ir_for_every_class_of_local_connections(policy: Policy) -> None:
     proof = _proof(policy)
     assert proof.holds, proof.text()
     assert proof.classes > 0 and proof.paths > 0
-
-
-@settings(max_examples=25, deadline=None)
-@given(policies().filter(lambda p: any(p.dns.active_for(f) for f in p.families)))
-def test_policies_with_dns_capture_are_refused_naming_the_udp_redirect(policy: Policy) -> None:
-    with pytest.raises(UnsupportedError, match="this REDIRECT can be reached by udp connections"):
-        _proof(policy)
 
 
 def test_the_proof_finds_a_program_without_the_owner_exemption() -> None:

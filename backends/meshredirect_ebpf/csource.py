@@ -4,19 +4,21 @@ The decision part is printed from the plan: one ``static __always_inline``
 function per chain, one ``if`` per rule, callees before callers. Around it sit
 the hooks, which are the same for every policy:
 
-- ``cgroup/connect4`` and ``cgroup/connect6``: gather what the decision needs
-  (protocol, destination, port, the task's uid/gid, the bound source, the
-  route from the environment's maps), decide, and on a redirect rewrite the
-  destination to loopback and remember the original under the socket cookie.
-  An IPv6 socket connecting to an IPv4-mapped address is an IPv4 connection
-  and gets the IPv4 decision, as netfilter's IPv4 tables see it.
+- ``cgroup/connect4`` and ``cgroup/connect6`` (and ``cgroup/sendmsg4``/``6``
+  for unconnected UDP sockets, DNS queries typically): gather what the
+  decision needs (protocol, destination, port, the task's uid/gid, the bound
+  source, the route from the environment's maps), decide, and on a redirect
+  rewrite the destination to loopback and remember the original under the
+  socket cookie. An IPv6 socket connecting to an IPv4-mapped address is an
+  IPv4 connection and gets the IPv4 decision, as netfilter's IPv4 tables see it.
 - ``sockops`` (active side established): the local port is known now; the
   original destination is filed under the connection's addresses and ports.
 - ``cgroup/getsockopt``: the proxy's ``SO_ORIGINAL_DST`` (``SOL_IP`` and
   ``SOL_IPV6``, option 80) on the accepted socket answers the original
   destination from that map, as conntrack would after a REDIRECT.
-- ``cgroup/getpeername4`` / ``6``: the application sees the address it asked
-  for, not the proxy's, as after netfilter NAT.
+- ``cgroup/getpeername4``/``6`` and ``cgroup/recvmsg4``/``6``: the application
+  sees the address it asked for (its peer; the source of a datagram from the
+  DNS proxy), not the proxy's, as after netfilter NAT.
 
 Names in comments come from the IR and are made harmless for C comments.
 """
@@ -282,8 +284,8 @@ MR_HELPER void mr_fill4(struct mr_conn4 *c, struct bpf_sock_addr *ctx, __u32 dst
 \tc->dport = bpf_ntohs((__u16)ctx->user_port);
 {fill4}}
 
-SEC("cgroup/connect4")
-int mr_connect4(struct bpf_sock_addr *ctx)
+/* connect() of any socket, sendmsg() of an unconnected UDP socket: decide, and on a redirect rewrite. */
+MR_HELPER int mr_sock_addr4(struct bpf_sock_addr *ctx)
 {
 \tstruct mr_original original = {};
 \tstruct mr_conn4 c = {};
@@ -305,8 +307,7 @@ int mr_connect4(struct bpf_sock_addr *ctx)
 \treturn 1;
 }
 
-SEC("cgroup/connect6")
-int mr_connect6(struct bpf_sock_addr *ctx)
+MR_HELPER int mr_sock_addr6(struct bpf_sock_addr *ctx)
 {
 \tstruct mr_original original = {};
 \tstruct bpf_sock *sk = ctx->sk;
@@ -536,7 +537,31 @@ int mr_getsockopt(struct bpf_sockopt *ctx)
 \treturn 1;
 }
 
-/* The application asks whom it is connected to: the address it asked for, not the proxy's. */
+SEC("cgroup/connect4")
+int mr_connect4(struct bpf_sock_addr *ctx)
+{
+\treturn mr_sock_addr4(ctx);
+}
+
+SEC("cgroup/connect6")
+int mr_connect6(struct bpf_sock_addr *ctx)
+{
+\treturn mr_sock_addr6(ctx);
+}
+
+/* An unconnected UDP socket names its destination at every send (DNS queries, typically). */
+SEC("cgroup/sendmsg4")
+int mr_sendmsg4(struct bpf_sock_addr *ctx)
+{
+\treturn mr_sock_addr4(ctx);
+}
+
+SEC("cgroup/sendmsg6")
+int mr_sendmsg6(struct bpf_sock_addr *ctx)
+{
+\treturn mr_sock_addr6(ctx);
+}
+
 MR_HELPER struct mr_original *mr_redirected(struct bpf_sock_addr *ctx)
 {
 \t__u64 cookie = bpf_get_socket_cookie(ctx);
@@ -544,8 +569,9 @@ MR_HELPER struct mr_original *mr_redirected(struct bpf_sock_addr *ctx)
 \treturn bpf_map_lookup_elem(&mr_orig_cookie, &cookie);
 }
 
-SEC("cgroup/getpeername4")
-int mr_getpeername4(struct bpf_sock_addr *ctx)
+/* The proxy's address where the application should see the one it asked for (its peer, or the
+ * source of a datagram): put the original back, as netfilter's NAT does for replies. */
+MR_HELPER int mr_restore4(struct bpf_sock_addr *ctx)
 {
 \tstruct mr_original *original = mr_redirected(ctx);
 
@@ -558,19 +584,24 @@ int mr_getpeername4(struct bpf_sock_addr *ctx)
 \treturn 1;
 }
 
-SEC("cgroup/getpeername6")
-int mr_getpeername6(struct bpf_sock_addr *ctx)
+MR_HELPER int mr_restore6(struct bpf_sock_addr *ctx)
 {
 \tstruct mr_original *original = mr_redirected(ctx);
+\t__u32 peer[4];
 
 \tif (!original || bpf_ntohs((__u16)ctx->user_port) != original->proxy_port)
 \t\treturn 1;
+\tpeer[0] = ctx->user_ip6[0];
+\tpeer[1] = ctx->user_ip6[1];
+\tpeer[2] = ctx->user_ip6[2];
+\tpeer[3] = ctx->user_ip6[3];
 \tif (original->family == 4) {
-\t\tif (ctx->user_ip6[3] != original->proxy_addr[0])
+\t\tif (!mr_is_mapped(peer) || peer[3] != original->proxy_addr[0])
 \t\t\treturn 1;
 \t\tctx->user_ip6[3] = original->addr[0];
 \t} else {
-\t\tif (ctx->user_ip6[3] != original->proxy_addr[3])
+\t\tif (peer[0] != original->proxy_addr[0] || peer[1] != original->proxy_addr[1] ||
+\t\t    peer[2] != original->proxy_addr[2] || peer[3] != original->proxy_addr[3])
 \t\t\treturn 1;
 \t\tctx->user_ip6[0] = original->addr[0];
 \t\tctx->user_ip6[1] = original->addr[1];
@@ -579,6 +610,32 @@ int mr_getpeername6(struct bpf_sock_addr *ctx)
 \t}
 \tctx->user_port = bpf_htons(original->port);
 \treturn 1;
+}
+
+/* The application asks whom it is connected to: the address it asked for, not the proxy's. */
+SEC("cgroup/getpeername4")
+int mr_getpeername4(struct bpf_sock_addr *ctx)
+{
+\treturn mr_restore4(ctx);
+}
+
+SEC("cgroup/getpeername6")
+int mr_getpeername6(struct bpf_sock_addr *ctx)
+{
+\treturn mr_restore6(ctx);
+}
+
+/* A datagram from the DNS proxy reads as coming from the server the application asked. */
+SEC("cgroup/recvmsg4")
+int mr_recvmsg4(struct bpf_sock_addr *ctx)
+{
+\treturn mr_restore4(ctx);
+}
+
+SEC("cgroup/recvmsg6")
+int mr_recvmsg6(struct bpf_sock_addr *ctx)
+{
+\treturn mr_restore6(ctx);
 }
 
 char _license[] SEC("license") = "Apache-2.0";

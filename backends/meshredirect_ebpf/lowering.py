@@ -503,13 +503,13 @@ class _Lowering:
             case Goto():
                 return GoTo(function=self.names(table, target.chain))
             case Redirect():
-                others = _rule_protocols(rule, context) - {Protocol.TCP}
+                others = _rule_protocols(rule, context) - {Protocol.TCP, Protocol.UDP}
                 if others:
                     shown = ", ".join(sorted(p.value if p else "other" for p in others))
                     raise _unsupported(
                         rule,
-                        f"this REDIRECT can be reached by {shown} connections; the program redirects TCP only "
-                        "(UDP, as DNS capture needs, would take the sendmsg and recvmsg hooks as well)",
+                        f"this REDIRECT can be reached by {shown} connections; the program redirects TCP and UDP "
+                        "only (the protocols whose sockets connect() and sendmsg() hooks rewrite)",
                     )
                 if target.ports is None:
                     return RedirectTo(port=None)

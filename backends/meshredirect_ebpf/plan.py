@@ -56,12 +56,16 @@ __all__ = [
 
 #: Section, function name and bpftool cgroup attach type of every program, in the order the C source defines them.
 PROGRAMS: Final = (
-    ("cgroup/connect4", "mr_connect4", "connect4"),
-    ("cgroup/connect6", "mr_connect6", "connect6"),
     ("sockops", "mr_sockops", "sock_ops"),
     ("cgroup/getsockopt", "mr_getsockopt", "getsockopt"),
+    ("cgroup/connect4", "mr_connect4", "connect4"),
+    ("cgroup/connect6", "mr_connect6", "connect6"),
+    ("cgroup/sendmsg4", "mr_sendmsg4", "sendmsg4"),
+    ("cgroup/sendmsg6", "mr_sendmsg6", "sendmsg6"),
     ("cgroup/getpeername4", "mr_getpeername4", "getpeername4"),
     ("cgroup/getpeername6", "mr_getpeername6", "getpeername6"),
+    ("cgroup/recvmsg4", "mr_recvmsg4", "recvmsg4"),
+    ("cgroup/recvmsg6", "mr_recvmsg6", "recvmsg6"),
 )
 
 

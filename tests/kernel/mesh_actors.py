@@ -6,7 +6,10 @@ proxy's uid/gid, reads ``SO_ORIGINAL_DST`` of each accepted connection and forwa
 inbound side from the passthrough address 127.0.0.6 / ::6), answering with what it did and what
 upstream answered. It counts the connections it accepted and stops forwarding after
 ``--max-hops``, so a loop ends by itself. Every accept is logged as a JSON line on stdout.
-``client``: connects to each target as the given uid/gid and prints one JSON list of results.
+``client``: connects to each target as the given uid/gid and prints one JSON list of results; a
+target with ``"udp": true`` sends one datagram (``"connected"``: through connect()) and records
+the answer and the address it came from.
+Servers (``--udp``) and the proxy (``--dns PORT``, UDP and TCP) answer datagrams too.
 
 Importing this module does nothing (pytest imports it to look for doctests).
 """
@@ -74,7 +77,26 @@ def _original_destination(conn: socket.socket, version: int) -> tuple[str, int] 
         return f"SO_ORIGINAL_DST failed: {exc.strerror}"
 
 
+def _answer_datagrams(sock: socket.socket, name: str) -> None:
+    while True:
+        _data, peer = sock.recvfrom(65536)
+        sock.sendto(json.dumps({"who": name, "peer": list(peer[:2])}).encode() + b"\n", peer)
+
+
+def _udp_sockets(addresses: list[str], port: int) -> list[socket.socket]:
+    sockets = []
+    for address in addresses:
+        sock = socket.socket(_family(address), socket.SOCK_DGRAM)
+        if _family(address) == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sockets.append(sock)
+    return sockets
+
+
 def serve(args: argparse.Namespace) -> None:
+    for sock in _udp_sockets(args.listen, args.port) if args.udp else []:
+        threading.Thread(target=_answer_datagrams, args=(sock, args.name), daemon=True).start()
     listeners = []
     for address in args.listen:
         sock = socket.socket(_family(address), socket.SOCK_STREAM)
@@ -110,6 +132,16 @@ def proxy(args: argparse.Namespace) -> None:
             sock.bind((LOOPBACK[version], port))
             sock.listen(128)
             listeners.append((role, version, sock))
+    dns_tcp = []
+    if args.dns:
+        for sock in _udp_sockets(list(LOOPBACK.values()), args.dns):
+            threading.Thread(target=_answer_datagrams, args=(sock, "proxy-dns"), daemon=True).start()
+        for address in LOOPBACK.values():
+            sock = socket.socket(_family(address), socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((address, args.dns))
+            sock.listen(128)
+            dns_tcp.append(sock)
     _drop_to(args.uid, args.gid)
     print(json.dumps({"ready": "proxy", "uid": os.getuid(), "gid": os.getgid()}), flush=True)
 
@@ -146,6 +178,16 @@ def proxy(args: argparse.Namespace) -> None:
             conn, peer = sock.accept()
             threading.Thread(target=handle, args=(role, version, conn, peer), daemon=True).start()
 
+    def dns_loop(sock: socket.socket) -> None:
+        while True:
+            conn, peer = sock.accept()
+            with conn:
+                _read_line(conn)
+                conn.sendall(json.dumps({"who": "proxy-dns", "peer": list(peer[:2])}).encode() + b"\n")
+
+    for sock in dns_tcp:
+        threading.Thread(target=dns_loop, args=(sock,), daemon=True).start()
+
     threads = [threading.Thread(target=loop, args=item, daemon=True) for item in listeners]
     for thread in threads:
         thread.start()
@@ -160,6 +202,9 @@ def client(args: argparse.Namespace) -> None:
     for target in targets:
         family = socket.AF_INET6 if target.get("socket") == 6 or ":" in target["address"] else socket.AF_INET
         result: dict[str, Any] = {"target": target}
+        if target.get("udp"):
+            results.append(_datagram(family, target, result))
+            continue
         try:
             with socket.socket(family, socket.SOCK_STREAM) as sock:
                 sock.settimeout(TIMEOUT)
@@ -174,6 +219,25 @@ def client(args: argparse.Namespace) -> None:
     print(json.dumps(results), flush=True)
 
 
+def _datagram(family: int, target: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(TIMEOUT)
+            address = (target["address"], target["port"])
+            if target.get("connected"):
+                sock.connect(address)
+                result["peer"] = list(sock.getpeername()[:2])
+                sock.send(b"query")
+            else:
+                sock.sendto(b"query", address)
+            data, source = sock.recvfrom(65536)
+            result["from"] = list(source[:2])
+            result["reply"] = json.loads(data)
+    except OSError as exc:
+        result["error"] = str(exc)
+    return result
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="role", required=True)
@@ -181,12 +245,14 @@ def main(argv: list[str]) -> None:
     s.add_argument("--name", required=True)
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--listen", action="append", required=True)
+    s.add_argument("--udp", action="store_true")
     p = sub.add_parser("proxy")
     p.add_argument("--outbound", type=int, default=15001)
     p.add_argument("--inbound", type=int, default=15006)
     p.add_argument("--uid", type=int, default=1337)
     p.add_argument("--gid", type=int, default=1337)
     p.add_argument("--max-hops", type=int, default=5)
+    p.add_argument("--dns", type=int)
     c = sub.add_parser("client")
     c.add_argument("--targets", required=True)
     c.add_argument("--uid", type=int)

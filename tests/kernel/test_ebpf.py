@@ -47,6 +47,8 @@ PROXY: Final = (1337, 1337)
 MAX_HOPS: Final = 4
 READY_SECONDS: Final = 10.0
 ENVIRONMENT: Final = Environment.pod(POD[4], POD[6])
+#: Ports of the remote DNS-like servers (UDP and TCP): 53, and one DNS capture leaves alone.
+DNS_PORTS: Final = (53, 5353)
 
 
 def without_owner_exemptions(ruleset: Ruleset) -> Ruleset:
@@ -131,7 +133,7 @@ def _bpf_ready() -> Iterator[tuple[BpfFilesystem, Path]]:
 
 
 @contextlib.contextmanager
-def mesh(ruleset: Ruleset) -> Iterator[Mesh]:
+def mesh(ruleset: Ruleset, *, dns_port: int | None = None) -> Iterator[Mesh]:
     """Namespaces, cgroup, program attached, servers and proxy running; all removed afterwards."""
     rendering = EbpfBackend(environment=ENVIRONMENT, local_only=True).render(ruleset)
     with _bpf_ready() as (bpffs, work), NetNamespace() as pod, NetNamespace() as remote, Cgroup() as cgroup:
@@ -140,11 +142,18 @@ def mesh(ruleset: Ruleset) -> Iterator[Mesh]:
         world = Mesh(pod=pod, remote=remote, cgroup=cgroup, loaded=loaded)
         try:
             loaded.attach(cgroup.path)
+            listen = ["--listen", "0.0.0.0", "--listen", "::"]
             for port in PORTS:
-                listen = ["--listen", "0.0.0.0", "--listen", "::"]
                 world.start(remote, ["server", "--name", "remote", "--port", str(port), *listen], in_cgroup=False)
                 world.start(pod, ["server", "--name", "pod", "--port", str(port), *listen])
-            world.start(pod, ["proxy", "--max-hops", str(MAX_HOPS)])
+            proxy = ["proxy", "--max-hops", str(MAX_HOPS)]
+            if dns_port is not None:
+                proxy += ["--dns", str(dns_port)]
+                for port in DNS_PORTS:
+                    world.start(
+                        remote, ["server", "--name", "remote", "--udp", "--port", str(port), *listen], in_cgroup=False
+                    )
+            world.start(pod, proxy)
             yield world
         finally:
             world.stop()
@@ -205,6 +214,33 @@ def test_without_the_owner_exemption_the_proxy_loops_until_its_hop_limit() -> No
         assert reply["who"] == "proxy-outbound"
         reply, depth = reply["upstream"], depth + 1
     assert reply["error"] == "hop limit" and depth == MAX_HOPS
+
+
+def test_dns_queries_reach_the_proxys_resolver_and_answers_come_from_the_server_asked() -> None:
+    policy = Policy(families="both", dns={"enabled": True, "servers": [REMOTE[4], REMOTE[6]]})
+    udp = {"udp": True}
+    with mesh(compile_policy(policy), dns_port=policy.dns.port) as world:
+        connected, unconnected, unconnected6, other_port, tcp = world.connect(
+            APP,
+            [
+                _target(REMOTE[4], 53, connected=True, **udp),
+                _target(REMOTE[4], 53, **udp),
+                _target(REMOTE[6], 53, **udp),
+                _target(REMOTE[4], 5353, **udp),
+                _target(REMOTE[4], 53),
+            ],
+        )
+        (proxy_query,) = world.connect(PROXY, [_target(REMOTE[4], 53, **udp)])
+    # connect() and sendto() of the app's UDP sockets go to the proxy's resolver on 15053; the answer
+    # reads as coming from the server the app asked (recvmsg), and so does the connected peer.
+    for result, version in ((connected, 4), (unconnected, 4), (unconnected6, 6)):
+        assert result["reply"]["who"] == "proxy-dns", result
+        assert result["from"] == [REMOTE[version], 53], result
+    assert connected["peer"] == [REMOTE[4], 53]
+    # TCP to port 53 is captured as well; UDP to another port and the proxy's own queries are not.
+    assert tcp["reply"]["who"] == "proxy-dns"
+    assert other_port["reply"]["who"] == "remote" and other_port["from"] == [REMOTE[4], 5353]
+    assert proxy_query["reply"] == {"who": "remote", "peer": [POD[4], proxy_query["reply"]["peer"][1]]}
 
 
 # ----------------------------------------------------------------------------- the kernel agrees with the model

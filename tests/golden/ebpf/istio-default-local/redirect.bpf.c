@@ -506,8 +506,8 @@ MR_HELPER void mr_fill4(struct mr_conn4 *c, struct bpf_sock_addr *ctx, __u32 dst
 	mr_route_of4(c);
 }
 
-SEC("cgroup/connect4")
-int mr_connect4(struct bpf_sock_addr *ctx)
+/* connect() of any socket, sendmsg() of an unconnected UDP socket: decide, and on a redirect rewrite. */
+MR_HELPER int mr_sock_addr4(struct bpf_sock_addr *ctx)
 {
 	struct mr_original original = {};
 	struct mr_conn4 c = {};
@@ -529,8 +529,7 @@ int mr_connect4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-SEC("cgroup/connect6")
-int mr_connect6(struct bpf_sock_addr *ctx)
+MR_HELPER int mr_sock_addr6(struct bpf_sock_addr *ctx)
 {
 	struct mr_original original = {};
 	struct bpf_sock *sk = ctx->sk;
@@ -766,7 +765,31 @@ int mr_getsockopt(struct bpf_sockopt *ctx)
 	return 1;
 }
 
-/* The application asks whom it is connected to: the address it asked for, not the proxy's. */
+SEC("cgroup/connect4")
+int mr_connect4(struct bpf_sock_addr *ctx)
+{
+	return mr_sock_addr4(ctx);
+}
+
+SEC("cgroup/connect6")
+int mr_connect6(struct bpf_sock_addr *ctx)
+{
+	return mr_sock_addr6(ctx);
+}
+
+/* An unconnected UDP socket names its destination at every send (DNS queries, typically). */
+SEC("cgroup/sendmsg4")
+int mr_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return mr_sock_addr4(ctx);
+}
+
+SEC("cgroup/sendmsg6")
+int mr_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return mr_sock_addr6(ctx);
+}
+
 MR_HELPER struct mr_original *mr_redirected(struct bpf_sock_addr *ctx)
 {
 	__u64 cookie = bpf_get_socket_cookie(ctx);
@@ -774,8 +797,9 @@ MR_HELPER struct mr_original *mr_redirected(struct bpf_sock_addr *ctx)
 	return bpf_map_lookup_elem(&mr_orig_cookie, &cookie);
 }
 
-SEC("cgroup/getpeername4")
-int mr_getpeername4(struct bpf_sock_addr *ctx)
+/* The proxy's address where the application should see the one it asked for (its peer, or the
+ * source of a datagram): put the original back, as netfilter's NAT does for replies. */
+MR_HELPER int mr_restore4(struct bpf_sock_addr *ctx)
 {
 	struct mr_original *original = mr_redirected(ctx);
 
@@ -788,19 +812,24 @@ int mr_getpeername4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-SEC("cgroup/getpeername6")
-int mr_getpeername6(struct bpf_sock_addr *ctx)
+MR_HELPER int mr_restore6(struct bpf_sock_addr *ctx)
 {
 	struct mr_original *original = mr_redirected(ctx);
+	__u32 peer[4];
 
 	if (!original || bpf_ntohs((__u16)ctx->user_port) != original->proxy_port)
 		return 1;
+	peer[0] = ctx->user_ip6[0];
+	peer[1] = ctx->user_ip6[1];
+	peer[2] = ctx->user_ip6[2];
+	peer[3] = ctx->user_ip6[3];
 	if (original->family == 4) {
-		if (ctx->user_ip6[3] != original->proxy_addr[0])
+		if (!mr_is_mapped(peer) || peer[3] != original->proxy_addr[0])
 			return 1;
 		ctx->user_ip6[3] = original->addr[0];
 	} else {
-		if (ctx->user_ip6[3] != original->proxy_addr[3])
+		if (peer[0] != original->proxy_addr[0] || peer[1] != original->proxy_addr[1] ||
+		    peer[2] != original->proxy_addr[2] || peer[3] != original->proxy_addr[3])
 			return 1;
 		ctx->user_ip6[0] = original->addr[0];
 		ctx->user_ip6[1] = original->addr[1];
@@ -809,6 +838,32 @@ int mr_getpeername6(struct bpf_sock_addr *ctx)
 	}
 	ctx->user_port = bpf_htons(original->port);
 	return 1;
+}
+
+/* The application asks whom it is connected to: the address it asked for, not the proxy's. */
+SEC("cgroup/getpeername4")
+int mr_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return mr_restore4(ctx);
+}
+
+SEC("cgroup/getpeername6")
+int mr_getpeername6(struct bpf_sock_addr *ctx)
+{
+	return mr_restore6(ctx);
+}
+
+/* A datagram from the DNS proxy reads as coming from the server the application asked. */
+SEC("cgroup/recvmsg4")
+int mr_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return mr_restore4(ctx);
+}
+
+SEC("cgroup/recvmsg6")
+int mr_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return mr_restore6(ctx);
 }
 
 char _license[] SEC("license") = "Apache-2.0";

@@ -194,33 +194,36 @@ def test_a_redirect_to_several_ports_is_refused() -> None:
 # ----------------------------------------------------------------------------- kernel limits
 
 
-def test_a_set_larger_than_a_hash_map_can_hold_is_refused() -> None:
+def test_sets_larger_than_a_hash_map_can_hold_are_refused() -> None:
     huge = OwnerMatch(kind=OwnerKind.UID, ids=IdSet.of((1, HASH_ENTRIES_MAX + 1)))
     with pytest.raises(UnsupportedError) as info:
         lower(nat_output(Rule(matches=(huge,), target=Return())), ENV)
     assert info.value.node == huge
     assert info.value.reason == (
-        "its set holds 134217729 values; a hash map holds at most 134217728 "
-        "(kernel/bpf/hashtab.c: U32_MAX / sizeof(struct bucket) buckets)"
+        "the policy's uid and gid sets hold 134217729 values together with this one; their hash map holds at most "
+        "134217728 (kernel/bpf/hashtab.c: U32_MAX / sizeof(struct bucket) buckets)"
     )
-    # One value fewer fits (counted from the intervals: nothing is expanded before the check).
+    # One value fewer fits (counted from the intervals: nothing is expanded before the check)...
     fits = OwnerMatch(kind=OwnerKind.UID, ids=IdSet.of((1, HASH_ENTRIES_MAX)))
     assert lower(nat_output(Rule(matches=(fits,), target=Return())), ENV).sets[0].size == HASH_ENTRIES_MAX
+    # ... but the sets of a kind share their map: together they must fit.
+    second = OwnerMatch(kind=OwnerKind.GID, ids=IdSet.of(1, 2))
+    with pytest.raises(UnsupportedError, match="hold 134217730 values together with this one") as info:
+        lower(nat_output(Rule(matches=(fits,), target=Return()), Rule(matches=(second,), target=Return())), ENV)
+    assert info.value.node == second
 
 
-def test_more_maps_than_one_program_may_use_are_refused() -> None:
+def test_many_sets_share_one_map_per_kind() -> None:
     rules = [
-        Rule(matches=(PortMatch(protocol=Protocol.TCP, ports=PortSet.of(1000 + n)),), target=Return())
-        for n in range(MAPS_PER_PROGRAM_MAX)
+        Rule(matches=(PortMatch(protocol=Protocol.TCP, ports=PortSet.of(1000 + n, 3000 + n)),), target=Return())
+        for n in range(MAPS_PER_PROGRAM_MAX * 2)
     ]
-    with pytest.raises(UnsupportedError) as info:
-        lower(nat_output(*rules), ENV)
-    assert info.value.node == rules[MAPS_PER_PROGRAM_MAX - 5].matches[0]
-    assert info.value.reason == (
-        "the policy needs 60 set maps plus 5 fixed ones in connect6, and the kernel lets one program use at most 64 "
-        "maps (MAX_USED_MAPS)"
-    )
-    # Equal sets share one map.
+    program = lower(nat_output(*rules), ENV)
+    assert len(program.sets) == 128
+    maps = {m.name: m for m in map_definitions(program)}
+    assert len(maps) == 10 <= MAPS_PER_PROGRAM_MAX
+    assert len(maps["mr_ports"].entries) == 256
+    # Equal sets share one set.
     same = [Rule(matches=(PortMatch(protocol=Protocol.TCP, ports=PortSet.of(7)),), target=Return())] * 100
     assert len(lower(nat_output(*same), ENV).sets) == 1
 
@@ -247,8 +250,14 @@ def test_keys_and_values_are_laid_out_as_the_c_structs() -> None:
     assert lpm_key(ipaddress.ip_network("fd00::/8")).hex(" ") == "08 00 00 00 fd" + " 00" * 15
     program = lower(compile_policy(Policy(families="both")), ENV, local_only=True)
     entries = {m.name: m for m in map_definitions(program)}
-    assert [e.key.hex(" ") for e in entries["mr_p_0"].entries] == ["a0 3a"]  # 15008, little-endian
-    assert [e.key.hex(" ") for e in entries["mr_id_0"].entries] == ["39 05 00 00"]  # 1337
+    # struct mr_port_key {u16 set; u16 port}: set 0, port 15008, little-endian.
+    assert [(e.label, e.key.hex(" ")) for e in entries["mr_ports"].entries] == [("p_0: 15008", "00 00 a0 3a")]
+    assert [(e.label, e.key.hex(" ")) for e in entries["mr_ids"].entries] == [("id_0: 1337", "00 00 00 00 39 05 00 00")]
+    # struct mr_set4_key: prefix length 32 + 32 (the set number counts), set 1 in network order, address.
+    assert [(e.label, e.key.hex(" ")) for e in entries["mr_sets4"].entries] == [
+        ("a4_0: 127.0.0.6/32", "40 00 00 00 00 00 00 00 7f 00 00 06"),
+        ("a4_1: 127.0.0.1/32", "40 00 00 00 00 00 00 01 7f 00 00 01"),
+    ]
     assert [e.label for e in entries["mr_local6"].entries] == [
         "::1/128 -> lo, source ::1",
         "fd00::5/128 -> lo, source fd00::5",
@@ -269,12 +278,10 @@ def test_the_maps_document_holds_every_map_the_c_declares_with_its_entries() -> 
 
 
 def test_port_and_id_ranges_are_expanded_into_their_hash_maps() -> None:
-    program = lower(
-        compile_policy(Policy(outbound_ports_exclude="8000-8002,9000", inbound_ports="")), ENV, local_only=True
-    )
-    ports = next(m for m in map_definitions(program) if m.entries and m.key_size == 2 and len(m.entries) > 1)
-    assert [e.label for e in ports.entries] == ["8000", "8001", "8002", "9000"]
-    assert ports.max_entries == 4
+    program = lower(compile_policy(Policy(outbound_ports_exclude="8000-8002,9000", inbound_ports="")), ENV)
+    ports = next(m for m in map_definitions(program) if m.name == "mr_ports")
+    assert [e.label for e in ports.entries] == ["p_0: 8000", "p_0: 8001", "p_0: 8002", "p_0: 9000", "p_1: 15008"]
+    assert ports.max_entries == 5
 
 
 # ----------------------------------------------------------------------------- the reference model

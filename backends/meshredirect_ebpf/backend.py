@@ -187,4 +187,7 @@ def readme(program: Program) -> str:
         f"- `{m.name}` ({m.map_type}, {len(m.entries)}/{m.max_entries} entries, {m.filled_by}): {m.purpose}"
         for m in map_definitions(program)
     ]
+    if program.sets:
+        lines += ["", "## The policy's sets", ""]
+        lines += [f"- `{item.name}` (number {item.index}): {item.purpose}" for item in program.sets]
     return "\n".join(lines) + "\n"

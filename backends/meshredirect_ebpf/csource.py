@@ -109,6 +109,30 @@ struct mr_lpm6_key {
 \t__u32 addr[4];
 };
 
+/* A member of one of the policy's sets: the set's number, then the value. LPM keys count the 32
+ * bits of the set number (network order) in their prefix length. */
+struct mr_set4_key {
+\t__u32 prefixlen;
+\t__u32 set;
+\t__u32 addr;
+};
+
+struct mr_set6_key {
+\t__u32 prefixlen;
+\t__u32 set;
+\t__u32 addr[4];
+};
+
+struct mr_port_key {
+\t__u16 set;
+\t__u16 port;
+};
+
+struct mr_id_key {
+\t__u32 set;
+\t__u32 id;
+};
+
 /* A route: the interface number (see the maps document) and the preferred source. */
 struct mr_route4 {
 \t__u32 interface;
@@ -165,32 +189,36 @@ struct mr_conn6 {
 """
 
 HELPERS: Final = """\
-MR_HELPER int mr_member4(void *map, __u32 addr)
+MR_HELPER int mr_member4(__u32 set, __u32 addr)
 {
-\tstruct mr_lpm4_key key = { .prefixlen = 32, .addr = addr };
+\tstruct mr_set4_key key = { .prefixlen = 64, .set = bpf_htonl(set), .addr = addr };
 
-\treturn bpf_map_lookup_elem(map, &key) != 0;
+\treturn bpf_map_lookup_elem(&mr_sets4, &key) != 0;
 }
 
-MR_HELPER int mr_member6(void *map, const __u32 *addr)
+MR_HELPER int mr_member6(__u32 set, const __u32 *addr)
 {
-\tstruct mr_lpm6_key key = { .prefixlen = 128 };
+\tstruct mr_set6_key key = { .prefixlen = 160, .set = bpf_htonl(set) };
 
 \tkey.addr[0] = addr[0];
 \tkey.addr[1] = addr[1];
 \tkey.addr[2] = addr[2];
 \tkey.addr[3] = addr[3];
-\treturn bpf_map_lookup_elem(map, &key) != 0;
+\treturn bpf_map_lookup_elem(&mr_sets6, &key) != 0;
 }
 
-MR_HELPER int mr_member16(void *map, __u16 value)
+MR_HELPER int mr_member16(__u16 set, __u16 port)
 {
-\treturn bpf_map_lookup_elem(map, &value) != 0;
+\tstruct mr_port_key key = { .set = set, .port = port };
+
+\treturn bpf_map_lookup_elem(&mr_ports, &key) != 0;
 }
 
-MR_HELPER int mr_member32(void *map, __u32 value)
+MR_HELPER int mr_member32(__u32 set, __u32 id)
 {
-\treturn bpf_map_lookup_elem(map, &value) != 0;
+\tstruct mr_id_key key = { .set = set, .id = id };
+
+\treturn bpf_map_lookup_elem(&mr_ids, &key) != 0;
 }
 
 MR_HELPER int mr_is_mapped(const __u32 *addr)
@@ -673,9 +701,9 @@ class _Printer:
                 item = self.program.set_map(condition.map)
                 value = self.value(condition.field, family)
                 if condition.field in (Field.DESTINATION, Field.SOURCE):
-                    return f"mr_member{family.version}(&{item.name}, {value})"
+                    return f"mr_member{family.version}({item.index} /* {item.name} */, {value})"
                 bits = 16 if condition.field is Field.DESTINATION_PORT else 32
-                return f"mr_member{bits}(&{item.name}, {value})"
+                return f"mr_member{bits}({item.index} /* {item.name} */, {value})"
             case OutputInterface():
                 tests = [
                     f"c->oif == {self.program.environment.interface_id(n)} /* {_comment(n)} */"

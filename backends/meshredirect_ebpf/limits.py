@@ -23,9 +23,11 @@ __all__ = [
     "MAPS_PER_PROGRAM_MAX",
     "MAP_ENTRIES_MAX",
     "OBJECT_NAME_MAX",
+    "PORT_SETS_MAX",
 ]
 
 #: ``MAX_USED_MAPS`` (kernel/bpf/verifier.c): the verifier refuses a program that references more maps.
+#: The program has a fixed set of ten (every set of a kind shares one map), so a policy cannot reach it.
 MAPS_PER_PROGRAM_MAX: Final = 64
 #: ``BPF_OBJ_NAME_LEN`` is 16 with the terminating NUL: longer map and program names are cut.
 OBJECT_NAME_MAX: Final = 15
@@ -39,6 +41,9 @@ LPM_DATA_BYTES_MAX: Final = 256
 
 # Capacities we choose for maps filled after loading (they bound, not allocate: LPM tries and
 # hash maps without preallocation use memory per entry present).
+
+#: The set number in a port key is 16 bits wide (the key is 4 bytes: set, port).
+PORT_SETS_MAX: Final = 2**16
 
 #: Local addresses of the node (its local routing table).
 LOCAL_ROUTE_ENTRIES: Final = 256

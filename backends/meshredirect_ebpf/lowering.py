@@ -88,7 +88,7 @@ from meshredirect.ir import (
 )
 from meshredirect.values import IPNetwork
 from meshredirect_ebpf.environment import Environment
-from meshredirect_ebpf.limits import HASH_ENTRIES_MAX, MAPS_PER_PROGRAM_MAX, OBJECT_NAME_MAX
+from meshredirect_ebpf.limits import HASH_ENTRIES_MAX, PORT_SETS_MAX
 from meshredirect_ebpf.plan import (
     AcceptConnection,
     Action,
@@ -117,12 +117,9 @@ from meshredirect_ebpf.plan import (
     Step,
 )
 
-__all__ = ["FIXED_MAPS", "lower"]
+__all__ = ["lower"]
 
 BACKEND: Final = "ebpf"
-#: Maps every connect program references besides the policy's sets: the local and main routing
-#: tables of both families (connect6 decides IPv4-mapped destinations too) and the state map.
-FIXED_MAPS: Final = 5
 #: The protocols whose sockets call connect(); None stands for every other protocol.
 ANY_PROTOCOL: Final[frozenset[Protocol | None]] = frozenset({*Protocol, None})
 #: How many members of a set a comment shows.
@@ -140,7 +137,7 @@ def lower(ruleset: Ruleset, environment: Environment, *, local_only: bool = Fals
     >>> [f.chain for f in program.decisions[0].functions]
     ['ISTIO_IN_REDIRECT', 'ISTIO_REDIRECT', 'ISTIO_OUTPUT', 'OUTPUT']
     >>> [s.name for s in program.sets]
-    ['mr_a4_0', 'mr_a4_1', 'mr_p_0', 'mr_id_0']
+    ['a4_0', 'a4_1', 'p_0', 'id_0']
     """
     return _Lowering(ruleset, environment, local_only=local_only).program()
 
@@ -539,20 +536,11 @@ class _Lowering:
 
     # -- maps ----------------------------------------------------------------------
 
-    def _name(self, kind: str) -> str:
+    def _name(self, kind: str) -> tuple[str, int]:
+        """A new set's name and its number among the sets of its map."""
         n = self.counters.get(kind, 0)
         self.counters[kind] = n + 1
-        name = f"mr_{kind}_{n}"
-        assert len(name) <= OBJECT_NAME_MAX, name
-        return name
-
-    def _check_count(self, node: object) -> None:
-        if len(self.sets) + FIXED_MAPS > MAPS_PER_PROGRAM_MAX:
-            raise _unsupported(
-                node,
-                f"the policy needs {len(self.sets)} set maps plus {FIXED_MAPS} fixed ones in connect6, and the kernel "
-                f"lets one program use at most {MAPS_PER_PROGRAM_MAX} maps (MAX_USED_MAPS)",
-            )
+        return f"{kind}_{n}", n
 
     def prefix_set(self, family: Family, networks: tuple[IPNetwork, ...], purpose: str, node: object) -> PrefixSet:
         key: tuple[object, ...] = ("prefix", family.version, networks)
@@ -566,11 +554,9 @@ class _Lowering:
             )
             self.sets[key] = merged
             return merged
-        created = PrefixSet(
-            name=self._name(f"a{family.version}"), version=family.version, networks=networks, purpose=purpose
-        )
+        name, index = self._name(f"a{family.version}")
+        created = PrefixSet(name=name, index=index, version=family.version, networks=networks, purpose=purpose)
         self.sets[key] = created
-        self._check_count(node)
         return created
 
     def integer_set(self, bits: int, intervals: tuple[tuple[int, int], ...], purpose: str, node: object) -> IntegerSet:
@@ -585,17 +571,22 @@ class _Lowering:
             )
             self.sets[key] = merged
             return merged
-        created = IntegerSet(
-            name=self._name("p" if bits == 16 else "id"), bits=bits, intervals=intervals, purpose=purpose
-        )
-        if created.size > HASH_ENTRIES_MAX:
+        kind = "p" if bits == 16 else "id"
+        if kind == "p" and self.counters.get(kind, 0) >= PORT_SETS_MAX:
+            raise _unsupported(
+                node, f"more than {PORT_SETS_MAX} distinct port sets (the key holds a 16-bit set number)"
+            )
+        name, index = self._name(kind)
+        created = IntegerSet(name=name, index=index, bits=bits, intervals=intervals, purpose=purpose)
+        total = created.size + sum(s.size for s in self.sets.values() if isinstance(s, IntegerSet) and s.bits == bits)
+        if total > HASH_ENTRIES_MAX:
+            what = "port" if bits == 16 else "uid and gid"
             raise _unsupported(
                 node,
-                f"its set holds {created.size} values; a hash map holds at most {HASH_ENTRIES_MAX} "
-                "(kernel/bpf/hashtab.c: U32_MAX / sizeof(struct bucket) buckets)",
+                f"the policy's {what} sets hold {total} values together with this one; their hash map holds at most "
+                f"{HASH_ENTRIES_MAX} (kernel/bpf/hashtab.c: U32_MAX / sizeof(struct bucket) buckets)",
             )
         self.sets[key] = created
-        self._check_count(node)
         return created
 
 

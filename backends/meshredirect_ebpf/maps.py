@@ -8,7 +8,7 @@ stores them, addresses and LPM prefixes in network order as the kernel wants).
 >>> from meshredirect_ebpf.plan import Program
 >>> maps = map_definitions(Program(decisions=(), sets=(), environment=Environment.pod("10.0.0.5")))
 >>> [m.name for m in maps]
-['mr_local4', 'mr_local6', 'mr_route4', 'mr_route6', 'mr_orig_cookie', 'mr_orig_tuple']
+['mr_local4', 'mr_local6', 'mr_route4', 'mr_route6', 'mr_orig_cookie', 'mr_orig_tuple', 'mr_sets4', 'mr_sets6', 'mr_ports', 'mr_ids']
 >>> [(e.label, e.key.hex(" "), e.value.hex(" ")) for e in maps[0].entries][1]
 ('10.0.0.5/32 -> lo, source 10.0.0.5', '20 00 00 00 0a 00 00 05', '01 00 00 00 0a 00 00 05')
 """
@@ -16,7 +16,7 @@ stores them, addresses and LPM prefixes in network order as the kernel wants).
 from __future__ import annotations
 
 import json
-from typing import Final, assert_never
+from typing import Final
 
 import attrs
 
@@ -28,10 +28,11 @@ from meshredirect_ebpf.limits import (
     LOCAL_ROUTE_ENTRIES,
     MAIN_ROUTE_ENTRIES,
     MAP_ENTRIES_MAX,
+    MAPS_PER_PROGRAM_MAX,
 )
-from meshredirect_ebpf.plan import PROGRAMS, ConnectionState, IntegerSet, PrefixSet, Program, SetMap
+from meshredirect_ebpf.plan import PROGRAMS, ConnectionState, IntegerSet, PrefixSet, Program
 
-__all__ = ["FORMAT", "MapDefinition", "MapEntry", "map_definitions", "maps_document"]
+__all__ = ["FORMAT", "MapDefinition", "MapEntry", "map_definitions", "maps_document", "read_entries", "set_key"]
 
 #: Identifies the JSON document's layout.
 FORMAT: Final = "meshredirect-ebpf-maps/1"
@@ -39,6 +40,8 @@ FORMAT: Final = "meshredirect-ebpf-maps/1"
 NO_PREALLOC: Final = 1
 #: The value every set member maps to.
 PRESENT: Final = b"\x01"
+#: Bits of the set number in front of an LPM key's prefix.
+SET_BITS: Final = 32
 #: sizeof(struct mr_original) and sizeof(struct mr_tuple) in the generated C.
 ORIGINAL_SIZE: Final = 40
 TUPLE_SIZE: Final = 40
@@ -100,45 +103,71 @@ def _route_label(route: Route) -> str:
     return f"{route.network} -> {route.interface}{source}"
 
 
-def _set_definition(item: SetMap) -> MapDefinition:
-    match item:
-        case PrefixSet():
-            size = 4 + (4 if item.version == 4 else 16)
-            return MapDefinition(
-                name=item.name,
+def set_key(item: PrefixSet | IntegerSet, member: IPNetwork | int) -> bytes:
+    """The key of one member of a set in its shared map.
+
+    Prefix sets (``struct mr_set{4,6}_key``): the prefix length counts the 32 bits of the set
+    number, which comes first in network order so that LPM matching sees it before the address.
+    Ports (``struct mr_port_key``) and ids (``struct mr_id_key``): the set number, then the value,
+    as the machine stores them.
+    """
+    if isinstance(item, PrefixSet):
+        assert not isinstance(member, int)
+        return _u32(SET_BITS + member.prefixlen) + item.index.to_bytes(4, "big") + member.network_address.packed
+    assert isinstance(member, int)
+    width = item.bits // 8
+    return item.index.to_bytes(width, "little") + member.to_bytes(width, "little")
+
+
+def _sets_definitions(program: Program) -> list[MapDefinition]:
+    prefix = {v: [s for s in program.sets if isinstance(s, PrefixSet) and s.version == v] for v in (4, 6)}
+    integer = {b: [s for s in program.sets if isinstance(s, IntegerSet) and s.bits == b] for b in (16, 32)}
+    maps = []
+    for version in (4, 6):
+        entries = tuple(
+            MapEntry(label=f"{item.name}: {network}", key=set_key(item, network), value=PRESENT)
+            for item in prefix[version]
+            for network in item.networks
+        )
+        size = 4 + 4 + (4 if version == 4 else 16)
+        maps.append(
+            MapDefinition(
+                name=f"mr_sets{version}",
                 map_type="lpm_trie",
-                key_type=f"struct mr_lpm{item.version}_key",
+                key_type=f"struct mr_set{version}_key",
                 value_type="__u8",
                 key_size=size,
                 value_size=1,
-                max_entries=max(1, len(item.networks)),
+                max_entries=max(1, len(entries)),
                 flags=NO_PREALLOC,
                 filled_by="policy",
-                purpose=item.purpose,
-                entries=tuple(MapEntry(label=str(n), key=lpm_key(n), value=PRESENT) for n in item.networks),
+                purpose=f"every IPv{version} address set of the rules (key: set number, prefix)",
+                entries=entries,
             )
-        case IntegerSet():
-            width = item.bits // 8
-            entries = tuple(
-                MapEntry(label=str(v), key=v.to_bytes(width, "little"), value=PRESENT)
-                for lo, hi in item.intervals
-                for v in range(lo, hi + 1)
-            )
-            return MapDefinition(
-                name=item.name,
+        )
+    for bits, name, what in ((16, "mr_ports", "port"), (32, "mr_ids", "uid and gid")):
+        entries = tuple(
+            MapEntry(label=f"{item.name}: {value}", key=set_key(item, value), value=PRESENT)
+            for item in integer[bits]
+            for lo, hi in item.intervals
+            for value in range(lo, hi + 1)
+        )
+        maps.append(
+            MapDefinition(
+                name=name,
                 map_type="hash",
-                key_type=f"__u{item.bits}",
+                key_type="struct mr_port_key" if bits == 16 else "struct mr_id_key",
                 value_type="__u8",
-                key_size=width,
+                key_size=2 * bits // 8,
                 value_size=1,
                 max_entries=max(1, len(entries)),
                 flags=0,
                 filled_by="policy",
-                purpose=item.purpose,
+                purpose=f"every {what} set of the rules (key: set number, value)",
                 entries=entries,
             )
-        case _:
-            assert_never(item)
+        )
+    return maps
 
 
 def _route_definition(
@@ -172,7 +201,8 @@ def _route_definition(
 
 
 def map_definitions(program: Program) -> tuple[MapDefinition, ...]:
-    """Every map the C source declares, in declaration order: routing tables, connection state, then sets."""
+    """Every map the C source declares, in declaration order: routing tables, connection state, then the
+    policy's sets (one map per kind)."""
     env = program.environment
     maps = [
         _route_definition("mr_local4", 4, env.local, env, local=True),
@@ -204,7 +234,8 @@ def map_definitions(program: Program) -> tuple[MapDefinition, ...]:
             purpose="addresses and ports of a redirected connection -> its original destination (SO_ORIGINAL_DST)",
         ),
     ]
-    maps += [_set_definition(item) for item in program.sets]
+    maps += _sets_definitions(program)
+    assert len(maps) <= MAPS_PER_PROGRAM_MAX
     return tuple(maps)
 
 
@@ -217,6 +248,10 @@ def maps_document(program: Program) -> str:
         "format": FORMAT,
         "programs": [{"name": name, "section": section, "attach": attach} for section, name, attach in PROGRAMS],
         "interfaces": {"0": "(no route)", **interfaces},
+        "sets": [
+            {"name": item.name, "map": _map_of(item), "number": item.index, "purpose": item.purpose}
+            for item in program.sets
+        ],
         "maps": [
             {
                 "name": m.name,
@@ -233,6 +268,12 @@ def maps_document(program: Program) -> str:
         ],
     }
     return json.dumps(document, indent=1) + "\n"
+
+
+def _map_of(item: PrefixSet | IntegerSet) -> str:
+    if isinstance(item, PrefixSet):
+        return f"mr_sets{item.version}"
+    return "mr_ports" if item.bits == 16 else "mr_ids"
 
 
 def read_entries(document: str) -> dict[str, tuple[MapEntry, ...]]:

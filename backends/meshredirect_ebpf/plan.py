@@ -86,9 +86,14 @@ class Field(enum.Enum):
 
 @attrs.frozen(kw_only=True)
 class PrefixSet:
-    """An LPM trie of IPv4 or IPv6 prefixes: an address is a member when some prefix covers it."""
+    """IPv4 or IPv6 prefixes: an address is a member when some prefix covers it.
+
+    Every prefix set of a family lives in one LPM trie (``mr_sets4``/``mr_sets6``), under its
+    ``index``: the key is the set's number, then the prefix.
+    """
 
     name: str
+    index: int
     version: int
     networks: tuple[IPNetwork, ...]
     purpose: str
@@ -96,9 +101,14 @@ class PrefixSet:
 
 @attrs.frozen(kw_only=True)
 class IntegerSet:
-    """A hash map of 16-bit ports or 32-bit ids (ranges expanded: a hash holds single keys)."""
+    """16-bit ports or 32-bit ids (ranges expanded: a hash holds single keys).
+
+    Every port set lives in one hash map (``mr_ports``), every uid/gid set in another (``mr_ids``),
+    under its ``index``: the key is the set's number, then the value.
+    """
 
     name: str
+    index: int
     bits: int
     intervals: tuple[tuple[int, int], ...]
     purpose: str
@@ -131,7 +141,7 @@ class ProtocolIs:
 
 @attrs.frozen(kw_only=True)
 class Member:
-    """The connection's ``field`` is in the set map ``map``."""
+    """The connection's ``field`` is in the set called ``map``."""
 
     field: Field
     map: str

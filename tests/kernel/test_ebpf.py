@@ -23,14 +23,14 @@ from typing import Any, Final
 
 import attrs
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 
 from conftest import require_kernel
 from meshredirect.apply.ebpf import BpfFilesystem, LoadedProgram, bpf_refused, load
 from meshredirect.backend import Rendering
 from meshredirect.compiler import compile_policy
 from meshredirect.ir import Family, OwnerMatch, Return, Ruleset
-from meshredirect.policy import DnsCapture, Policy
+from meshredirect.policy import Policy
 from meshredirect.testing.cgroup import Cgroup
 from meshredirect.testing.netns import NetNamespace
 from meshredirect_ebpf import ConnectCall, EbpfBackend, Environment, Rewritten, Unchanged, decide
@@ -322,7 +322,8 @@ def test_the_kernel_does_what_the_reference_model_says(name: str) -> None:
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(policies(dns=DnsCapture()))
+@given(policies())
+@example(Policy(one_rule_per_port=True, outbound_ports_exclude=list(range(20000, 20160, 2))))  # 80 port sets
 def test_generated_policies_load_into_the_kernel(policy: Policy) -> None:
     rendering: Rendering = EbpfBackend(environment=ENVIRONMENT, local_only=True).render(compile_policy(policy))
     with _bpf_ready() as (bpffs, work):

@@ -39,6 +39,30 @@ struct mr_lpm6_key {
 	__u32 addr[4];
 };
 
+/* A member of one of the policy's sets: the set's number, then the value. LPM keys count the 32
+ * bits of the set number (network order) in their prefix length. */
+struct mr_set4_key {
+	__u32 prefixlen;
+	__u32 set;
+	__u32 addr;
+};
+
+struct mr_set6_key {
+	__u32 prefixlen;
+	__u32 set;
+	__u32 addr[4];
+};
+
+struct mr_port_key {
+	__u16 set;
+	__u16 port;
+};
+
+struct mr_id_key {
+	__u32 set;
+	__u32 id;
+};
+
 /* A route: the interface number (see the maps document) and the preferred source. */
 struct mr_route4 {
 	__u32 interface;
@@ -145,84 +169,70 @@ struct {
 	__uint(max_entries, 16384);
 } mr_orig_tuple SEC(".maps");
 
-/* ipv4 ISTIO_OUTPUT rule 1: source (policy) */
+/* every IPv4 address set of the rules (key: set number, prefix) (policy) */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct mr_lpm4_key);
+	__type(key, struct mr_set4_key);
 	__type(value, __u8);
-	__uint(max_entries, 1);
-} mr_a4_0 SEC(".maps");
+	__uint(max_entries, 2);
+} mr_sets4 SEC(".maps");
 
-/* ipv4 ISTIO_OUTPUT rule 2: destination; ipv4 ISTIO_OUTPUT rule 3: destination; ipv4 ISTIO_OUTPUT rule 7: destination (policy) */
+/* every IPv6 address set of the rules (key: set number, prefix) (policy) */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct mr_lpm4_key);
+	__type(key, struct mr_set6_key);
 	__type(value, __u8);
-	__uint(max_entries, 1);
-} mr_a4_1 SEC(".maps");
+	__uint(max_entries, 2);
+} mr_sets6 SEC(".maps");
 
-/* ipv4 ISTIO_OUTPUT rule 2: destination port; ipv4 ISTIO_OUTPUT rule 3: destination port; ipv6 ISTIO_OUTPUT rule 2: destination port; ipv6 ISTIO_OUTPUT rule 3: destination port (policy) */
+/* every port set of the rules (key: set number, value) (policy) */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, __u16);
+	__type(key, struct mr_port_key);
 	__type(value, __u8);
 	__uint(max_entries, 1);
-} mr_p_0 SEC(".maps");
+} mr_ports SEC(".maps");
 
-/* ipv4 ISTIO_OUTPUT rule 2: uid; ipv4 ISTIO_OUTPUT rule 3: gid; ipv4 ISTIO_OUTPUT rule 4: uid; ipv4 ISTIO_OUTPUT rule 5: gid; ipv6 ISTIO_OUTPUT rule 2: uid; ipv6 ISTIO_OUTPUT rule 3: gid; ipv6 ISTIO_OUTPUT rule 4: uid; ipv6 ISTIO_OUTPUT rule 5: gid (policy) */
+/* every uid and gid set of the rules (key: set number, value) (policy) */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, __u32);
+	__type(key, struct mr_id_key);
 	__type(value, __u8);
 	__uint(max_entries, 1);
-} mr_id_0 SEC(".maps");
+} mr_ids SEC(".maps");
 
-/* ipv6 ISTIO_OUTPUT rule 1: source (policy) */
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct mr_lpm6_key);
-	__type(value, __u8);
-	__uint(max_entries, 1);
-} mr_a6_0 SEC(".maps");
-
-/* ipv6 ISTIO_OUTPUT rule 2: destination; ipv6 ISTIO_OUTPUT rule 3: destination; ipv6 ISTIO_OUTPUT rule 7: destination (policy) */
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct mr_lpm6_key);
-	__type(value, __u8);
-	__uint(max_entries, 1);
-} mr_a6_1 SEC(".maps");
-
-MR_HELPER int mr_member4(void *map, __u32 addr)
+MR_HELPER int mr_member4(__u32 set, __u32 addr)
 {
-	struct mr_lpm4_key key = { .prefixlen = 32, .addr = addr };
+	struct mr_set4_key key = { .prefixlen = 64, .set = bpf_htonl(set), .addr = addr };
 
-	return bpf_map_lookup_elem(map, &key) != 0;
+	return bpf_map_lookup_elem(&mr_sets4, &key) != 0;
 }
 
-MR_HELPER int mr_member6(void *map, const __u32 *addr)
+MR_HELPER int mr_member6(__u32 set, const __u32 *addr)
 {
-	struct mr_lpm6_key key = { .prefixlen = 128 };
+	struct mr_set6_key key = { .prefixlen = 160, .set = bpf_htonl(set) };
 
 	key.addr[0] = addr[0];
 	key.addr[1] = addr[1];
 	key.addr[2] = addr[2];
 	key.addr[3] = addr[3];
-	return bpf_map_lookup_elem(map, &key) != 0;
+	return bpf_map_lookup_elem(&mr_sets6, &key) != 0;
 }
 
-MR_HELPER int mr_member16(void *map, __u16 value)
+MR_HELPER int mr_member16(__u16 set, __u16 port)
 {
-	return bpf_map_lookup_elem(map, &value) != 0;
+	struct mr_port_key key = { .set = set, .port = port };
+
+	return bpf_map_lookup_elem(&mr_ports, &key) != 0;
 }
 
-MR_HELPER int mr_member32(void *map, __u32 value)
+MR_HELPER int mr_member32(__u32 set, __u32 id)
 {
-	return bpf_map_lookup_elem(map, &value) != 0;
+	struct mr_id_key key = { .set = set, .id = id };
+
+	return bpf_map_lookup_elem(&mr_ids, &key) != 0;
 }
 
 MR_HELPER int mr_is_mapped(const __u32 *addr)
@@ -315,40 +325,40 @@ static __always_inline __u32 mr4_ISTIO_OUTPUT(const struct mr_conn4 *c)
 	__u32 v;
 
 	/* nat ISTIO_OUTPUT rule 1: src in 127.0.0.6/32, oif lo -> return */
-	if (mr_member4(&mr_a4_0, c->src) &&
+	if (mr_member4(0 /* a4_0 */, c->src) &&
 	    c->oif == 1 /* lo */)
 		return MR_RETURN;
 	/* nat ISTIO_OUTPUT rule 2: dst not in 127.0.0.1/32, oif lo, tcp dport not in 15008, uid in 1337 -> jump ISTIO_IN_REDIRECT */
-	if (!mr_member4(&mr_a4_1, c->dst) &&
+	if (!mr_member4(1 /* a4_1 */, c->dst) &&
 	    c->oif == 1 /* lo */ &&
 	    c->protocol == 6 /* tcp */ &&
-	    !mr_member16(&mr_p_0, c->dport) &&
-	    mr_member32(&mr_id_0, c->uid)) {
+	    !mr_member16(0 /* p_0 */, c->dport) &&
+	    mr_member32(0 /* id_0 */, c->uid)) {
 		v = mr4_ISTIO_IN_REDIRECT(c);
 		if (v != MR_RETURN)
 			return v;
 	}
 	/* nat ISTIO_OUTPUT rule 3: dst not in 127.0.0.1/32, oif lo, tcp dport not in 15008, gid in 1337 -> jump ISTIO_IN_REDIRECT */
-	if (!mr_member4(&mr_a4_1, c->dst) &&
+	if (!mr_member4(1 /* a4_1 */, c->dst) &&
 	    c->oif == 1 /* lo */ &&
 	    c->protocol == 6 /* tcp */ &&
-	    !mr_member16(&mr_p_0, c->dport) &&
-	    mr_member32(&mr_id_0, c->gid)) {
+	    !mr_member16(0 /* p_0 */, c->dport) &&
+	    mr_member32(0 /* id_0 */, c->gid)) {
 		v = mr4_ISTIO_IN_REDIRECT(c);
 		if (v != MR_RETURN)
 			return v;
 	}
 	/* nat ISTIO_OUTPUT rule 4: uid in 1337 -> return */
-	if (mr_member32(&mr_id_0, c->uid))
+	if (mr_member32(0 /* id_0 */, c->uid))
 		return MR_RETURN;
 	/* nat ISTIO_OUTPUT rule 5: gid in 1337 -> return */
-	if (mr_member32(&mr_id_0, c->gid))
+	if (mr_member32(0 /* id_0 */, c->gid))
 		return MR_RETURN;
 	/* nat ISTIO_OUTPUT rule 6: oif lo -> return */
 	if (c->oif == 1 /* lo */)
 		return MR_RETURN;
 	/* nat ISTIO_OUTPUT rule 7: dst in 127.0.0.1/32 -> return */
-	if (mr_member4(&mr_a4_1, c->dst))
+	if (mr_member4(1 /* a4_1 */, c->dst))
 		return MR_RETURN;
 	/* nat ISTIO_OUTPUT rule 8: always -> jump ISTIO_REDIRECT */
 	v = mr4_ISTIO_REDIRECT(c);
@@ -409,40 +419,40 @@ static __always_inline __u32 mr6_ISTIO_OUTPUT(const struct mr_conn6 *c)
 	__u32 v;
 
 	/* nat ISTIO_OUTPUT rule 1: src in ::6/128, oif lo -> return */
-	if (mr_member6(&mr_a6_0, c->src) &&
+	if (mr_member6(0 /* a6_0 */, c->src) &&
 	    c->oif == 1 /* lo */)
 		return MR_RETURN;
 	/* nat ISTIO_OUTPUT rule 2: dst not in ::1/128, oif lo, tcp dport not in 15008, uid in 1337 -> jump ISTIO_IN_REDIRECT */
-	if (!mr_member6(&mr_a6_1, c->dst) &&
+	if (!mr_member6(1 /* a6_1 */, c->dst) &&
 	    c->oif == 1 /* lo */ &&
 	    c->protocol == 6 /* tcp */ &&
-	    !mr_member16(&mr_p_0, c->dport) &&
-	    mr_member32(&mr_id_0, c->uid)) {
+	    !mr_member16(0 /* p_0 */, c->dport) &&
+	    mr_member32(0 /* id_0 */, c->uid)) {
 		v = mr6_ISTIO_IN_REDIRECT(c);
 		if (v != MR_RETURN)
 			return v;
 	}
 	/* nat ISTIO_OUTPUT rule 3: dst not in ::1/128, oif lo, tcp dport not in 15008, gid in 1337 -> jump ISTIO_IN_REDIRECT */
-	if (!mr_member6(&mr_a6_1, c->dst) &&
+	if (!mr_member6(1 /* a6_1 */, c->dst) &&
 	    c->oif == 1 /* lo */ &&
 	    c->protocol == 6 /* tcp */ &&
-	    !mr_member16(&mr_p_0, c->dport) &&
-	    mr_member32(&mr_id_0, c->gid)) {
+	    !mr_member16(0 /* p_0 */, c->dport) &&
+	    mr_member32(0 /* id_0 */, c->gid)) {
 		v = mr6_ISTIO_IN_REDIRECT(c);
 		if (v != MR_RETURN)
 			return v;
 	}
 	/* nat ISTIO_OUTPUT rule 4: uid in 1337 -> return */
-	if (mr_member32(&mr_id_0, c->uid))
+	if (mr_member32(0 /* id_0 */, c->uid))
 		return MR_RETURN;
 	/* nat ISTIO_OUTPUT rule 5: gid in 1337 -> return */
-	if (mr_member32(&mr_id_0, c->gid))
+	if (mr_member32(0 /* id_0 */, c->gid))
 		return MR_RETURN;
 	/* nat ISTIO_OUTPUT rule 6: oif lo -> return */
 	if (c->oif == 1 /* lo */)
 		return MR_RETURN;
 	/* nat ISTIO_OUTPUT rule 7: dst in ::1/128 -> return */
-	if (mr_member6(&mr_a6_1, c->dst))
+	if (mr_member6(1 /* a6_1 */, c->dst))
 		return MR_RETURN;
 	/* nat ISTIO_OUTPUT rule 8: always -> jump ISTIO_REDIRECT */
 	v = mr6_ISTIO_REDIRECT(c);

@@ -87,7 +87,7 @@ class EbpfBackend:
         from meshredirect_ebpf.proof import environment_of, prove
 
         try:
-            from meshredirect.semantics.model import Environment as SemanticsEnvironment  # type: ignore[import-not-found]
+            from meshredirect.semantics.model import Environment as SemanticsEnvironment
         except ImportError:
             raise EnvironmentProblem(
                 "proving the eBPF program needs the semantics engine (meshredirect.semantics), which this "

@@ -158,6 +158,33 @@ class RouteOf:
         return (self.environment.interface_id(route.interface), route.local, route.source)
 
 
+class _Index:
+    """What a program's runs look up again and again, built once per program: the test of each set, the
+    route test, the interface numbers (tests must also keep their identity across the explorer's runs)."""
+
+    def __init__(self, program: Program) -> None:
+        self.program = program
+        self.route = route_key(program.environment)
+        self.members = {item.name: _members(item) for item in program.sets}
+        env = program.environment
+        self.interfaces = {name: env.interface_id(name) for name in env.interfaces}
+
+
+_INDEXES: dict[int, _Index] = {}
+#: Programs whose index is kept (the proof and the property tests use a few at a time).
+_INDEX_CACHE_SIZE: Final = 16
+
+
+def _index(program: Program) -> _Index:
+    found = _INDEXES.get(id(program))
+    if found is not None and found.program is program:
+        return found
+    if len(_INDEXES) >= _INDEX_CACHE_SIZE:
+        _INDEXES.pop(next(iter(_INDEXES)))
+    index = _INDEXES[id(program)] = _Index(program)
+    return index
+
+
 def _is_unspecified(address: IPAddress) -> bool:
     return address.is_unspecified
 
@@ -204,12 +231,13 @@ class _Run:
         self.decision = decision
         self.protocol = protocol
         self.probe = probe
+        self.index = _index(program)
         self._route: RouteFacts | None = None
         self._source: IPAddress | bool | None = False
 
     def route(self) -> RouteFacts:
         if self._route is None:
-            self._route = self.probe.test("dst", route_key(self.program.environment))
+            self._route = self.probe.test("dst", self.index.route)
         return self._route
 
     def source_is_member(self, members: In) -> bool:
@@ -228,13 +256,13 @@ class _Run:
             case ProtocolIs():
                 return self.protocol is condition.protocol
             case Member():
-                members = _members(self.program.set_map(condition.map))
+                members = self.index.members[condition.map]
                 if condition.field is Field.SOURCE:
                     return self.source_is_member(members)
                 return bool(self.probe.test(condition.field.value, members))
             case OutputInterface():
-                env = self.program.environment
-                return self.route()[0] in {env.interface_id(name) for name in condition.interfaces}
+                oif = self.route()[0]
+                return any(oif == self.index.interfaces.get(name) for name in condition.interfaces)
             case DestinationIsLocal():
                 return self.route()[1]
             case Not():

@@ -44,8 +44,8 @@ from meshredirect_ebpf.model import run as run_decision
 from meshredirect_ebpf.plan import Program
 
 if TYPE_CHECKING:
-    from meshredirect.semantics.explore import Run  # type: ignore[import-not-found]
-    from meshredirect.semantics.interpreter import Evaluation  # type: ignore[import-not-found]
+    from meshredirect.semantics.explore import Run
+    from meshredirect.semantics.interpreter import Evaluation
 
 __all__ = ["Difference", "Proof", "environment_of", "lowered_part", "prove"]
 
@@ -198,11 +198,16 @@ class _Traced:
     run: Run
     symbols: Mapping[str, str]
     unbound: bool = False
+    #: Outcomes of tests already made in this run (the same test has the same outcome within a run).
+    seen: dict[tuple[str, int], Any] = attrs.field(factory=dict)
 
     def test(self, field: str, key: Callable[[Any], Hashable]) -> Any:
         if field == "src" and self.unbound:
             return key(ipaddress.ip_address(0 if self.family_version == 4 else "::"))
-        return self.run.decide(self.symbols[field], key)
+        memo = (field, id(key))
+        if memo not in self.seen:
+            self.seen[memo] = self.run.decide(self.symbols[field], key)
+        return self.seen[memo]
 
     def value(self, field: str) -> Any:
         return self.run.value(self.symbols[field])
@@ -220,8 +225,8 @@ def _describe(decision: Port | str, version: int) -> str:
 
 
 def _agrees(evaluation: Evaluation, decision: Port | str, version: int, run: Run) -> bool:
-    from meshredirect.semantics.explore import Eq  # type: ignore[import-not-found]
-    from meshredirect.semantics.interpreter import Dropped, Passed, Redirected  # type: ignore[import-not-found]
+    from meshredirect.semantics.explore import Eq
+    from meshredirect.semantics.interpreter import Dropped, Passed, Redirected
 
     verdict = evaluation.verdict
     if decision == "accept":
@@ -253,10 +258,10 @@ def prove(program: Program, ruleset: Ruleset, env: Any) -> Proof:
 
     ``program`` must have been planned in ``environment_of(env)``.
     """
-    from meshredirect.semantics.classes import ClassSpace, Constants  # type: ignore[import-not-found]
-    from meshredirect.semantics.explore import Eq  # type: ignore[import-not-found]
-    from meshredirect.semantics.interpreter import Interpreter  # type: ignore[import-not-found]
-    from meshredirect.semantics.model import Origin  # type: ignore[import-not-found]
+    from meshredirect.semantics.classes import ClassSpace, Constants
+    from meshredirect.semantics.explore import Eq
+    from meshredirect.semantics.interpreter import Interpreter
+    from meshredirect.semantics.model import Origin
 
     derived = environment_of(env)
     if program.environment != derived:
@@ -278,7 +283,7 @@ def prove(program: Program, ruleset: Ruleset, env: Any) -> Proof:
             extra.add_networks(Direction.SOURCE, (route.source,))
     space = ClassSpace([part], environment, constants=extra)
     interpreter = Interpreter(part, environment)
-    route_of = route_key(program.environment)
+    route_of = route_key(program.environment)  # the model's own test object (same identity)
     differences: list[Difference] = []
     classes = paths = 0
     for root in space.roots:

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                 got=" ".join([*args.local_address, *args.route]),
             )
         try:
-            from meshredirect.semantics.model import Environment  # type: ignore[import-not-found]
+            from meshredirect.semantics.model import Environment
         except ImportError:
             raise EnvironmentProblem(
                 "--check needs the semantics engine (meshredirect.semantics), which this installation lacks"

@@ -55,6 +55,7 @@ from meshredirect.presets import preset
 from meshredirect.testing.samples import SAMPLE_MATCHES, SAMPLE_TARGETS
 from meshredirect.values import AddressSet, IdSet, PortSet
 from meshredirect_ebpf import ConnectCall, EbpfBackend, Environment, Refused, Rewritten, Route, Unchanged, decide
+from meshredirect_ebpf.environment import MarkRoute
 from meshredirect_ebpf.limits import HASH_ENTRIES_MAX, MAPS_PER_PROGRAM_MAX, OBJECT_NAME_MAX
 from meshredirect_ebpf.lowering import lower
 from meshredirect_ebpf.maps import lpm_key, map_definitions, maps_document, read_entries
@@ -85,8 +86,6 @@ REFUSED_MATCHES: Final = {
     "InterfaceMatch(direction=<Direction.SOURCE: 'source'>, name='eth+', negate=True)": (
         "a connection opened by a local process has no input interface"
     ),
-    "MarkMatch": "the packet mark at nat OUTPUT comes from SO_MARK and mangle rules, unseen at connect time",
-    "ConnmarkMatch": "a connection's conntrack mark is set by rules a connect hook does not run",
     "IpSetMatch": "an ipset's members live outside the ruleset",
     "StatisticMatch": "a random or every-nth match has no deterministic equivalent to check",
     "UnknownMatch": "an unknown iptables match",
@@ -221,7 +220,7 @@ def test_many_sets_share_one_map_per_kind() -> None:
     program = lower(nat_output(*rules), ENV)
     assert len(program.sets) == 128
     maps = {m.name: m for m in map_definitions(program)}
-    assert len(maps) == 10 <= MAPS_PER_PROGRAM_MAX
+    assert len(maps) == 11 <= MAPS_PER_PROGRAM_MAX
     assert len(maps["mr_ports"].entries) == 256
     # Equal sets share one set.
     same = [Rule(matches=(PortMatch(protocol=Protocol.TCP, ports=PortSet.of(7)),), target=Return())] * 100
@@ -387,6 +386,32 @@ def test_addresses_of_the_other_family_never_match_negated_or_not() -> None:
     assert decide(lower(nat_output(*rules), ENV), call("1.1.1.1", 443)) == Rewritten(
         address=ipaddress.ip_address("127.0.0.1"), port=443
     )
+
+
+def test_marks_are_the_sockets_and_a_mark_routed_locally_leaves_on_lo() -> None:
+    from meshredirect.ir import InterfaceMatch, MarkMatch
+
+    tcp = ProtocolMatch(protocol=Protocol.TCP)
+    marked = Rule(
+        matches=(MarkMatch(value=0x539), InterfaceMatch(direction=Direction.DESTINATION, name="lo")), target=Return()
+    )
+    ruleset = nat_output(marked, Rule(matches=(tcp,), target=Redirect()))
+    plain = lower(ruleset, ENV)
+    assert decide(plain, call("10.0.0.5", mark=0x539)) == Unchanged()  # to the pod over lo, marked
+    assert decide(plain, call("10.0.0.5", mark=0x53A)) == Rewritten(address=ipaddress.ip_address("127.0.0.1"), port=80)
+    assert decide(plain, call("1.1.1.1", mark=0x539)) == Rewritten(address=ipaddress.ip_address("127.0.0.1"), port=80)
+    routed = lower(ruleset, attrs.evolve(ENV, mark_routes=(MarkRoute(value=0x539),)))
+    assert decide(routed, call("1.1.1.1", mark=0x539)) == Unchanged()  # TPROXY's fwmark rule: leaves on lo
+    source = EbpfBackend(environment=attrs.evolve(ENV, mark_routes=(MarkRoute(value=0x539),))).render(ruleset)
+    entries = json.loads(source.artifact(kind="ebpf-maps").content)["maps"]
+    (mark_routes,) = [m for m in entries if m["name"] == "mr_mark_routes"]
+    assert mark_routes["entries"] == [
+        {
+            "member": "mark & 0xffffffff == 0x539 -> lo",
+            "key": "00 00 00 00",
+            "value": "39 05 00 00 ff ff ff ff 01 00 00 00",
+        }
+    ]
 
 
 def test_an_unbound_socket_takes_the_routes_preferred_source() -> None:

@@ -45,6 +45,7 @@ from meshredirect_ebpf.plan import (
     Field,
     Function,
     GoTo,
+    MarkIs,
     Member,
     Not,
     Nothing,
@@ -98,6 +99,10 @@ HEADER: Final = """\
 #define MR_REDIRECT 0x10000u
 /* Interface number of a destination without a route. */
 #define MR_NO_ROUTE 0u
+/* Interface number of lo (the environment numbers interfaces from 1, lo first). */
+#define MR_LOOPBACK_INTERFACE 1u
+/* Slots of the mark routing map. */
+#define MR_MARK_ROUTES 8
 
 struct mr_lpm4_key {
 \t__u32 prefixlen;
@@ -131,6 +136,13 @@ struct mr_port_key {
 struct mr_id_key {
 \t__u32 set;
 \t__u32 id;
+};
+
+/* A packet mark that policy routing sends to lo (TPROXY's fwmark rule); unused slots have used == 0. */
+struct mr_mark_route {
+\t__u32 value;
+\t__u32 mask;
+\t__u32 used;
 };
 
 /* A route: the interface number (see the maps document) and the preferred source. */
@@ -170,6 +182,7 @@ struct mr_conn4 {
 \t__u32 src;
 \t__u32 uid;
 \t__u32 gid;
+\t__u32 mark;
 \t__u32 oif;
 \t__u16 dport;
 \t__u8 protocol;
@@ -181,6 +194,7 @@ struct mr_conn6 {
 \t__u32 src[4];
 \t__u32 uid;
 \t__u32 gid;
+\t__u32 mark;
 \t__u32 oif;
 \t__u16 dport;
 \t__u8 protocol;
@@ -231,8 +245,22 @@ MR_HELPER int mr_is_unspecified6(const __u32 *addr)
 \treturn (addr[0] | addr[1] | addr[2] | addr[3]) == 0;
 }
 
+/* Whether policy routing sends a packet with this mark to lo. */
+MR_HELPER int mr_mark_routed(__u32 mark)
+{
+\tfor (__u32 i = 0; i < MR_MARK_ROUTES; i++) {
+\t\t__u32 key = i;
+\t\tstruct mr_mark_route *route = bpf_map_lookup_elem(&mr_mark_routes, &key);
+
+\t\tif (route && route->used && (mark & route->mask) == route->value)
+\t\t\treturn 1;
+\t}
+\treturn 0;
+}
+
 /* The route of c->dst: the local table first (the destination is this node's), then the
- * longest prefix of the main table. An unbound socket takes the route's preferred source. */
+ * longest prefix of the main table; a mark routed locally leaves on lo whatever the destination.
+ * An unbound socket takes the route's preferred source. */
 MR_HELPER void mr_route_of4(struct mr_conn4 *c)
 {
 \tstruct mr_lpm4_key key = { .prefixlen = 32, .addr = c->dst };
@@ -243,10 +271,10 @@ MR_HELPER void mr_route_of4(struct mr_conn4 *c)
 \telse
 \t\troute = bpf_map_lookup_elem(&mr_route4, &key);
 \tif (!route) {
-\t\tc->oif = MR_NO_ROUTE;
+\t\tc->oif = mr_mark_routed(c->mark) ? MR_LOOPBACK_INTERFACE : MR_NO_ROUTE;
 \t\treturn;
 \t}
-\tc->oif = route->interface;
+\tc->oif = mr_mark_routed(c->mark) ? MR_LOOPBACK_INTERFACE : route->interface;
 \tif (c->src == 0)
 \t\tc->src = route->source;
 }
@@ -266,10 +294,10 @@ MR_HELPER void mr_route_of6(struct mr_conn6 *c)
 \telse
 \t\troute = bpf_map_lookup_elem(&mr_route6, &key);
 \tif (!route) {
-\t\tc->oif = MR_NO_ROUTE;
+\t\tc->oif = mr_mark_routed(c->mark) ? MR_LOOPBACK_INTERFACE : MR_NO_ROUTE;
 \t\treturn;
 \t}
-\tc->oif = route->interface;
+\tc->oif = mr_mark_routed(c->mark) ? MR_LOOPBACK_INTERFACE : route->interface;
 \tif (mr_is_unspecified6(c->src)) {
 \t\tc->src[0] = route->source[0];
 \t\tc->src[1] = route->source[1];
@@ -305,7 +333,7 @@ MR_HELPER void mr_original4(struct mr_original *o, const struct mr_conn4 *c, __u
 \to->proxy_port = (verdict & 0xffff) ? (__u16)(verdict & 0xffff) : c->dport;
 }
 
-MR_HELPER void mr_fill4(struct mr_conn4 *c, struct bpf_sock_addr *ctx, __u32 dst, __u32 bound)
+MR_HELPER void mr_fill4(struct mr_conn4 *c, struct bpf_sock_addr *ctx, __u32 dst, __u32 bound, __u32 mark)
 {
 \tc->protocol = (__u8)ctx->protocol;
 \tc->dst = dst;
@@ -322,7 +350,7 @@ MR_HELPER int mr_sock_addr4(struct bpf_sock_addr *ctx)
 
 \tif (!sk)
 \t\treturn 1;
-\tmr_fill4(&c, ctx, ctx->user_ip4, sk->src_ip4);
+\tmr_fill4(&c, ctx, ctx->user_ip4, sk->src_ip4, sk->mark);
 \tverdict = mr4_decide(&c);
 \tif (verdict == MR_DENY)
 \t\treturn 0;
@@ -356,7 +384,7 @@ MR_HELPER int mr_sock_addr6(struct bpf_sock_addr *ctx)
 \t\tbound[1] = sk->src_ip6[1];
 \t\tbound[2] = sk->src_ip6[2];
 \t\tbound[3] = sk->src_ip6[3];
-\t\tmr_fill4(&c, ctx, dst[3], mr_is_mapped(bound) ? bound[3] : 0);
+\t\tmr_fill4(&c, ctx, dst[3], mr_is_mapped(bound) ? bound[3] : 0, sk->mark);
 \t\tverdict = mr4_decide(&c);
 \t\tif (verdict == MR_DENY)
 \t\t\treturn 0;
@@ -712,6 +740,8 @@ class _Printer:
                 return tests[0] if len(tests) == 1 else "(" + " || ".join(tests) + ")"
             case DestinationIsLocal():
                 return "c->local"
+            case MarkIs():
+                return f"(c->mark & {condition.mask:#x}) == {condition.value:#x}"
             case Not():
                 inner = self.condition(condition.operand, family)
                 simple = isinstance(condition.operand, (Member, DestinationIsLocal, Constant))
@@ -826,6 +856,8 @@ class _Printer:
             match condition:
                 case Member():
                     found.add(condition.field.value)
+                case MarkIs():
+                    found.add(Field.MARK.value)
                 case OutputInterface() | DestinationIsLocal():
                     found.add("route")
                 case Not():
@@ -844,6 +876,8 @@ class _Printer:
                     walk(step.condition)
         if Field.SOURCE.value in found:
             found.add("route")
+        if "route" in found:
+            found.add(Field.MARK.value)  # a mark may route the connection to lo
         return found
 
     def fill(self, family: Family) -> str:
@@ -852,6 +886,10 @@ class _Printer:
         c = "c->" if family is Family.IPV4 else "c."
         if "uid" in uses or "gid" in uses:
             lines.append(f"mr_owner(&{c}uid, &{c}gid);")
+        if Field.MARK.value in uses:
+            lines.append("c->mark = mark;" if family is Family.IPV4 else "c.mark = sk->mark;")
+        elif family is Family.IPV4:
+            lines.append("(void)mark;")
         if Field.SOURCE.value in uses:
             if family is Family.IPV4:
                 lines.append("c->src = bound;")

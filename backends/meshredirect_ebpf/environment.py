@@ -12,9 +12,15 @@ filled from an explicit :class:`Environment`:
 - ``routes``: the main routing table (longest prefix wins), each with its
   interface and preferred source.
 
+- ``mark_routes``: packet marks that policy routing sends to a table whose
+  default route is local (TPROXY's ``ip rule add fwmark M lookup T`` with
+  ``ip route add local default dev lo table T``): a socket with such a mark
+  leaves on ``lo`` whatever its destination.
+
 The assumption this translation rests on, stated once: routing depends on the
-destination only (no policy routing by mark, uid or source; no
-``SO_BINDTODEVICE``), and the maps are kept equal to the routing tables.
+destination and those marks only (no other policy routing by mark, uid or
+source; no ``SO_BINDTODEVICE``), the packet mark is the socket's ``SO_MARK``,
+and the maps are kept equal to the routing tables.
 
 >>> env = Environment.pod("10.0.0.5", "fd00::5")
 >>> [str(r.network) for r in env.local]
@@ -36,9 +42,9 @@ from typing import Final
 import attrs
 
 from meshredirect.errors import PolicyError
-from meshredirect.values import IPAddress, IPNetwork, network_of
+from meshredirect.values import MAX_MARK, IPAddress, IPNetwork, network_of
 
-__all__ = ["LOOPBACK_INTERFACE", "Environment", "Route"]
+__all__ = ["LOOPBACK_INTERFACE", "Environment", "MarkRoute", "Route"]
 
 LOOPBACK_INTERFACE: Final = "lo"
 
@@ -97,6 +103,21 @@ def _routes(value: Iterable[Route]) -> tuple[Route, ...]:
     return tuple(value)
 
 
+@attrs.frozen(kw_only=True)
+class MarkRoute:
+    """Packets whose ``mark & mask == value`` are routed locally (they leave on lo)."""
+
+    value: int
+    mask: int = MAX_MARK
+
+    def matches(self, mark: int) -> bool:
+        return (mark & self.mask) == self.value
+
+
+def _mark_routes(value: Iterable[MarkRoute]) -> tuple[MarkRoute, ...]:
+    return tuple(value)
+
+
 #: The loopback routes every Linux network namespace has.
 LOOPBACK_ROUTES: Final = (
     Route(network="127.0.0.0/8", interface=LOOPBACK_INTERFACE, source="127.0.0.1", local=True),
@@ -113,6 +134,7 @@ class Environment:
         default=(Route(network="0.0.0.0/0", interface="eth0"), Route(network="::/0", interface="eth0")),
         converter=_routes,
     )
+    mark_routes: tuple[MarkRoute, ...] = attrs.field(default=(), converter=_mark_routes)
 
     def __attrs_post_init__(self) -> None:
         for route in self.local:
@@ -173,6 +195,10 @@ class Environment:
     def interface_id(self, name: str) -> int:
         """The number the program uses for an interface (0 means: no route)."""
         return self.interfaces.index(name) + 1
+
+    def routes_locally(self, mark: int) -> bool:
+        """Whether policy routing sends packets with this mark to lo."""
+        return any(route.matches(mark) for route in self.mark_routes)
 
     def route(self, destination: IPAddress) -> Route | None:
         """The route the kernel takes for ``destination``: the local table first, then the longest prefix."""

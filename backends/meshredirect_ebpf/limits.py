@@ -22,6 +22,7 @@ __all__ = [
     "MAIN_ROUTE_ENTRIES",
     "MAPS_PER_PROGRAM_MAX",
     "MAP_ENTRIES_MAX",
+    "MARK_ROUTE_ENTRIES",
     "OBJECT_NAME_MAX",
     "PORT_SETS_MAX",
 ]
@@ -47,6 +48,8 @@ PORT_SETS_MAX: Final = 2**16
 
 #: Local addresses of the node (its local routing table).
 LOCAL_ROUTE_ENTRIES: Final = 256
+#: Marks routed locally by policy routing (slots of an array map the program scans).
+MARK_ROUTE_ENTRIES: Final = 8
 #: Routes of the main table.
 MAIN_ROUTE_ENTRIES: Final = 4096
 #: Redirected connections remembered at once (LRU maps are preallocated: ~2 MB each at this size; an

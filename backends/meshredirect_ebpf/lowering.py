@@ -19,6 +19,7 @@ IR                      at connect time
 ``--uid/gid-owner``     the connecting task's uid / gid (hash maps); there is always a
                         socket, so ``socketless`` never matters
 ``--ctstate``           NEW (a connection being opened)
+``--mark``              the socket's mark (SO_MARK); ``connmark``: 0, a new connection's
 ``--dst-type LOCAL``    the destination is a local address
 ``REDIRECT``            rewrite the destination to 127.0.0.1 / ::1 (TCP only)
 ======================  =================================================================
@@ -104,6 +105,7 @@ from meshredirect_ebpf.plan import (
     Function,
     GoTo,
     IntegerSet,
+    MarkIs,
     Member,
     Not,
     Nothing,
@@ -470,11 +472,13 @@ class _Lowering:
                     return _not(condition) if match.negate else condition
                 raise _unsupported(match, "only the destination type LOCAL is known at connect time")
             case MarkMatch():
-                raise _unsupported(
-                    match, "the packet mark at nat OUTPUT comes from SO_MARK and mangle rules, unseen at connect time"
-                )
+                # The socket's SO_MARK: the packet mark at nat OUTPUT unless a mangle rule changes it
+                # (mangle chains are not part of the program; see the environment's assumption).
+                condition = MarkIs(value=match.value, mask=match.mask)
+                return _not(condition) if match.negate else condition
             case ConnmarkMatch():
-                raise _unsupported(match, "a connection's conntrack mark is set by rules a connect hook does not run")
+                # conntrack creates a new connection's mark as 0; only rules the program does not run set it.
+                return Constant(value=((0 & match.mask) == match.value) != match.negate)
             case IpSetMatch():
                 raise _unsupported(match, "an ipset's members live outside the ruleset")
             case StatisticMatch():

@@ -7,8 +7,9 @@ stores them, addresses and LPM prefixes in network order as the kernel wants).
 >>> from meshredirect_ebpf.environment import Environment
 >>> from meshredirect_ebpf.plan import Program
 >>> maps = map_definitions(Program(decisions=(), sets=(), environment=Environment.pod("10.0.0.5")))
->>> [m.name for m in maps]
-['mr_local4', 'mr_local6', 'mr_route4', 'mr_route6', 'mr_orig_cookie', 'mr_orig_tuple', 'mr_sets4', 'mr_sets6', 'mr_ports', 'mr_ids']
+>>> [m.name for m in maps]  # doctest: +NORMALIZE_WHITESPACE
+['mr_local4', 'mr_local6', 'mr_route4', 'mr_route6', 'mr_mark_routes', 'mr_orig_cookie', 'mr_orig_tuple',
+ 'mr_sets4', 'mr_sets6', 'mr_ports', 'mr_ids']
 >>> [(e.label, e.key.hex(" "), e.value.hex(" ")) for e in maps[0].entries][1]
 ('10.0.0.5/32 -> lo, source 10.0.0.5', '20 00 00 00 0a 00 00 05', '01 00 00 00 0a 00 00 05')
 """
@@ -29,6 +30,7 @@ from meshredirect_ebpf.limits import (
     MAIN_ROUTE_ENTRIES,
     MAP_ENTRIES_MAX,
     MAPS_PER_PROGRAM_MAX,
+    MARK_ROUTE_ENTRIES,
 )
 from meshredirect_ebpf.plan import PROGRAMS, ConnectionState, IntegerSet, PrefixSet, Program
 
@@ -200,6 +202,35 @@ def _route_definition(
     )
 
 
+def _mark_routes_definition(env: Environment) -> MapDefinition:
+    if len(env.mark_routes) > MARK_ROUTE_ENTRIES:
+        raise PolicyError(
+            "environment.mark_routes",
+            expected=f"at most {MARK_ROUTE_ENTRIES} marks routed locally (the map's slots)",
+            got=len(env.mark_routes),
+        )
+    return MapDefinition(
+        name="mr_mark_routes",
+        map_type="array",
+        key_type="__u32",
+        value_type="struct mr_mark_route",
+        key_size=4,
+        value_size=12,
+        max_entries=MARK_ROUTE_ENTRIES,
+        flags=0,
+        filled_by="environment",
+        purpose="packet marks policy routing sends to lo (value, mask, used), e.g. TPROXY's fwmark rule",
+        entries=tuple(
+            MapEntry(
+                label=f"mark & {route.mask:#x} == {route.value:#x} -> lo",
+                key=_u32(slot),
+                value=_u32(route.value) + _u32(route.mask) + _u32(1),
+            )
+            for slot, route in enumerate(env.mark_routes)
+        ),
+    )
+
+
 def map_definitions(program: Program) -> tuple[MapDefinition, ...]:
     """Every map the C source declares, in declaration order: routing tables, connection state, then the
     policy's sets (one map per kind)."""
@@ -209,6 +240,7 @@ def map_definitions(program: Program) -> tuple[MapDefinition, ...]:
         _route_definition("mr_local6", 6, env.local, env, local=True),
         _route_definition("mr_route4", 4, env.routes, env, local=False),
         _route_definition("mr_route6", 6, env.routes, env, local=False),
+        _mark_routes_definition(env),
         MapDefinition(
             name=ConnectionState.BY_COOKIE.value,
             map_type="lru_hash",

@@ -10,7 +10,7 @@ the longest prefix covering an address, a hash map its exact key.
 >>> import ipaddress
 >>> from meshredirect.compiler import compile_policy
 >>> from meshredirect.policy import Policy
->>> from meshredirect_ebpf.environment import Environment
+>>> from meshredirect_ebpf.environment import LOOPBACK_INTERFACE, Environment
 >>> from meshredirect_ebpf.lowering import lower
 >>> program = lower(compile_policy(Policy(inbound_ports="")), Environment.pod("10.0.0.5"))
 >>> app = ConnectCall(family=Family.IPV4, destination=ipaddress.ip_address("10.96.0.1"), port=443, uid=1000, gid=1000)
@@ -34,7 +34,7 @@ import attrs
 
 from meshredirect.ir import ChainPolicy, Family, Protocol
 from meshredirect.values import AddressSet, IdSet, IPAddress, PortSet
-from meshredirect_ebpf.environment import Environment
+from meshredirect_ebpf.environment import LOOPBACK_INTERFACE, Environment
 from meshredirect_ebpf.plan import (
     AcceptConnection,
     AllOf,
@@ -47,6 +47,7 @@ from meshredirect_ebpf.plan import (
     Field,
     GoTo,
     IntegerSet,
+    MarkIs,
     Member,
     Not,
     Nothing,
@@ -92,6 +93,8 @@ class ConnectCall:
     gid: int
     protocol: Protocol = Protocol.TCP
     bound: IPAddress | None = None
+    #: The socket's mark (SO_MARK).
+    mark: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -124,7 +127,8 @@ RouteFacts: TypeAlias = tuple[int, bool, IPAddress | None]
 class Probe(TypingProtocol):
     """How the model reads the connection: every test on a field goes through :meth:`test`.
 
-    Fields: ``dst``, ``src`` (the bound address; unspecified when unbound), ``dport``, ``uid``, ``gid``.
+    Fields: ``dst``, ``src`` (the bound address; unspecified when unbound), ``dport``, ``uid``, ``gid``,
+    ``mark``.
     A test's key must be hashable by value or stable in identity (the path explorer of the semantics
     engine caches the classes of a field by key).
     """
@@ -158,6 +162,37 @@ class RouteOf:
         return (self.environment.interface_id(route.interface), route.local, route.source)
 
 
+@attrs.frozen
+class MarkRouted:
+    """``mr_mark_routed``: whether the environment's policy routing sends this mark to lo."""
+
+    environment: Environment
+
+    def __call__(self, mark: int) -> bool:
+        return self.environment.routes_locally(mark)
+
+
+@attrs.frozen
+class MarkTest:
+    """``(mark & mask) == value``; hashable by value."""
+
+    value: int
+    mask: int
+
+    def __call__(self, mark: int) -> bool:
+        return (mark & self.mask) == self.value
+
+
+@functools.cache
+def _mark_test(value: int, mask: int) -> MarkTest:
+    return MarkTest(value=value, mask=mask)
+
+
+@functools.cache
+def _mark_routed(environment: Environment) -> MarkRouted:
+    return MarkRouted(environment)
+
+
 class _Index:
     """What a program's runs look up again and again, built once per program: the test of each set, the
     route test, the interface numbers (tests must also keep their identity across the explorer's runs)."""
@@ -165,6 +200,7 @@ class _Index:
     def __init__(self, program: Program) -> None:
         self.program = program
         self.route = route_key(program.environment)
+        self.mark_routed = _mark_routed(program.environment)
         self.members = {item.name: _members(item) for item in program.sets}
         env = program.environment
         self.interfaces = {name: env.interface_id(name) for name in env.interfaces}
@@ -237,7 +273,10 @@ class _Run:
 
     def route(self) -> RouteFacts:
         if self._route is None:
-            self._route = self.probe.test("dst", self.index.route)
+            oif, local, source = self.probe.test("dst", self.index.route)
+            if self.probe.test("mark", self.index.mark_routed):
+                oif = self.index.interfaces[LOOPBACK_INTERFACE]
+            self._route = (oif, local, source)
         return self._route
 
     def source_is_member(self, members: In) -> bool:
@@ -265,6 +304,8 @@ class _Run:
                 return any(oif == self.index.interfaces.get(name) for name in condition.interfaces)
             case DestinationIsLocal():
                 return self.route()[1]
+            case MarkIs():
+                return bool(self.probe.test("mark", _mark_test(condition.value, condition.mask)))
             case Not():
                 return not self.holds(condition.operand)
             case AllOf():
@@ -331,7 +372,14 @@ def decide(program: Program, call: ConnectCall) -> Outcome:
         family = Family.IPV4
     if bound is None:
         bound = ipaddress.ip_address(0 if family is Family.IPV4 else "::")
-    values = {"dst": destination, "src": bound, "dport": call.port, "uid": call.uid, "gid": call.gid}
+    values = {
+        "dst": destination,
+        "src": bound,
+        "dport": call.port,
+        "uid": call.uid,
+        "gid": call.gid,
+        "mark": call.mark,
+    }
     verdict = run(program, family, call.protocol, _Concrete(values))
     if verdict == "deny":
         return Refused()

@@ -40,6 +40,7 @@ __all__ = [
     "Function",
     "GoTo",
     "IntegerSet",
+    "MarkIs",
     "Member",
     "Not",
     "Nothing",
@@ -79,6 +80,8 @@ class Field(enum.Enum):
     #: The connecting task's uid and gid.
     UID = "uid"
     GID = "gid"
+    #: The socket's mark (SO_MARK): the packet mark at nat OUTPUT when no mangle rule changes it.
+    MARK = "mark"
 
 
 # ----------------------------------------------------------------------------- maps
@@ -155,6 +158,14 @@ class OutputInterface:
 
 
 @attrs.frozen(kw_only=True)
+class MarkIs:
+    """``(mark & mask) == value`` for the socket's mark."""
+
+    value: int
+    mask: int
+
+
+@attrs.frozen(kw_only=True)
 class DestinationIsLocal:
     """The destination is an address of this node (the local routing table has it)."""
 
@@ -170,7 +181,7 @@ class AllOf:
 
 
 #: Every condition: the closed union the C printer and the model handle in full.
-Condition: TypeAlias = Constant | ProtocolIs | Member | OutputInterface | DestinationIsLocal | Not | AllOf
+Condition: TypeAlias = Constant | ProtocolIs | Member | MarkIs | OutputInterface | DestinationIsLocal | Not | AllOf
 
 # ----------------------------------------------------------------------------- actions
 

@@ -13,9 +13,7 @@ environment.
 
 What the comparison leaves out, each for a reason:
 
-- socketless packets and packet marks: ``connect()`` always has a socket, and
-  the program does not see ``SO_MARK`` (the environment's routing does not
-  depend on marks: see :mod:`meshredirect_ebpf.environment`);
+- socketless packets: ``connect()`` always has a socket;
 - an unspecified source (0.0.0.0, ::): no connection leaves with one; the
   unbound socket, whose source the route chooses, is compared on its own for
   every class where the source is the route's preferred one;
@@ -38,7 +36,7 @@ import attrs
 from meshredirect.errors import PolicyError
 from meshredirect.ir import ChainType, Direction, Family, Hook, Protocol, Ruleset
 from meshredirect.values import IPAddress, IPNetwork
-from meshredirect_ebpf.environment import LOOPBACK_INTERFACE, Environment, Route
+from meshredirect_ebpf.environment import LOOPBACK_INTERFACE, Environment, MarkRoute, Route
 from meshredirect_ebpf.model import Port, route_key
 from meshredirect_ebpf.model import run as run_decision
 from meshredirect_ebpf.plan import Program
@@ -161,7 +159,8 @@ def environment_of(env: Any) -> Environment:
         pod = default.first_address(family) if default is not None else None
         everything = ipaddress.ip_network("0.0.0.0/0" if version == 4 else "::/0")
         routes.append(Route(network=everything, interface=env.default_interface, source=pod))
-    return Environment(local=tuple(local), routes=tuple(routes))
+    marks = tuple(MarkRoute(value=m.value, mask=m.mask) for m in env.local_marks)
+    return Environment(local=tuple(local), routes=tuple(routes), mark_routes=marks)
 
 
 def lowered_part(ruleset: Ruleset) -> Ruleset:
@@ -290,13 +289,8 @@ def prove(program: Program, ruleset: Ruleset, env: Any) -> Proof:
         if root.origin is not Origin.LOCAL:
             continue
         values = root.values()
-        region = {
-            "socket": [i for i, v in enumerate(values["socket"]) if v is True],
-            "mark": [i for i, v in enumerate(values["mark"]) if v == 0],
-        }
-        classes += (
-            len(region["socket"]) * len(region["mark"]) * root.count() // (len(values["socket"]) * len(values["mark"]))
-        )
+        region = {"socket": [i for i, v in enumerate(values["socket"]) if v is True]}
+        classes += len(region["socket"]) * root.count() // len(values["socket"])
         symbols = space.symbols(root)
         family, protocol = root.family, root.protocol
 

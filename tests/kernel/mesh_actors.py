@@ -6,7 +6,8 @@ proxy's uid/gid, reads ``SO_ORIGINAL_DST`` of each accepted connection and forwa
 inbound side from the passthrough address 127.0.0.6 / ::6), answering with what it did and what
 upstream answered. It counts the connections it accepted and stops forwarding after
 ``--max-hops``, so a loop ends by itself. Every accept is logged as a JSON line on stdout.
-``client``: connects to each target as the given uid/gid and prints one JSON list of results; a
+``client``: connects to each target as the given uid/gid (with ``"mark"``: from a socket with that
+SO_MARK) and prints one JSON list of results; a
 target with ``"udp": true`` sends one datagram (``"connected"``: through connect()) and records
 the answer and the address it came from.
 Servers (``--udp``) and the proxy (``--dns PORT``, UDP and TCP) answer datagrams too.
@@ -196,17 +197,25 @@ def proxy(args: argparse.Namespace) -> None:
 
 def client(args: argparse.Namespace) -> None:
     targets = json.loads(args.targets)
+    # SO_MARK needs CAP_NET_ADMIN: marked sockets are made before the drop to the client's ids
+    # (what counts at connect() is the task's ids then).
+    premade: dict[int, socket.socket] = {}
+    for index, target in enumerate(targets):
+        if target.get("mark"):
+            sock = socket.socket(_socket_family(target), socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, target["mark"])
+            premade[index] = sock
     if args.uid is not None:
         _drop_to(args.uid, args.gid)
     results = []
-    for target in targets:
-        family = socket.AF_INET6 if target.get("socket") == 6 or ":" in target["address"] else socket.AF_INET
+    for index, target in enumerate(targets):
+        family = _socket_family(target)
         result: dict[str, Any] = {"target": target}
         if target.get("udp"):
             results.append(_datagram(family, target, result))
             continue
         try:
-            with socket.socket(family, socket.SOCK_STREAM) as sock:
+            with premade.get(index) or socket.socket(family, socket.SOCK_STREAM) as sock:
                 sock.settimeout(TIMEOUT)
                 if target.get("bind"):
                     sock.bind((target["bind"], 0))
@@ -217,6 +226,10 @@ def client(args: argparse.Namespace) -> None:
             result["error"] = str(exc)
         results.append(result)
     print(json.dumps(results), flush=True)
+
+
+def _socket_family(target: dict[str, Any]) -> int:
+    return socket.AF_INET6 if target.get("socket") == 6 or ":" in target["address"] else socket.AF_INET
 
 
 def _datagram(family: int, target: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,10 @@
 #define MR_REDIRECT 0x10000u
 /* Interface number of a destination without a route. */
 #define MR_NO_ROUTE 0u
+/* Interface number of lo (the environment numbers interfaces from 1, lo first). */
+#define MR_LOOPBACK_INTERFACE 1u
+/* Slots of the mark routing map. */
+#define MR_MARK_ROUTES 8
 
 struct mr_lpm4_key {
 	__u32 prefixlen;
@@ -61,6 +65,13 @@ struct mr_port_key {
 struct mr_id_key {
 	__u32 set;
 	__u32 id;
+};
+
+/* A packet mark that policy routing sends to lo (TPROXY's fwmark rule); unused slots have used == 0. */
+struct mr_mark_route {
+	__u32 value;
+	__u32 mask;
+	__u32 used;
 };
 
 /* A route: the interface number (see the maps document) and the preferred source. */
@@ -100,6 +111,7 @@ struct mr_conn4 {
 	__u32 src;
 	__u32 uid;
 	__u32 gid;
+	__u32 mark;
 	__u32 oif;
 	__u16 dport;
 	__u8 protocol;
@@ -111,6 +123,7 @@ struct mr_conn6 {
 	__u32 src[4];
 	__u32 uid;
 	__u32 gid;
+	__u32 mark;
 	__u32 oif;
 	__u16 dport;
 	__u8 protocol;
@@ -152,6 +165,14 @@ struct {
 	__type(value, struct mr_route6);
 	__uint(max_entries, 4096);
 } mr_route6 SEC(".maps");
+
+/* packet marks policy routing sends to lo (value, mask, used), e.g. TPROXY's fwmark rule (environment) */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct mr_mark_route);
+	__uint(max_entries, 8);
+} mr_mark_routes SEC(".maps");
 
 /* socket cookie of a redirected connection -> its original destination (connect, getpeername) (program) */
 struct {
@@ -245,8 +266,22 @@ MR_HELPER int mr_is_unspecified6(const __u32 *addr)
 	return (addr[0] | addr[1] | addr[2] | addr[3]) == 0;
 }
 
+/* Whether policy routing sends a packet with this mark to lo. */
+MR_HELPER int mr_mark_routed(__u32 mark)
+{
+	for (__u32 i = 0; i < MR_MARK_ROUTES; i++) {
+		__u32 key = i;
+		struct mr_mark_route *route = bpf_map_lookup_elem(&mr_mark_routes, &key);
+
+		if (route && route->used && (mark & route->mask) == route->value)
+			return 1;
+	}
+	return 0;
+}
+
 /* The route of c->dst: the local table first (the destination is this node's), then the
- * longest prefix of the main table. An unbound socket takes the route's preferred source. */
+ * longest prefix of the main table; a mark routed locally leaves on lo whatever the destination.
+ * An unbound socket takes the route's preferred source. */
 MR_HELPER void mr_route_of4(struct mr_conn4 *c)
 {
 	struct mr_lpm4_key key = { .prefixlen = 32, .addr = c->dst };
@@ -257,10 +292,10 @@ MR_HELPER void mr_route_of4(struct mr_conn4 *c)
 	else
 		route = bpf_map_lookup_elem(&mr_route4, &key);
 	if (!route) {
-		c->oif = MR_NO_ROUTE;
+		c->oif = mr_mark_routed(c->mark) ? MR_LOOPBACK_INTERFACE : MR_NO_ROUTE;
 		return;
 	}
-	c->oif = route->interface;
+	c->oif = mr_mark_routed(c->mark) ? MR_LOOPBACK_INTERFACE : route->interface;
 	if (c->src == 0)
 		c->src = route->source;
 }
@@ -280,10 +315,10 @@ MR_HELPER void mr_route_of6(struct mr_conn6 *c)
 	else
 		route = bpf_map_lookup_elem(&mr_route6, &key);
 	if (!route) {
-		c->oif = MR_NO_ROUTE;
+		c->oif = mr_mark_routed(c->mark) ? MR_LOOPBACK_INTERFACE : MR_NO_ROUTE;
 		return;
 	}
-	c->oif = route->interface;
+	c->oif = mr_mark_routed(c->mark) ? MR_LOOPBACK_INTERFACE : route->interface;
 	if (mr_is_unspecified6(c->src)) {
 		c->src[0] = route->source[0];
 		c->src[1] = route->source[1];
@@ -506,12 +541,13 @@ MR_HELPER void mr_original4(struct mr_original *o, const struct mr_conn4 *c, __u
 	o->proxy_port = (verdict & 0xffff) ? (__u16)(verdict & 0xffff) : c->dport;
 }
 
-MR_HELPER void mr_fill4(struct mr_conn4 *c, struct bpf_sock_addr *ctx, __u32 dst, __u32 bound)
+MR_HELPER void mr_fill4(struct mr_conn4 *c, struct bpf_sock_addr *ctx, __u32 dst, __u32 bound, __u32 mark)
 {
 	c->protocol = (__u8)ctx->protocol;
 	c->dst = dst;
 	c->dport = bpf_ntohs((__u16)ctx->user_port);
 	mr_owner(&c->uid, &c->gid);
+	c->mark = mark;
 	c->src = bound;
 	mr_route_of4(c);
 }
@@ -526,7 +562,7 @@ MR_HELPER int mr_sock_addr4(struct bpf_sock_addr *ctx)
 
 	if (!sk)
 		return 1;
-	mr_fill4(&c, ctx, ctx->user_ip4, sk->src_ip4);
+	mr_fill4(&c, ctx, ctx->user_ip4, sk->src_ip4, sk->mark);
 	verdict = mr4_decide(&c);
 	if (verdict == MR_DENY)
 		return 0;
@@ -560,7 +596,7 @@ MR_HELPER int mr_sock_addr6(struct bpf_sock_addr *ctx)
 		bound[1] = sk->src_ip6[1];
 		bound[2] = sk->src_ip6[2];
 		bound[3] = sk->src_ip6[3];
-		mr_fill4(&c, ctx, dst[3], mr_is_mapped(bound) ? bound[3] : 0);
+		mr_fill4(&c, ctx, dst[3], mr_is_mapped(bound) ? bound[3] : 0, sk->mark);
 		verdict = mr4_decide(&c);
 		if (verdict == MR_DENY)
 			return 0;
@@ -581,6 +617,7 @@ MR_HELPER int mr_sock_addr6(struct bpf_sock_addr *ctx)
 	c.dst[3] = dst[3];
 	c.dport = bpf_ntohs((__u16)ctx->user_port);
 	mr_owner(&c.uid, &c.gid);
+	c.mark = sk->mark;
 	c.src[0] = sk->src_ip6[0];
 	c.src[1] = sk->src_ip6[1];
 	c.src[2] = sk->src_ip6[2];

@@ -71,7 +71,7 @@ class Step:
     family: Family
     argv: tuple[str, ...]
     document: str
-    #: The family's rules before the step, as the tool prints them (what :meth:`Applier.revert` goes back to).
+    #: The family's rules before the step, as the tool prints them (what ``Applier.revert`` goes back to).
     before: str
 
 

@@ -3,8 +3,8 @@
  *
  *   connbench sink PORT...                 accept on 127.0.0.1:PORT and close at once (RST), forever
  *   connbench connect ADDR PORT N [UID]    N connections to ADDR:PORT (as UID), closed at once (RST);
- *                                          prints the mean nanoseconds per connection and how many
- *                                          connects were reset and retried
+ *                                          prints the mean nanoseconds per connection of the fastest
+ *                                          of 4 batches, and how many connects were reset and retried
  *
  * Both sides close with SO_LINGER 0, so no TIME_WAIT piles up and no ephemeral port runs out.
  * Python's connect loop would hide differences under ~5 us; this one does not.
@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #define MAX_PORTS 8
+#define BATCHES 4
 
 static void reset_on_close(int fd)
 {
@@ -93,27 +94,37 @@ static int client(const char *host, int port, long count, int uid)
 		return 1;
 	}
 	long retries = 0;
+	double best = -1;
 
-	clock_gettime(CLOCK_MONOTONIC, &start);
-	for (long i = 0; i < count; i++) {
-		int fd = socket(family, SOCK_STREAM, 0);
+	/* The figure is the fastest of BATCHES batches: on a shared machine other work only adds time. */
+	for (int batch = 0; batch < BATCHES; batch++) {
+		long n = count / BATCHES;
 
-		if (connect(fd, (struct sockaddr *)&address, length)) {
-			/* A reused source port can meet conntrack's entry of an earlier connection; retry. */
-			if (errno == ECONNRESET && retries < count / 10) {
-				close(fd);
-				retries++;
-				i--;
-				continue;
+		clock_gettime(CLOCK_MONOTONIC, &start);
+		for (long i = 0; i < n; i++) {
+			int fd = socket(family, SOCK_STREAM, 0);
+
+			if (connect(fd, (struct sockaddr *)&address, length)) {
+				/* A reused source port can meet conntrack's entry of an earlier connection; retry. */
+				if (errno == ECONNRESET && retries < count / 10) {
+					close(fd);
+					retries++;
+					i--;
+					continue;
+				}
+				fprintf(stderr, "connect %s:%d: %s\n", host, port, strerror(errno));
+				return 1;
 			}
-			fprintf(stderr, "connect %s:%d: %s\n", host, port, strerror(errno));
-			return 1;
+			reset_on_close(fd);
+			close(fd);
 		}
-		reset_on_close(fd);
-		close(fd);
+		clock_gettime(CLOCK_MONOTONIC, &end);
+		double mean = ((end.tv_sec - start.tv_sec) * 1e9 + (end.tv_nsec - start.tv_nsec)) / n;
+
+		if (best < 0 || mean < best)
+			best = mean;
 	}
-	clock_gettime(CLOCK_MONOTONIC, &end);
-	printf("%.1f %ld\n", ((end.tv_sec - start.tv_sec) * 1e9 + (end.tv_nsec - start.tv_nsec)) / count, retries);
+	printf("%.1f %ld\n", best, retries);
 	return 0;
 }
 

@@ -1,16 +1,17 @@
-"""What a new outbound TCP connection costs through the eBPF program, iptables (nft and legacy) and no rules.
+"""What a new outbound TCP connection costs through the eBPF program, iptables (nft and legacy), nftables and no rules.
 
 Each configuration lives in its own network namespace (eth0 10.0.0.5/24 on a veth pair) with a sink
 on 127.0.0.1:15001 that accepts and resets. A C client (benchmarks/connbench.c, built with gcc) opens
 N connections to 10.0.0.9:8080 as uid 1000, which the rules redirect to the sink; "no rules" connects
 to the sink directly. "exempt" rows connect to the sink directly as uid 1337: the rules or programs
 run but change nothing. The eBPF rows run the client in a fresh cgroup v2 with the program attached;
-the iptables rows load the compiled default policy with ``iptables-restore``. Rows with 1,000 CIDRs
-add 1,000 excluded /30 networks to the policy (iptables: one rule each; eBPF: one LPM trie).
+the iptables rows load the compiled default policy with ``iptables-restore``; the nftables rows (when
+the build has the nftables backend) load it through the apply layer. Rows with 1,000 CIDRs add 1,000
+excluded /30 networks to the policy (iptables: one rule each; nftables: one set; eBPF: one LPM trie).
 
-Configurations are interleaved in short slices within one run; each figure is the median over the
-slices (with min and max) of nanoseconds per connection, and its ratio to the "no rules" slice of the
-same round; on a busy machine the ratio of the minimums (the least disturbed slices) is the
+Configurations are interleaved in short slices within one run; a slice's figure is its fastest of 4
+batches (a shared machine only adds time); each figure is the median over the slices (with min and
+max) of nanoseconds per connection, and its ratio to the "no rules" slice of the same round; on a busy machine the ratio of the minimums (the least disturbed slices) is the
 steadier figure. Needs root, gcc, clang, bpftool, iproute2, iptables. Results go to
 benchmarks/results/ebpf_connection_cost.json and are printed as a Markdown table.
 
@@ -85,6 +86,7 @@ def build(work: Path) -> Path:
 def configurations(stack: contextlib.ExitStack, work: Path, binary: Path) -> list[Config]:
     from meshredirect.apply.ebpf import BpfFilesystem, load
     from meshredirect.apply.iptables import IptablesApplier, NamespaceRunner
+    from meshredirect.backend import available_backends
     from meshredirect.compiler import compile_policy
     from meshredirect.policy import Policy
     from meshredirect.testing.cgroup import Cgroup
@@ -107,6 +109,19 @@ def configurations(stack: contextlib.ExitStack, work: Path, binary: Path) -> lis
                 if label and row == "exempt":
                     continue
                 config = Config(f"iptables-{variant}{label}: {row}", dst, uid)
+                config.prefix = ["ip", "netns", "exec", ns.name]
+                configs.append(config)
+
+    if "nftables-json" in available_backends():
+        from meshredirect.apply import apply
+
+        for label, policy in (("", plain), (", 1,000 CIDRs", many)):
+            ns = stack.enter_context(namespace(stack, binary))
+            apply(compile_policy(policy), backend="nftables", netns=ns.name)
+            for row, dst, uid in (("redirected", REMOTE, APP_UID), ("exempt", "127.0.0.1", PROXY_UID)):
+                if label and row == "exempt":
+                    continue
+                config = Config(f"nftables{label}: {row}", dst, uid)
                 config.prefix = ["ip", "netns", "exec", ns.name]
                 configs.append(config)
 

@@ -11,7 +11,7 @@ from meshredirect.ir import Ruleset
 from meshredirect_ebpf.csource import c_source
 from meshredirect_ebpf.environment import Environment
 from meshredirect_ebpf.lowering import lower
-from meshredirect_ebpf.maps import map_definitions, maps_document
+from meshredirect_ebpf.maps import MapDefinition, map_definitions, maps_document
 from meshredirect_ebpf.plan import PROGRAMS, Program
 
 if TYPE_CHECKING:
@@ -105,17 +105,18 @@ class EbpfBackend:
 
     def render(self, ruleset: Ruleset) -> Rendering:
         program = self.plan(ruleset)
+        definitions = map_definitions(program)
         return Rendering(
             backend=self.name,
             artifacts=(
-                Artifact(name=C_FILE, content=c_source(program), kind="c"),
-                Artifact(name=MAPS_FILE, content=maps_document(program), kind="ebpf-maps"),
-                Artifact(name=README_FILE, content=readme(program), kind="readme"),
+                Artifact(name=C_FILE, content=c_source(program, definitions), kind="c"),
+                Artifact(name=MAPS_FILE, content=maps_document(program, definitions), kind="ebpf-maps"),
+                Artifact(name=README_FILE, content=readme(program, definitions), kind="readme"),
             ),
         )
 
 
-def readme(program: Program) -> str:
+def readme(program: Program, definitions: Sequence[MapDefinition] | None = None) -> str:
     """How to build, load and attach the program, and what it assumes."""
     env = program.environment
     lines = [
@@ -185,7 +186,7 @@ def readme(program: Program) -> str:
     lines += ["", "## Maps", ""]
     lines += [
         f"- `{m.name}` ({m.map_type}, {len(m.entries)}/{m.max_entries} entries, {m.filled_by}): {m.purpose}"
-        for m in map_definitions(program)
+        for m in (definitions if definitions is not None else map_definitions(program))
     ]
     if program.sets:
         lines += ["", "## The policy's sets", ""]

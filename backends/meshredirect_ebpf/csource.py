@@ -26,7 +26,7 @@ Names in comments come from the IR and are made harmless for C comments.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final, assert_never
 
 from meshredirect.ir import ChainPolicy, Family, Protocol
@@ -918,8 +918,9 @@ class _Printer:
             lines.append("")
         return lines
 
-    def source(self) -> str:
-        parts = [HEADER, "\n".join(self.maps(map_definitions(self.program))), HELPERS, ""]
+    def source(self, definitions: Sequence[MapDefinition] | None = None) -> str:
+        maps = definitions if definitions is not None else map_definitions(self.program)
+        parts = [HEADER, "\n".join(self.maps(maps)), HELPERS, ""]
         for family in (Family.IPV4, Family.IPV6):
             parts.append("\n".join(self.decide(family)))
         hooks = HOOKS.replace("{fill4}", self.fill(Family.IPV4)).replace("{fill6}", self.fill(Family.IPV6))
@@ -927,7 +928,7 @@ class _Printer:
         return "\n".join(parts)
 
 
-def c_source(program: Program) -> str:
+def c_source(program: Program, definitions: Sequence[MapDefinition] | None = None) -> str:
     """The C source of a program plan.
 
     >>> from meshredirect.compiler import compile_policy
@@ -946,4 +947,4 @@ def c_source(program: Program) -> str:
         return MR_RETURN;
     }
     """
-    return _Printer(program).source()
+    return _Printer(program).source(definitions)

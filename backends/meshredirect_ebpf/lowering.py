@@ -178,10 +178,11 @@ def _summary(chain: Chain) -> Chain:
 
 
 def _members(items: Iterable[object]) -> str:
-    shown = [str(item) for item in items]
-    if len(shown) > SHOWN_MEMBERS:
-        return ", ".join(shown[:SHOWN_MEMBERS]) + f", ... ({len(shown)} in all)"
-    return ", ".join(shown)
+    listed = list(items)
+    shown = ", ".join(str(item) for item in listed[:SHOWN_MEMBERS])
+    if len(listed) > SHOWN_MEMBERS:
+        return shown + f", ... ({len(listed)} in all)"
+    return shown
 
 
 def describe_match(match: Match) -> str:

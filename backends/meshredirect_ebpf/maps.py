@@ -17,6 +17,7 @@ stores them, addresses and LPM prefixes in network order as the kernel wants).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Final
 
 import attrs
@@ -271,35 +272,44 @@ def map_definitions(program: Program) -> tuple[MapDefinition, ...]:
     return tuple(maps)
 
 
-def maps_document(program: Program) -> str:
+def maps_document(program: Program, definitions: Sequence[MapDefinition] | None = None) -> str:
     """The JSON document of the programs (name, section, attach type) and of every map: definitions, and the
-    entries to load as bpftool takes them."""
+    entries to load as bpftool takes them (``definitions``: the program's, when already made).
 
-    interfaces = {str(program.environment.interface_id(name)): name for name in program.environment.interfaces}
-    document = {
-        "format": FORMAT,
-        "programs": [{"name": name, "section": section, "attach": attach} for section, name, attach in PROGRAMS],
-        "interfaces": {"0": "(no route)", **interfaces},
-        "sets": [
-            {"name": item.name, "map": _map_of(item), "number": item.index, "purpose": item.purpose}
-            for item in program.sets
-        ],
-        "maps": [
-            {
-                "name": m.name,
-                "type": m.map_type,
-                "key_size": m.key_size,
-                "value_size": m.value_size,
-                "max_entries": m.max_entries,
-                "flags": m.flags,
-                "filled_by": m.filled_by,
-                "purpose": m.purpose,
-                "entries": [{"member": e.label, "key": e.key.hex(" "), "value": e.value.hex(" ")} for e in m.entries],
-            }
-            for m in map_definitions(program)
-        ],
-    }
-    return json.dumps(document, indent=1) + "\n"
+    Laid out for people and diffs: one line per program, set, map header and map entry.
+    """
+    env = program.environment
+    interfaces = {"0": "(no route)", **{str(env.interface_id(name)): name for name in env.interfaces}}
+    programs = [{"name": name, "section": section, "attach": attach} for section, name, attach in PROGRAMS]
+    sets = [
+        {"name": item.name, "map": _map_of(item), "number": item.index, "purpose": item.purpose}
+        for item in program.sets
+    ]
+    maps = []
+    for m in definitions if definitions is not None else map_definitions(program):
+        header = {
+            "name": m.name,
+            "type": m.map_type,
+            "key_size": m.key_size,
+            "value_size": m.value_size,
+            "max_entries": m.max_entries,
+            "flags": m.flags,
+            "filled_by": m.filled_by,
+            "purpose": m.purpose,
+        }
+        entries = [json.dumps({"member": e.label, "key": e.key.hex(" "), "value": e.value.hex(" ")}) for e in m.entries]
+        listed = "[]" if not entries else "[\n    " + ",\n    ".join(entries) + "\n   ]"
+        maps.append(json.dumps(header)[:-1] + f', "entries": {listed}}}')
+    lines = [
+        "{",
+        f' "format": {json.dumps(FORMAT)},',
+        ' "programs": [\n  ' + ",\n  ".join(json.dumps(p) for p in programs) + "\n ],",
+        f' "interfaces": {json.dumps(interfaces)},',
+        ' "sets": [' + ("\n  " + ",\n  ".join(json.dumps(s) for s in sets) + "\n ]" if sets else "]") + ",",
+        ' "maps": [\n  ' + ",\n  ".join(maps) + "\n ]",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _map_of(item: PrefixSet | IntegerSet) -> str:

@@ -1,7 +1,7 @@
 """What a new outbound TCP connection costs through the eBPF program, iptables (nft and legacy), nftables and no rules.
 
 Each configuration lives in its own network namespace (eth0 10.0.0.5/24 on a veth pair) with a sink
-on 127.0.0.1:15001 that accepts and resets. A C client (benchmarks/connbench.c, built with gcc) opens
+on 127.0.0.1:15001 that accepts and resets. A C client (benchmarks/connbench.c, built with gcc or clang) opens
 N connections to 10.0.0.9:8080 as uid 1000, which the rules redirect to the sink; "no rules" connects
 to the sink directly. "exempt" rows connect to the sink directly as uid 1337: the rules or programs
 run but change nothing. The eBPF rows run the client in a fresh cgroup v2 with the program attached;
@@ -12,7 +12,7 @@ excluded /30 networks to the policy (iptables: one rule each; nftables: one set;
 Configurations are interleaved in short slices within one run; a slice's figure is its fastest of 4
 batches (a shared machine only adds time); each figure is the median over the slices (with min and
 max) of nanoseconds per connection, and its ratio to the "no rules" slice of the same round; on a busy machine the ratio of the minimums (the least disturbed slices) is the
-steadier figure. Needs root, gcc, clang, bpftool, iproute2, iptables. Results go to
+steadier figure. Needs root, clang (or gcc), bpftool, iproute2, iptables. Results go to
 benchmarks/results/ebpf_connection_cost.json and are printed as a Markdown table.
 
     .venv/bin/python benchmarks/ebpf_connection_cost.py [--rounds 15] [--connections 3000]
@@ -79,7 +79,10 @@ def namespace(stack: contextlib.ExitStack, binary: Path) -> Iterator[Any]:
 
 def build(work: Path) -> Path:
     binary = work / "connbench"
-    subprocess.run(["gcc", "-O2", "-o", str(binary), str(ROOT / "benchmarks" / "connbench.c")], check=True)
+    import shutil
+
+    compiler = shutil.which("gcc") or shutil.which("cc") or "clang"  # a machine may have clang only
+    subprocess.run([compiler, "-O2", "-o", str(binary), str(ROOT / "benchmarks" / "connbench.c")], check=True)
     return binary
 
 

@@ -467,11 +467,13 @@ def _clang() -> str:
 
 
 def _compiles(source: str, tmp_path: Path) -> None:
-    triplet = subprocess.run(["gcc", "-dumpmachine"], capture_output=True, text=True, check=False).stdout.strip()
+    from meshredirect.apply.ebpf import multiarch_include
+
+    clang = _clang()
     c_file = tmp_path / "redirect.bpf.c"
     c_file.write_text(source)
     result = subprocess.run(
-        [_clang(), "-O2", "-g", "-Wall", "-Werror", "-target", "bpf", f"-I/usr/include/{triplet}", "-c", str(c_file),
+        [clang, "-O2", "-g", "-Wall", "-Werror", "-target", "bpf", f"-I{multiarch_include()}", "-c", str(c_file),
          "-o", str(tmp_path / "redirect.bpf.o")],
         capture_output=True, text=True, check=False,
     )  # fmt: skip

@@ -36,7 +36,7 @@ import attrs
 from meshredirect.backend import Rendering
 from meshredirect.errors import EnvironmentProblem
 
-__all__ = ["BpfFilesystem", "LoadedProgram", "bpf_refused", "build", "load", "run_tool"]
+__all__ = ["BpfFilesystem", "LoadedProgram", "bpf_refused", "build", "load", "multiarch_include", "run_tool"]
 
 #: clang's flags for the BPF target (-g: BTF, which the map definitions need).
 CLANG_FLAGS: Final = ("-O2", "-g", "-Wall", "-target", "bpf")
@@ -59,15 +59,22 @@ def run_tool(argv: Sequence[str], *, input: str | None = None, what: str | None 
     return result.stdout
 
 
-def _multiarch_include() -> Path:
-    """/usr/include/<triplet>: asm/ headers live there; glibc's headers are never included."""
-    for argv in (["gcc", "-dumpmachine"], ["clang", "-dumpmachine"]):
+def multiarch_include() -> Path:
+    """/usr/include/<triplet>, where Debian keeps asm/types.h (glibc's headers are never included).
+
+    The triplet is ``gcc -dumpmachine``'s (what the documentation says) or, without gcc, clang's
+    ``-print-multiarch``.
+    """
+    for argv in (["gcc", "-dumpmachine"], ["clang", "-print-multiarch"]):
         if shutil.which(argv[0]):
             triplet = run_tool(argv).strip()
             path = Path("/usr/include") / triplet
-            if path.is_dir():
+            if triplet and (path / "asm").is_dir():
                 return path
-    raise EnvironmentProblem("cannot find /usr/include/<triplet> for asm/types.h", remedy="install linux-libc-dev")
+    raise EnvironmentProblem(
+        "cannot find /usr/include/<triplet>/asm (the kernel's headers for this machine)",
+        remedy="install the Debian package linux-libc-dev",
+    )
 
 
 def build(rendering: Rendering, workdir: Path) -> Path:
@@ -78,7 +85,7 @@ def build(rendering: Rendering, workdir: Path) -> Path:
     c_file.write_text(source.content)
     obj = c_file.with_suffix(".o")
     run_tool(
-        ["clang", *CLANG_FLAGS, f"-I{_multiarch_include()}", "-c", str(c_file), "-o", str(obj)],
+        ["clang", *CLANG_FLAGS, f"-I{multiarch_include()}", "-c", str(c_file), "-o", str(obj)],
         what=f"clang -target bpf {source.name}",
     )
     return obj
@@ -181,7 +188,7 @@ def bpf_refused(workdir: Path, bpffs: Path) -> str | None:
         'char _license[] SEC("license") = "Apache-2.0";\n'
     )
     obj = trivial.with_suffix(".o")
-    run_tool(["clang", *CLANG_FLAGS, f"-I{_multiarch_include()}", "-c", str(trivial), "-o", str(obj)])
+    run_tool(["clang", *CLANG_FLAGS, f"-I{multiarch_include()}", "-c", str(trivial), "-o", str(obj)])
     probe = bpffs / "mr-probe"
     result = subprocess.run(
         ["bpftool", "prog", "load", str(obj), str(probe)], capture_output=True, text=True, check=False

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from meshredirect.compiler import compile_policy
 from meshredirect.ir import OwnerMatch, Return, Ruleset
 from meshredirect.policy import DnsCapture, Policy
-from meshredirect.presets import preset
+from meshredirect.presets import PRESETS, preset
 from meshredirect_ebpf import EbpfBackend
 from meshredirect_ebpf.lowering import lower
 from meshredirect_ebpf.plan import IntegerSet
@@ -123,3 +123,9 @@ def test_the_backend_built_from_a_semantics_environment_proves_itself() -> None:
     assert proof.holds and proof.left_out == ()
     with pytest.raises(Exception, match="environment: expected the routing of the environment the proof runs in"):
         EbpfBackend(local_addresses=["10.0.0.7"]).prove(ruleset)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_proven(name: str) -> None:
+    proof = _proof(preset(name))
+    assert proof.holds, proof.text()

@@ -244,7 +244,9 @@ def test_addresses_of_the_other_family_and_family_matches() -> None:
     v6 = AddressMatch(direction=Direction.DESTINATION, addresses=AddressSet.of("fd00::/8"))
     rules = [
         _rule_of(v6),  # never holds in an ip table: no rule
-        _rule_of(AddressMatch(direction=Direction.DESTINATION, addresses=AddressSet.of("fd00::/8"), negate=True)),  # nor this
+        _rule_of(
+            AddressMatch(direction=Direction.DESTINATION, addresses=AddressSet.of("fd00::/8"), negate=True)
+        ),  # nor this
         _rule_of(FamilyMatch(family=Family.IPV6)),  # never holds: no rule
         _rule_of(FamilyMatch(family=Family.IPV4), target=Return()),  # always holds: the match goes
     ]

@@ -184,7 +184,7 @@ def policy_fields() -> str:
 
 def support_table() -> str:
     from meshredirect.backend import available_backends
-    from meshredirect.graph import describe_match, describe_target
+    from meshredirect.notation import describe_match, describe_target
     from meshredirect.support import support_matrix
     from meshredirect.testing.samples import SAMPLE_MATCHES
 

@@ -1,8 +1,8 @@
 """Chain diagrams of a ruleset, as Graphviz DOT text (pure: no I/O).
 
 Each hook a connection meets and each chain becomes a box; the rules of a
-chain are listed inside its box, one row each, in a compact notation that
-belongs to no backend; each ``jump`` or ``goto`` is an arrow from the rule's
+chain are listed inside its box, one row each, in the rule notation of
+:mod:`meshredirect.notation`; each ``jump`` or ``goto`` is an arrow from the rule's
 row to the chain it enters (``goto`` dashed). Hooks are listed in netfilter
 order, and a hook points at its base chains in priority order (the order in
 which the kernel runs them). Chains are grouped in one box per table.
@@ -25,73 +25,23 @@ from __future__ import annotations
 
 import html
 from collections.abc import Iterable, Iterator
-from typing import Final, assert_never
+from typing import Final
 
 import attrs
 
-from meshredirect.ir import (
-    FULL_MASK,
-    Accept,
-    AddressMatch,
-    AddressRange,
-    AddrTypeMatch,
-    Chain,
-    ConnmarkMatch,
-    ConnmarkRestore,
-    ConnmarkSave,
-    ConnmarkSet,
-    Continue,
-    CtState,
-    CtStateMatch,
-    CtZone,
-    Direction,
-    Dnat,
-    Drop,
-    Family,
-    FamilyMatch,
-    Goto,
-    Hook,
-    InterfaceMatch,
-    IpSetMatch,
-    Jump,
-    Log,
-    MarkMatch,
-    Masquerade,
-    Match,
-    OwnerMatch,
-    PortMatch,
-    ProtocolMatch,
-    Redirect,
-    Reject,
-    Return,
-    Rule,
-    Ruleset,
-    SetMark,
-    Snat,
-    StatisticMatch,
-    Table,
-    Target,
-    TProxy,
-    UnknownMatch,
-    UnknownTarget,
-)
-from meshredirect.values import AddressSet, IntervalSet, PortSet
+from meshredirect.ir import Chain, Family, Goto, Hook, Jump, Rule, Ruleset, Table
+from meshredirect.notation import describe_rule
 
 __all__ = [
     "ChainRef",
     "Highlight",
     "RuleRef",
     "chain_node",
-    "describe_match",
-    "describe_rule",
-    "describe_target",
     "hook_node",
     "jumps",
     "to_dot",
 ]
 
-#: Members of an address, port or id set shown in a rule before the rest is summed up as "N more".
-MAX_SET_MEMBERS: Final = 4
 #: Netfilter's hooks in the order a packet meets them (PREROUTING and OUTPUT both start a path).
 HOOK_ORDER: Final[tuple[Hook, ...]] = (Hook.PREROUTING, Hook.INPUT, Hook.FORWARD, Hook.OUTPUT, Hook.POSTROUTING)
 
@@ -153,165 +103,6 @@ class Highlight:
     entered: frozenset[ChainRef] = attrs.field(default=frozenset(), converter=_frozen_chains)
     tested: frozenset[RuleRef] = attrs.field(default=frozenset(), converter=_frozen_rules)
     matched: frozenset[RuleRef] = attrs.field(default=frozenset(), converter=_frozen_rules)
-
-
-# ----------------------------------------------------------------------------- rule notation
-
-
-def _members(values: Iterable[str], count: int) -> str:
-    shown = []
-    for index, value in enumerate(values):
-        if index == MAX_SET_MEMBERS:
-            shown.append(f"… {count - MAX_SET_MEMBERS} more")
-            break
-        shown.append(value)
-    return shown[0] if count == 1 else "{" + ", ".join(shown) + "}"
-
-
-def _addresses(addresses: AddressSet) -> str:
-    return _members((str(network) for network in addresses), len(addresses.networks))
-
-
-def _intervals(values: IntervalSet) -> str:
-    texts = (str(low) if low == high else f"{low}-{high}" for low, high in values.intervals)
-    return _members(texts, len(values.intervals))
-
-
-def _op(negate: bool) -> str:
-    return " != " if negate else " "
-
-
-def _side(direction: Direction) -> str:
-    return "src" if direction is Direction.SOURCE else "dst"
-
-
-def _masked(name: str, value: int, mask: int, negate: bool) -> str:
-    if mask == FULL_MASK:
-        return f"{name}{_op(negate)}{value}"
-    return f"{name} & {mask:#x}{' != ' if negate else ' == '}{value:#x}"
-
-
-def describe_match(match: Match) -> str:
-    """A match in the diagram's compact notation.
-
-    >>> from meshredirect.ir import Protocol
-    >>> from meshredirect.values import PortSet
-    >>> describe_match(PortMatch(protocol=Protocol.TCP, ports=PortSet.of(15008), negate=True))
-    'tcp dport != 15008'
-    >>> describe_match(AddressMatch(direction=Direction.DESTINATION, addresses=AddressSet.of(*[f"10.0.{i}.0/24" for i in range(0, 20, 2)])))
-    'dst {10.0.0.0/24, 10.0.2.0/24, 10.0.4.0/24, 10.0.6.0/24, … 6 more}'
-    """
-    match match:
-        case ProtocolMatch(protocol=protocol, negate=negate):
-            return f"proto{_op(negate)}{protocol.value}"
-        case FamilyMatch(family=family):
-            return f"family {family.value}"
-        case AddressMatch(direction=direction, addresses=addresses, negate=negate):
-            return f"{_side(direction)}{_op(negate)}{_addresses(addresses)}"
-        case PortMatch(protocol=protocol, ports=ports, direction=direction, negate=negate):
-            return f"{protocol.value} {_side(direction)[0]}port{_op(negate)}{_intervals(ports)}"
-        case InterfaceMatch(direction=direction, name=name, negate=negate):
-            return f"{'iif' if direction is Direction.SOURCE else 'oif'}{_op(negate)}{name}"
-        case OwnerMatch(kind=kind, ids=ids, negate=negate, socketless=socketless):
-            text = f"{kind.value}{_op(negate)}{_intervals(ids)}"
-            if socketless != negate:
-                text += f" (no socket: {'match' if socketless else 'no match'})"
-            return text
-        case MarkMatch(value=value, mask=mask, negate=negate):
-            return _masked("mark", value, mask, negate)
-        case ConnmarkMatch(value=value, mask=mask, negate=negate):
-            return _masked("ctmark", value, mask, negate)
-        case CtStateMatch(states=states, negate=negate):
-            names = ",".join(state.value for state in CtState if state in states)
-            return f"ctstate{_op(negate)}{names}"
-        case AddrTypeMatch(direction=direction, types=types, negate=negate, limit_interface=limit):
-            names = ",".join(sorted(t.value for t in types))
-            return f"{_side(direction)} type{_op(negate)}{names}" + (" (this interface)" if limit else "")
-        case IpSetMatch(name=name, flags=flags, negate=negate):
-            return f"{','.join(_side(flag) for flag in flags)}{' not' if negate else ''} in ipset {name}"
-        case StatisticMatch(probability=probability, every=every, packet=packet, negate=negate):
-            text = f"random {probability}" if probability is not None else f"every {every} from {packet}"
-            return ("not " if negate else "") + text
-        case UnknownMatch(dialect=dialect, tokens=tokens):
-            return f"unknown {dialect} match: {' '.join(tokens)}"
-        case _:
-            assert_never(match)
-
-
-def _nat_to(addresses: AddressRange | None, ports: PortSet | None) -> str:
-    text = ""
-    if addresses is not None:
-        first, last = addresses.first, addresses.last
-        text = f" to {first}" if first == last else f" to {first}-{last}"
-    if ports is not None:
-        text += f" :{_intervals(ports)}"
-    return text
-
-
-def describe_target(target: Target) -> str:
-    """A target in the diagram's compact notation.
-
-    >>> describe_target(Redirect(ports=PortSet.of(15001)))
-    'REDIRECT :15001'
-    >>> describe_target(SetMark(value=0x4000, mask=0x4000))
-    'MARK set 0x4000/0x4000'
-    """
-    match target:
-        case Accept():
-            return "ACCEPT"
-        case Drop():
-            return "DROP"
-        case Return():
-            return "RETURN"
-        case Continue():
-            return "continue"
-        case Jump(chain=chain):
-            return f"jump {chain}"
-        case Goto(chain=chain):
-            return f"goto {chain}"
-        case Redirect(ports=ports):
-            return "REDIRECT" + (f" :{_intervals(ports)}" if ports is not None else "")
-        case TProxy(port=port, address=address, mark=mark, mask=mask):
-            text = f"TPROXY {address if address is not None else ''}:{port}"
-            if mark is not None:
-                text += f" mark {mark}" if mask == FULL_MASK else f" mark {mark:#x}/{mask:#x}"
-            return text
-        case SetMark(value=value, mask=mask):
-            return f"MARK set {value}" if mask == FULL_MASK else f"MARK set {value:#x}/{mask:#x}"
-        case ConnmarkSave(nfmask=nfmask, ctmask=ctmask):
-            masks = "" if nfmask == ctmask == FULL_MASK else f" nfmask {nfmask:#x} ctmask {ctmask:#x}"
-            return "CONNMARK save" + masks
-        case ConnmarkRestore(nfmask=nfmask, ctmask=ctmask):
-            masks = "" if nfmask == ctmask == FULL_MASK else f" nfmask {nfmask:#x} ctmask {ctmask:#x}"
-            return "CONNMARK restore" + masks
-        case ConnmarkSet(value=value, mask=mask):
-            return f"CONNMARK set {value}" if mask == FULL_MASK else f"CONNMARK set {value:#x}/{mask:#x}"
-        case CtZone(zone=zone):
-            return f"CT zone {zone}"
-        case Masquerade(ports=ports):
-            return "MASQUERADE" + _nat_to(None, ports)
-        case Snat(addresses=addresses, ports=ports):
-            return "SNAT" + _nat_to(addresses, ports)
-        case Dnat(addresses=addresses, ports=ports):
-            return "DNAT" + _nat_to(addresses, ports)
-        case Reject(with_=with_):
-            return "REJECT" + (f" with {with_}" if with_ else "")
-        case Log(prefix=prefix, level=level):
-            return "LOG" + (f" {prefix!r}" if prefix else "") + (f" level {level}" if level != Log().level else "")
-        case UnknownTarget(dialect=dialect, name=name, tokens=tokens):
-            return f"unknown {dialect} target: {' '.join((name, *tokens))}"
-        case _:
-            assert_never(target)
-
-
-def describe_rule(rule: Rule) -> str:
-    """A rule in the diagram's notation: its matches joined by commas, an arrow, its target.
-
-    >>> describe_rule(Rule(target=Return()))
-    'any → RETURN'
-    """
-    matches = ", ".join(describe_match(match) for match in rule.matches) or "any"
-    return f"{matches} → {describe_target(rule.target)}"
 
 
 # ----------------------------------------------------------------------------- DOT

@@ -70,7 +70,6 @@ def test_descriptions_are_pinned() -> None:
     } <= targets
 
 
-
 def test_large_sets_show_their_first_members_and_how_many_more() -> None:
     networks = [f"10.{i}.0.0/16" for i in range(0, 40, 2)]
     text = describe_match(AddressMatch(direction=Direction.DESTINATION, addresses=AddressSet.of(*networks)))

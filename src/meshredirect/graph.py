@@ -8,7 +8,11 @@ order, and a hook points at its base chains in priority order (the order in
 which the kernel runs them). Chains are grouped in one box per table.
 
 A :class:`Highlight` marks the path of one connection: the chains it
-entered, the rules it was tested against and the rules that matched.
+entered, the rules it was tested against and the rules that matched
+(:meth:`Highlight.of_trace` takes them from the semantics engine's trace).
+Several highlights draw several connections, each in a colour of its own
+(``meshredirect graph --trace --follow``: a connection and the follow-up
+connections the proxy opens for it).
 
 >>> from meshredirect import Policy, compile_policy
 >>> dot = to_dot(compile_policy(Policy()))
@@ -24,7 +28,7 @@ for an SVG picture.
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Final
 
 import attrs
@@ -45,14 +49,27 @@ __all__ = [
 #: Netfilter's hooks in the order a packet meets them (PREROUTING and OUTPUT both start a path).
 HOOK_ORDER: Final[tuple[Hook, ...]] = (Hook.PREROUTING, Hook.INPUT, Hook.FORWARD, Hook.OUTPUT, Hook.POSTROUTING)
 
-# Colours: plain boxes are black on white; the highlighted path is orange.
+# Colours: plain boxes are black on white; each highlighted path has a palette of its own.
 _HEADER_COLOUR: Final = "#e8eaf6"
 _HOOK_COLOUR: Final = "#eeeeee"
-_PATH_COLOUR: Final = "#e65100"
-_PATH_HEADER_COLOUR: Final = "#ffcc80"
-_MATCHED_COLOUR: Final = "#ffb74d"
-_VISITED_COLOUR: Final = "#fff3e0"
 _MISSING_COLOUR: Final = "#c62828"
+
+
+@attrs.frozen
+class _Palette:
+    line: str  # arrows, borders, the path's title
+    header: str  # chains and hooks it entered
+    matched: str  # rules that matched
+    tested: str  # rules tested that did not match
+
+
+#: One palette per highlighted connection, in order (orange, blue, green, purple; then again).
+_PALETTES: Final = (
+    _Palette("#e65100", "#ffcc80", "#ffb74d", "#fff3e0"),
+    _Palette("#1565c0", "#90caf9", "#64b5f6", "#e3f2fd"),
+    _Palette("#2e7d32", "#a5d6a7", "#81c784", "#e8f5e9"),
+    _Palette("#6a1b9a", "#ce93d8", "#ba68c8", "#f3e5f5"),
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -103,6 +120,42 @@ class Highlight:
     entered: frozenset[ChainRef] = attrs.field(default=frozenset(), converter=_frozen_chains)
     tested: frozenset[RuleRef] = attrs.field(default=frozenset(), converter=_frozen_rules)
     matched: frozenset[RuleRef] = attrs.field(default=frozenset(), converter=_frozen_rules)
+
+    @classmethod
+    def of_trace(cls, trace: Iterable[object], *, title: str | None = None) -> Highlight:
+        """The path an evaluation's trace (:attr:`meshredirect.semantics.interpreter.Evaluation.trace`) took.
+
+        Every rule visited is tested; those whose matches held are matched (a
+        match the engine cannot decide is tested, not matched); every chain a
+        rule was visited in, or that ended (its policy applied, or it returned),
+        was entered.
+
+        >>> from meshredirect import Policy, compile_policy
+        >>> from meshredirect.semantics import evaluate
+        >>> from meshredirect.semantics.model import Connection, Environment
+        >>> env = Environment.default()
+        >>> app = Connection.local(env, dst="93.184.216.34", dport=443)
+        >>> path = Highlight.of_trace(evaluate(compile_policy(Policy()), app, env).trace)
+        >>> sorted(f"{r.chain} {r.index + 1}" for r in path.matched)
+        ['ISTIO_OUTPUT 8', 'ISTIO_REDIRECT 1', 'OUTPUT 1']
+        >>> sorted(c.chain for c in path.entered)
+        ['ISTIO_OUTPUT', 'ISTIO_REDIRECT', 'OUTPUT']
+        """
+        from meshredirect.semantics.interpreter import ChainEnd, MatchResult, RuleVisit
+
+        entered: set[ChainRef] = set()
+        tested: set[RuleRef] = set()
+        matched: set[RuleRef] = set()
+        for entry in trace:
+            if isinstance(entry, (RuleVisit, ChainEnd)):
+                entered.add(ChainRef(family=entry.family, table=entry.table, chain=entry.chain))
+            if isinstance(entry, RuleVisit):
+                # (a visit counts its rules from 1; a RuleRef from 0, as the diagram's ports do)
+                ref = RuleRef(family=entry.family, table=entry.table, chain=entry.chain, index=entry.index - 1)
+                tested.add(ref)
+                if entry.result is MatchResult.MATCHED:
+                    matched.add(ref)
+        return cls(title=title, entered=entered, tested=tested, matched=matched)
 
 
 # ----------------------------------------------------------------------------- DOT
@@ -155,11 +208,26 @@ def _jump_target(rule: Rule) -> tuple[str, str] | None:
 
 
 class _Writer:
-    def __init__(self, ruleset: Ruleset, highlight: Highlight | None) -> None:
+    def __init__(self, ruleset: Ruleset, paths: Sequence[Highlight]) -> None:
         self.ruleset = ruleset
-        self.highlight = highlight or Highlight()
+        self.paths = [(path, _PALETTES[index % len(_PALETTES)]) for index, path in enumerate(paths)]
         self.lines: list[str] = []
         self.depth = 0
+
+    def entering(self, ref: ChainRef) -> list[_Palette]:
+        return [palette for path, palette in self.paths if ref in path.entered]
+
+    def matching(self, ref: RuleRef) -> list[_Palette]:
+        return [palette for path, palette in self.paths if ref in path.matched]
+
+    def title(self) -> str | None:
+        titled = [(index, path.title, palette) for index, (path, palette) in enumerate(self.paths, 1) if path.title]
+        if len(self.paths) == 1:
+            return html.escape(titled[0][1]) if titled else None
+        lines = [
+            f'<FONT COLOR="{palette.line}">{index}. {html.escape(title)}</FONT>' for index, title, palette in titled
+        ]
+        return '<BR ALIGN="LEFT"/>'.join(lines) + '<BR ALIGN="LEFT"/>' if lines else None
 
     def emit(self, text: str) -> None:
         self.lines.append("  " * self.depth + text)
@@ -174,8 +242,9 @@ class _Writer:
         self.emit('graph [fontname="Helvetica", fontsize=11];')
         self.emit('node [shape=plaintext, fontname="Helvetica", fontsize=10];')
         self.emit('edge [fontname="Helvetica", fontsize=9];')
-        if self.highlight.title:
-            self.emit(f"label=<{html.escape(self.highlight.title)}>;")
+        title = self.title()
+        if title:
+            self.emit(f"label=<{title}>;")
             self.emit("labelloc=t;")
         # Graphviz stacks top-level clusters bottom-up here: emit the families backwards so IPv4 comes first.
         families = sorted(self.ruleset.families, key=_family_order, reverse=True)
@@ -209,9 +278,13 @@ class _Writer:
             ((t, c) for t in tables for c in t.base_chains(hook)),
             key=lambda tc: (tc[1].base.priority if tc[1].base else 0, tc[0].name),
         )
-        on_path = any(ChainRef(family=family, table=t.name, chain=c.name) in self.highlight.entered for t, c in bases)
-        fill = _PATH_HEADER_COLOUR if on_path else _HOOK_COLOUR
-        pen = f', color="{_PATH_COLOUR}", penwidth=2' if on_path else ""
+        on_path = [
+            palette
+            for path, palette in self.paths
+            if any(ChainRef(family=family, table=t.name, chain=c.name) in path.entered for t, c in bases)
+        ]
+        fill = on_path[0].header if on_path else _HOOK_COLOUR
+        pen = f', color="{on_path[0].line}", penwidth=2' if on_path else ""
         node = _quote(hook_node(family, hook))
         self.emit(
             f'{node} [shape=box, style="rounded,filled", fillcolor="{fill}"{pen}, '
@@ -220,7 +293,8 @@ class _Writer:
         for order, (table, chain) in enumerate(bases, start=1):
             assert chain.base is not None
             ref = ChainRef(family=family, table=table.name, chain=chain.name)
-            style = f', color="{_PATH_COLOUR}", penwidth=2.5' if ref in self.highlight.entered else ""
+            entering = self.entering(ref)
+            style = f', color="{_colours(entering)}", penwidth=2.5' if entering else ""
             label = f"{order}. {table.name} ({chain.base.priority})"
             self.emit(
                 f"{node} -> {_quote(chain_node(family, table.name, chain.name))}:h:w "
@@ -257,7 +331,7 @@ class _Writer:
     def chain(self, table: Table, chain: Chain) -> None:
         family = table.family
         ref = ChainRef(family=family, table=table.name, chain=chain.name)
-        entered = ref in self.highlight.entered
+        entering = self.entering(ref)
         header = f"<B>{html.escape(chain.name)}</B>"
         if chain.base is not None:
             base = chain.base
@@ -266,27 +340,46 @@ class _Writer:
                 f'priority {base.priority}, policy {base.policy.value}</FONT><BR ALIGN="LEFT"/>'
             )
         rows = [
-            f'<TR><TD PORT="h" ALIGN="LEFT" BGCOLOR="{_PATH_HEADER_COLOUR if entered else _HEADER_COLOUR}">'
+            f'<TR><TD PORT="h" ALIGN="LEFT" BGCOLOR="{entering[0].header if entering else _HEADER_COLOUR}">'
             f"{header}</TD></TR>"
         ]
         for index, rule in enumerate(chain.rules):
             rule_ref = RuleRef(family=family, table=table.name, chain=chain.name, index=index)
-            colour = ""
-            if rule_ref in self.highlight.matched:
-                colour = f' BGCOLOR="{_MATCHED_COLOUR}"'
-            elif rule_ref in self.highlight.tested:
-                colour = f' BGCOLOR="{_VISITED_COLOUR}"'
-            text = html.escape(f"{index + 1}. {describe_rule(rule)}")
-            rows.append(f'<TR><TD PORT="r{index}" ALIGN="LEFT"{colour}>{text}</TD></TR>')
+            rows.append(
+                f'<TR><TD PORT="r{index}" ALIGN="LEFT"{self.row_colour(rule_ref)}>'
+                f"{html.escape(f'{index + 1}. {describe_rule(rule)}')}{self.row_tags(rule_ref)}</TD></TR>"
+            )
         if not chain.rules:
             rows.append('<TR><TD ALIGN="LEFT"><I>no rules</I></TD></TR>')
-        border = f' COLOR="{_PATH_COLOUR}"' if entered else ""
+        border = f' COLOR="{entering[0].line}"' if entering else ""
         self.emit(
             f"{_quote(chain_node(family, table.name, chain.name))} "
             f'[label=<<TABLE BORDER="1"{border} CELLBORDER="0" CELLSPACING="0" CELLPADDING="3">'
             + "".join(rows)
             + "</TABLE>>];"
         )
+
+    def row_colour(self, ref: RuleRef) -> str:
+        """The first path that matched the rule colours its row, else the first that tested it."""
+        for path, palette in self.paths:
+            if ref in path.matched:
+                return f' BGCOLOR="{palette.matched}"'
+        for path, palette in self.paths:
+            if ref in path.tested:
+                return f' BGCOLOR="{palette.tested}"'
+        return ""
+
+    def row_tags(self, ref: RuleRef) -> str:
+        """With several paths: after the rule, the number of each path that tested it (bold: matched)."""
+        if len(self.paths) < 2:
+            return ""
+        tags = []
+        for index, (path, palette) in enumerate(self.paths, 1):
+            if ref in path.matched:
+                tags.append(f'<FONT COLOR="{palette.line}"><B>[{index}: matched]</B></FONT>')
+            elif ref in path.tested:
+                tags.append(f'<FONT COLOR="{palette.line}">[{index}]</FONT>')
+        return "  " + " ".join(tags) if tags else ""
 
     def edges(self, table: Table) -> None:
         family = table.family
@@ -300,16 +393,23 @@ class _Writer:
                 attributes = [f'label="{kind}"']
                 if kind == "goto":
                     attributes.append("style=dashed")
-                if ref in self.highlight.matched:
-                    attributes.append(f'color="{_PATH_COLOUR}", fontcolor="{_PATH_COLOUR}", penwidth=2.5')
+                matching = self.matching(ref)
+                if matching:
+                    attributes.append(f'color="{_colours(matching)}", fontcolor="{matching[0].line}", penwidth=2.5')
                 self.emit(
                     f"{_quote(chain_node(family, table.name, chain.name))}:r{index}:e -> "
                     f"{_quote(chain_node(family, table.name, target))}:h:w [{', '.join(attributes)}];"
                 )
 
 
-def to_dot(ruleset: Ruleset, *, highlight: Highlight | None = None) -> str:
-    """The chain diagram of a ruleset as Graphviz DOT text, with an optional highlighted path.
+def to_dot(ruleset: Ruleset, *, highlight: Highlight | Sequence[Highlight] | None = None) -> str:
+    """The chain diagram of a ruleset as Graphviz DOT text, with highlighted paths (none, one or several).
+
+    With several paths, each has a palette of its own (orange, blue, green,
+    purple, in order); a rule's row takes the colour of the first path that matched it,
+    else of the first that tested it, and ends with the numbers of the paths
+    that tested it (``[2]``) or matched it (``[1: matched]``); an arrow that
+    several paths took is drawn in all their colours side by side.
 
     Node ids are :func:`chain_node` and :func:`hook_node`; the rows of a
     chain's table are ports ``h`` (its header) and ``r0``, ``r1``... (its
@@ -324,7 +424,15 @@ def to_dot(ruleset: Ruleset, *, highlight: Highlight | None = None) -> str:
         "ipv4/hook/OUTPUT" -> "ipv4/nat/OUTPUT":h:w [label="1. nat (-100)", style=bold];
         "ipv4/nat/OUTPUT":r0:e -> "ipv4/nat/MESH":h:w [label="jump"];
     """
-    return _Writer(ruleset, highlight).graph()
+    paths: Sequence[Highlight] = (
+        () if highlight is None else (highlight,) if isinstance(highlight, Highlight) else highlight
+    )
+    return _Writer(ruleset, paths).graph()
+
+
+def _colours(palettes: Sequence[_Palette]) -> str:
+    """One colour, or several for parallel lines (Graphviz's ``color="a:b"``)."""
+    return ":".join(palette.line for palette in palettes)
 
 
 def jumps(ruleset: Ruleset) -> Iterator[tuple[RuleRef, ChainRef, str]]:

@@ -80,7 +80,7 @@ def connection_from_arguments(args: argparse.Namespace, env: Any) -> Any:
     from meshredirect.semantics.model import Connection, Origin, family_of
 
     if _value(args, "--dst") is None:
-        raise PolicyError("--dst", expected="the connection's destination address", got="nothing")
+        raise PolicyError("--dst", expected="the connection's destination address", got=None)
     dst = _address("--dst", _value(args, "--dst"))
     family = family_of(dst)  # (--family is the policy's: the families it programs)
     protocol = Protocol(_value(args, "--protocol"))

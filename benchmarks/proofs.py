@@ -193,14 +193,17 @@ def _verify(ctx: Context, data: dict[str, Any]) -> tuple[str | None, str | None]
     """What ``meshredirect verify`` does, timed in its two parts: reading ``iptables-save`` text into IR
     (:func:`meshredirect.readers.iptables.read_iptables`) and proving the rules read
     (:func:`meshredirect.node.verify_rules`: the mesh found in the rules, then ``check``)."""
-    if importlib.util.find_spec("meshredirect.readers.iptables") is None or importlib.util.find_spec(
-        "meshredirect.node"
-    ) is None:
+    if (
+        importlib.util.find_spec("meshredirect.readers.iptables") is None
+        or importlib.util.find_spec("meshredirect.node") is None
+    ):
         return None, "Not measured on this run: `verify` (the iptables reader is not in this build)."
+    from meshredirect import node
     from meshredirect.api import render
     from meshredirect.compiler import compile_policy
-    from meshredirect.node import verify_rules
-    from meshredirect.readers.iptables import read_iptables
+    from meshredirect.readers import iptables
+
+    read_iptables, verify_rules = iptables.read_iptables, node.verify_rules
 
     rows = []
     for size in VERIFY_SIZES:

@@ -1075,6 +1075,8 @@ class _Rule:
                 if not bracket or (rest and not rest.startswith(":")):
                     self.fail(at, f"{option}: expected [ADDRESS]:PORT, got {text!r}")
                 ports_text = rest[1:] if rest else None
+            elif text.startswith(":") and text.count(":") == 1:
+                addresses_text, ports_text = "", text[1:]  # ports only: ip6tables prints no brackets then
             else:
                 addresses_text, ports_text = text, None
         else:

@@ -60,6 +60,11 @@ from meshredirect.ir import (
 from meshredirect.testing.strategies import address_sets, id_sets, interface_names, port_sets
 from meshredirect.values import MAX_MARK, PortSet
 
+#: The address types ip6tables' addrtype match takes.
+IPV6_ADDRTYPES = (
+    AddrType.UNSPEC, AddrType.UNICAST, AddrType.LOCAL, AddrType.ANYCAST, AddrType.MULTICAST,
+    AddrType.BLACKHOLE, AddrType.UNREACHABLE, AddrType.PROHIBIT,
+)  # fmt: skip
 USER_CHAINS = ("MESH_A", "MESH_B", "KUBE-SVC-ABC")
 marks = st.one_of(st.sampled_from([0, 1, 1337, 0x4000, 0xFF, MAX_MARK]), st.integers(0, MAX_MARK))
 protocols = st.sampled_from([Protocol.TCP, Protocol.UDP, Protocol.SCTP])
@@ -112,7 +117,7 @@ def matches(family: Family) -> st.SearchStrategy[Match]:
         st.builds(
             AddrTypeMatch,
             direction=st.sampled_from(Direction),
-            types=st.sets(st.sampled_from(AddrType), min_size=1),
+            types=st.sets(st.sampled_from(AddrType if family is Family.IPV4 else IPV6_ADDRTYPES), min_size=1),
             negate=st.booleans(),
             limit_interface=st.booleans(),
         ),

@@ -250,8 +250,7 @@ RESTORE = """\
 -F MESH_OLD
 -D OUTPUT -j MESH_OLD
 -X MESH_OLD
--E MESH_IN MESH_INBOUND
--A PREROUTING -p tcp -j MESH_INBOUND
+-A PREROUTING -p tcp -j MESH_IN
 -Z
 -I OUTPUT -s 10.0.0.1,10.0.0.2 -j RETURN
 COMMIT
@@ -260,10 +259,10 @@ COMMIT
 
 def test_restore_commands_apply_in_order_as_iptables_restore_noflush_would() -> None:
     nat = read_iptables(RESTORE).tables[0]
-    assert [c.name for c in nat.chains] == ["PREROUTING", "OUTPUT", "MESH_INBOUND"]
-    ports = [r.matches[0].ports for r in nat.chain("MESH_INBOUND").rules]  # type: ignore[union-attr]
+    assert [c.name for c in nat.chains] == ["PREROUTING", "OUTPUT", "MESH_IN"]
+    ports = [r.matches[0].ports for r in nat.chain("MESH_IN").rules]  # type: ignore[union-attr]
     assert ports == [PortSet.of(1), PortSet.of(2), PortSet.of(4)]
-    assert nat.chain("PREROUTING").rules[0].target == Jump(chain="MESH_INBOUND")
+    assert nat.chain("PREROUTING").rules[0].target == Jump(chain="MESH_IN")
     # -I with a list of addresses inserts each at the same place, so the last comes first.
     sources = [r.matches[0] for r in nat.chain("OUTPUT").rules]
     assert sources == [
@@ -272,9 +271,11 @@ def test_restore_commands_apply_in_order_as_iptables_restore_noflush_would() -> 
     ]
 
 
+RENAME = "*filter\n:A - [0:0]\n-A OUTPUT -j A\n-A OUTPUT -g A\n-A A -j DROP\n:A - [0:0]\n-E A B\nCOMMIT\n"
+
+
 def test_rename_updates_jumps_and_declaring_an_existing_chain_flushes_it() -> None:
-    text = "*filter\n:A - [0:0]\n-A OUTPUT -j A\n-A OUTPUT -g A\n-A A -j DROP\n:A - [0:0]\n-E A B\nCOMMIT\n"
-    table = read_iptables(text).tables[0]
+    table = read_iptables(RENAME).tables[0]
     assert [r.target for r in table.chain("OUTPUT").rules] == [Jump(chain="B"), Goto(chain="B")]
     assert table.chain("B").rules == ()
 
@@ -320,9 +321,9 @@ MATCH_CASES: list[tuple[str, tuple[Match, ...]]] = [
     ("-p tcp -m tcp --dport 15008", (PortMatch(protocol=TCP, ports=PortSet.of(15008)),)),
     ("-p tcp --dport 15008", (PortMatch(protocol=TCP, ports=PortSet.of(15008)),)),
     ("-p tcp --dport=15008", (PortMatch(protocol=TCP, ports=PortSet.of(15008)),)),
-    ("-ptcp --dp 15008", (PortMatch(protocol=TCP, ports=PortSet.of(15008)),)),
+    ("--proto tcp --dp 15008", (PortMatch(protocol=TCP, ports=PortSet.of(15008)),)),
     ("-p tcp ! --dport 15008", (PortMatch(protocol=TCP, ports=PortSet.of(15008), negate=True),)),
-    ("-p tcp --dport ! 15008", (PortMatch(protocol=TCP, ports=PortSet.of(15008), negate=True),)),
+    ("-p tcp -m tcp --sport 0:65535", (ProtocolMatch(protocol=TCP),)),
     ("-p udp -m udp --sport 53", (PortMatch(protocol=Protocol.UDP, ports=PortSet.of(53), direction=SRC),)),
     ("-p tcp --dport 8000:9000", (PortMatch(protocol=TCP, ports=PortSet.of((8000, 9000))),)),
     ("-p tcp --dport :1024", (PortMatch(protocol=TCP, ports=PortSet.of((1, 1024))),)),
@@ -398,7 +399,7 @@ MATCH_CASES: list[tuple[str, tuple[Match, ...]]] = [
     ("-m statistic --mode random --probability 0.50000000000", (StatisticMatch(probability=0.5),)),
     ("-m statistic --mode random --probability 0.3", (StatisticMatch(probability=0.29999999981),)),
     ("-m statistic --mode nth --every 3 --packet 1", (StatisticMatch(every=3, packet=1),)),
-    ("-m statistic --mode nth ! --every 2", (StatisticMatch(every=2, negate=True),)),
+    ("-m statistic --mode nth ! --every 2 --packet 0", (StatisticMatch(every=2, negate=True),)),
     ("-m pkttype --pkt-type unicast", (UnknownMatch(dialect=U, tokens=("-m", "pkttype", "--pkt-type", "unicast")),)),
     ("-m recent --set --name x", (UnknownMatch(dialect=U, tokens=("-m", "recent", "--set", "--name", "x")),)),
     ("-m string --string 'a' --algo bm", (UnknownMatch(dialect=U, tokens=("-m", "string", "--string", '"\'a\'"', "--algo", "bm")),)),
@@ -462,6 +463,8 @@ TARGET_CASES: list[tuple[str, str, Target]] = [
     ("mangle", "-j CONNMARK --set-mark 5/0xf", ConnmarkSet(value=5, mask=0xF)),
     ("mangle", "-j CONNMARK --save-mark --left-shift-mark 2", UnknownTarget(dialect=U, name="CONNMARK", tokens=("--save-mark", "--left-shift-mark", "2"))),
     ("raw", "-j CT --zone 2", CtZone(zone=2)),
+    ("raw", "-j CT --zone 0", CtZone(zone=0)),
+    ("raw", "-j CT", CtZone(zone=0)),
     ("raw", "-j CT --notrack", UnknownTarget(dialect=U, name="CT", tokens=("--notrack",))),
     ("raw", "-j CT --zone mark", UnknownTarget(dialect=U, name="CT", tokens=("--zone", "mark"))),
     ("nat", "-j MASQUERADE", Masquerade()),
@@ -612,6 +615,14 @@ ERRORS: list[tuple[str, str]] = [
      "    -A OUTPUT -j REJECT --reject-with bogus\n                                      ^"),
     ("*mangle\n-A PREROUTING -p tcp -j TPROXY --on-ip 1.2.3.4\nCOMMIT\n",
      "rules:2:25: TPROXY: expected --on-port\n    -A PREROUTING -p tcp -j TPROXY --on-ip 1.2.3.4\n                            ^"),
+    ("*filter\n-A OUTPUT -ptcp\nCOMMIT\n",
+     "rules:2:11: unknown option '-ptcp'\n    -A OUTPUT -ptcp\n              ^"),
+    ("*filter\n-A OUTPUT -p tcp --dport ! 80\nCOMMIT\n",
+     "rules:2:26: --dport: expected a value, got '!' (a negation goes before the option)\n"
+     "    -A OUTPUT -p tcp --dport ! 80\n                             ^"),
+    ("*filter\n-A OUTPUT -m statistic --mode nth --every 2\nCOMMIT\n",
+     "rules:2:35: statistic --mode nth: --every also needs --packet P\n"
+     "    -A OUTPUT -m statistic --mode nth --every 2\n                                      ^"),
     ("*filter\n-A OUTPUT foo\nCOMMIT\n",
      "rules:2:11: expected an option (such as -p, -m, -j), got 'foo'\n    -A OUTPUT foo\n              ^"),
     ("*filter\n# Table `nat' is incompatible, use 'nft' tool.\nCOMMIT\n",

@@ -84,6 +84,8 @@ DEFAULT_LOG_LEVEL: Final = 4
 STATISTIC_SCALE: Final = 0x80000000
 #: Every uid or gid: a positive owner match over all of them means "the packet has a socket".
 ALL_IDS: Final = IdSet.of((0, MAX_ID))
+#: A port match over every port (0:65535) is no match at all.
+ALL_PORTS: Final = PortSet.of((1, MAX_PORT))
 
 _ALL_ADDRESSES: Final = {4: ipaddress.ip_network("0.0.0.0/0"), 6: ipaddress.ip_network("::/0")}
 
@@ -512,15 +514,11 @@ class _Rule:
             values: list[Arg] = []
             if attached is not None:
                 values.append(Arg(attached, attached, arg.line, arg.column))
-            if option.negatable and i < len(args) and args[i].value == "!" and option.arity:
-                # The old "--option ! value" spelling.
-                if negation is not None:
-                    self.fail(args[i], "expected a value, got a second '!'")
-                negation = args[i]
-                i += 1
             while len(values) < option.arity:
                 if i >= len(args):
                     self.fail(arg, f"{arg.value}: expected {_values(option.arity)}, got the end of the rule")
+                if args[i].value == "!":
+                    self.fail(args[i], f"{arg.value}: expected a value, got '!' (a negation goes before the option)")
                 values.append(args[i])
                 i += 1
             if negation is not None and not option.negatable:
@@ -770,7 +768,7 @@ class _Rule:
         name = module.name
         if name in ("tcp", "udp", "sctp", "icmp", "icmp6"):
             assert protocol is not None
-            return [self._port_option(loaded, g, protocol) for g in given]
+            return [m for m in (self._port_option(loaded, g, protocol) for g in given) if m is not None]
         if name == "multiport":
             assert protocol is not None
             if len(given) != 1:
@@ -811,7 +809,7 @@ class _Rule:
             tokens += _given_tokens(g)
         return UnknownMatch(dialect=DIALECT, tokens=tuple(tokens))
 
-    def _port_option(self, loaded: _Loaded, given: _Given, protocol: Protocol) -> Match:
+    def _port_option(self, loaded: _Loaded, given: _Given, protocol: Protocol) -> Match | None:
         if given.option.name == "syn":
             # iptables-save prints --syn as the flags it stands for.
             flags = _Given(
@@ -827,6 +825,8 @@ class _Rule:
         ports = self._port_range(value, f"--{given.option.name}")
         if ports is None:
             return self._unknown(loaded, [given])
+        if ports is ALL_PORTS and not given.negate:
+            return None
         direction = Direction.SOURCE if given.option.name == "sport" else Direction.DESTINATION
         return PortMatch(protocol=protocol, ports=ports, direction=direction, negate=given.negate)
 
@@ -848,6 +848,8 @@ class _Rule:
             self.fail(at, f"{option}: expected a range with LOW <= HIGH, got {text!r}")
         if high == 0:
             return None
+        if low == 0 and high == MAX_PORT and separator == ":":
+            return ALL_PORTS  # the kernel stores 0:65535 as "any port" (and iptables-save prints nothing)
         # Port 0 is never a connection's port: a range from 0 means the same from 1.
         return PortSet.of((max(low, 1), high))
 
@@ -1000,7 +1002,9 @@ class _Rule:
                 self.fail(loaded.at, "statistic --mode nth: expected --every N and no --probability")
             n = _c_number(every.values[0].value)
             packet = options.get("packet")
-            k = _c_number(packet.values[0].value) if packet is not None else 0
+            if packet is None:
+                self.fail(every.at, "statistic --mode nth: --every also needs --packet P")
+            k = _c_number(packet.values[0].value)
             if n is None or not 1 <= n <= MAX_MARK:
                 self.fail(every.values[0], f"--every: expected a number 1-{MAX_MARK}, got {every.values[0].value!r}")
             if k is None or k >= n:
@@ -1174,6 +1178,8 @@ class _Rule:
         return ConnmarkRestore(nfmask=nfmask, ctmask=ctmask)
 
     def _target_ct(self, loaded: _Loaded, options: dict[str, _Given]) -> Target:
+        if not options:
+            return CtZone(zone=0)  # a template with nothing set: zone 0 (iptables-save prints --zone 0 so)
         if "zone" not in options:
             return self._unknown_target(loaded, list(options.values()))
         at = options["zone"].values[0]
@@ -1226,11 +1232,11 @@ def _is_option(value: str) -> bool:
 
 
 def _split_option(value: str) -> tuple[str, str | None, bool]:
-    """(name, attached value, is long) of ``--name``, ``--name=value``, ``-x`` or ``-xvalue``."""
+    """(name, attached value, is long) of ``--name``, ``--name=value`` or ``-x`` (iptables takes no ``-xVALUE``)."""
     if value.startswith("--"):
         name, eq, attached = value[2:].partition("=")
         return name, attached if eq else None, True
-    return value[1], value[2:] or None, False
+    return value[1:], None, False
 
 
 def _short(canonical: str) -> str:

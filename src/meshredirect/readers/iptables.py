@@ -265,13 +265,14 @@ def _syntax_error(exc: Exception, text: str, path: str) -> SourceError:
     if char == '"':
         message = "unterminated quoted string: expected a closing '\"' on the same line"
     else:
-        message = f"expected {_describe_expected(set(exc.allowed or ()))}, got {char!r}"
+        word = text[where:].split(None, 1)[0] if text[where:].strip() else char
+        message = f"expected {_describe_expected(set(exc.allowed or ()))}, got {word!r}"
     return _error_at(lines, path, exc.line, exc.column, message)
 
 
 def _error_at(lines: Sequence[str], path: str, line: int, column: int, message: str) -> SourceError:
     text = lines[line - 1].rstrip("\r") if 0 < line <= len(lines) else ""
-    return SourceError(SourcePosition(path, line, column, text), message)
+    return SourceError(SourcePosition(path, line, min(max(column, 1), len(text) + 1), text), message)
 
 
 # ----------------------------------------------------------------------------- tables being built

@@ -29,9 +29,15 @@ from meshredirect.readers.iptables import grammar_text, read_iptables
 #: A hang guard, not a speed target: an input the reader has not finished with after this long is a bug.
 HANG_SECONDS = 20
 
-SEEDS = sorted(
-    [*(CONFORMANCE / "istio" / "iptables").glob("*.restore"), *(ROOT / "tests" / "golden" / "compile").glob("*.rules")]
-) + [CONFORMANCE / "seed" / "istio-1.4-nat.rules"]
+SEEDS = [
+    *sorted(
+        [
+            *(CONFORMANCE / "istio" / "iptables").glob("*.restore"),
+            *(ROOT / "tests" / "golden" / "compile").glob("*.rules"),
+        ]
+    ),
+    CONFORMANCE / "seed" / "istio-1.4-nat.rules",
+]
 SEED_TEXTS = [path.read_bytes() for path in SEEDS]
 
 _OPTIONS = sorted(

@@ -15,9 +15,9 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import Final, NoReturn
+from typing import Any, Final, NoReturn
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "command_parser", "main", "top_parser"]
 
 EXIT_OK: Final = 0
 EXIT_VIOLATION: Final = 1
@@ -28,6 +28,7 @@ EXIT_ENVIRONMENT: Final = 3
 COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "compile": ("meshredirect.commands.compile", "compile a policy to rules for a backend"),
     "backends": ("meshredirect.commands.backends", "list the installed backends"),
+    "graph": ("meshredirect.commands.graph", "draw the chains of a policy's rules (Graphviz DOT or SVG)"),
 }
 
 
@@ -48,6 +49,24 @@ def _top_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("command", nargs="?", help=argparse.SUPPRESS)
     return parser
+
+
+def command_parser(name: str, module: Any = None) -> argparse.ArgumentParser:
+    """The argument parser of one subcommand (the documentation renders its help from it)."""
+    module = module or importlib.import_module(COMMANDS[name][0])
+    parser = _Parser(
+        prog=f"meshredirect {name}",
+        description=COMMANDS[name][1],
+        fromfile_prefix_chars="@",
+        epilog="Arguments can also come from a file: @FILE reads one argument per line.",
+    )
+    module.configure(parser)
+    return parser
+
+
+def top_parser() -> argparse.ArgumentParser:
+    """The parser of ``meshredirect`` itself, for its help text."""
+    return _top_parser()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,9 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"meshredirect: error: unknown command {name!r}{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return EXIT_USAGE
     module = importlib.import_module(COMMANDS[name][0])
-    parser = _Parser(prog=f"meshredirect {name}", description=COMMANDS[name][1])
-    module.configure(parser)
-    namespace = parser.parse_args(rest)
+    namespace = command_parser(name, module).parse_args(rest)
     from meshredirect.errors import EnvironmentProblem, MeshRedirectError
 
     try:

@@ -326,6 +326,7 @@ class UnknownMatch:
     tokens: tuple[str, ...]
 
 
+#: Every match node: the closed union a backend must handle (or refuse) in full.
 Match: TypeAlias = (
     ProtocolMatch
     | FamilyMatch
@@ -485,6 +486,7 @@ class UnknownTarget:
     tokens: tuple[str, ...] = ()
 
 
+#: Every target node: the closed union a backend must handle (or refuse) in full.
 Target: TypeAlias = (
     Accept
     | Drop

@@ -38,6 +38,7 @@ def _istio_1_4() -> Policy:
     )
 
 
+#: Preset name -> a function building its policy (``--preset`` on the command line).
 PRESETS: Final[dict[str, Callable[[], Policy]]] = {
     "istio": _istio,
     "istio-1.4": _istio_1_4,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from meshredirect.commands._policy_args import add_policy_arguments, policy_from_arguments
 
@@ -24,11 +23,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="iptables-restore: the target's current iptables-save output (e.g. ipv4=saved.v4), so that the "
         "document replaces our rules there instead of adding to them",
     )
-    parser.add_argument("--out-dir", type=Path, help="write each artifact to this directory instead of printing")
+    parser.add_argument("--out-dir", help="write each artifact to this directory instead of printing")
     add_policy_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from meshredirect.api import render
     from meshredirect.compiler import compile_policy
     from meshredirect.errors import EnvironmentProblem, PolicyError
@@ -52,12 +53,13 @@ def run(args: argparse.Namespace) -> int:
     if args.out_dir is None:
         sys.stdout.write(rendering.text())
         return 0
+    out_dir = Path(args.out_dir)
     try:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
         for artifact in rendering.artifacts:
-            (args.out_dir / artifact.name).write_text(artifact.content)
+            (out_dir / artifact.name).write_text(artifact.content)
     except OSError as exc:
-        raise EnvironmentProblem(f"cannot write to {args.out_dir}: {exc.strerror}") from None
+        raise EnvironmentProblem(f"cannot write to {out_dir}: {exc.strerror}") from None
     for artifact in rendering.artifacts:
-        print(args.out_dir / artifact.name)
+        print(out_dir / artifact.name)
     return 0

@@ -1,0 +1,1127 @@
+"""The interpreter: what a ruleset does to the first packet of one new connection.
+
+:func:`evaluate` runs a :class:`~meshredirect.ir.Ruleset` over a
+:class:`~meshredirect.semantics.model.Connection` in an
+:class:`~meshredirect.semantics.model.Environment` and returns an
+:class:`Evaluation`: the :data:`Verdict` (where the connection ends up), the
+trace (every rule visited, matched or not, in order) and the connection as
+the rules rewrote it.
+
+The path through the hooks, as netfilter walks it:
+
+- a LOCAL connection: OUTPUT (out the interface the route function gives),
+  then POSTROUTING; when it leaves over ``lo`` (a local destination) it
+  loops back: PREROUTING on ``lo``, then INPUT, then local delivery. A change
+  of destination (nat) or of mark (a ``route`` chain, iptables' mangle
+  OUTPUT) reroutes it.
+- a REMOTE connection: PREROUTING on its incoming interface; then local
+  delivery (INPUT) when the destination is local or its mark is routed
+  locally, else FORWARD and POSTROUTING when the pod forwards, else a drop.
+
+At each hook the base chains of the connection's family (and of ``inet``
+tables) run in the order of their priorities (equal priorities: ruleset
+order; nftables leaves it undefined). Conntrack attaches at priority -200.
+
+Kernel facts encoded here (each has a unit test in ``tests/test_interpreter.py``):
+
+1. NAT is decided once per connection, on its first packet: nat chains of a
+   hook run only while the connection's destination (PREROUTING, OUTPUT) or
+   source (INPUT, POSTROUTING) mapping is undecided; the first binding wins
+   and ends the nat chains of that hook; when no chain binds, the kernel makes
+   a null binding. So a connection that looped back over ``lo`` never meets
+   nat PREROUTING when nat OUTPUT existed, while mangle PREROUTING sees it.
+   Every nat chain runs at the nat core's priority (-100 for destination,
+   100 for source mappings), ordered among the nat chains by its own.
+2. REDIRECT in OUTPUT rewrites the destination to 127.0.0.1 (::1); in
+   PREROUTING to the first address of the incoming interface (no address:
+   dropped). A port range keeps the original port when inside it, else
+   takes its lowest port.
+3. ACCEPT (and a NAT binding, and TPROXY) ends the current base chain, which
+   for iptables is the table at that hook; the next base chain still runs.
+   DROP and REJECT end everything.
+4. jump pushes a return frame, goto does not, RETURN (or the end of a chain)
+   pops one; with no frame left the base chain's policy applies.
+5. ``-m owner`` sees a socket only in OUTPUT and POSTROUTING; a packet
+   without one gets :attr:`~meshredirect.ir.OwnerMatch.socketless`
+   (``xt_owner``: true exactly when negated; nft ``meta skuid``: false).
+6. TPROXY (PREROUTING) sets the mark and assigns the connection to a
+   transparent listener on its port (address: its own, else the incoming
+   interface's first address); the packet is then delivered locally when its
+   mark is routed locally or its destination is local.
+7. MARK and CONNMARK follow iptables' xor-and-mask arithmetic; the packet
+   mark survives the loop over ``lo``; the socket does not.
+8. CT zones: the first template wins; a packet whose connection is already
+   tracked (it looped back) cannot get one.
+9. Conntrack state: INVALID before conntrack attaches (raw), then NEW
+   (plus DNAT / SNAT once a mapping changed the connection).
+10. A match the interpreter cannot decide (ipset, statistic, unknown
+    matches, ``addrtype --limit-iface``) is "unknown", never a silent match:
+    a rule with an unknown match and a target with an effect ends the
+    evaluation with :class:`Unknown`; an unknown target does too.
+
+>>> from meshredirect.compiler import compile_policy
+>>> from meshredirect.policy import Policy
+>>> from meshredirect.semantics.model import Connection, Environment
+>>> env = Environment.for_policy(Policy())
+>>> app = Connection.local(env, dst="93.184.216.34", dport=80, uid=1000, gid=1000)
+>>> evaluate(compile_policy(Policy()), app, env).verdict
+Redirected(address=IPv4Address('127.0.0.1'), port=15001)
+>>> proxy = Connection.local(env, dst="93.184.216.34", dport=80, uid=1337, gid=1337)
+>>> evaluate(compile_policy(Policy()), proxy, env).verdict
+Passed(address=IPv4Address('93.184.216.34'), port=80, local=False)
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import ipaddress
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from typing import Any, Final, TypeAlias, assert_never
+
+import attrs
+
+from meshredirect.ir import (
+    CONNTRACK_PRIORITY,
+    Accept,
+    AddressMatch,
+    AddressRange,
+    AddrType,
+    AddrTypeMatch,
+    BaseChain,
+    Chain,
+    ChainPolicy,
+    ChainType,
+    ConnmarkMatch,
+    ConnmarkRestore,
+    ConnmarkSave,
+    ConnmarkSet,
+    Continue,
+    CtState,
+    CtStateMatch,
+    CtZone,
+    Direction,
+    Dnat,
+    Drop,
+    Family,
+    FamilyMatch,
+    Goto,
+    Hook,
+    InterfaceMatch,
+    IpSetMatch,
+    Jump,
+    Log,
+    MarkMatch,
+    Masquerade,
+    Match,
+    OwnerKind,
+    OwnerMatch,
+    PortMatch,
+    ProtocolMatch,
+    Redirect,
+    Reject,
+    Return,
+    Rule,
+    Ruleset,
+    SetMark,
+    Snat,
+    StatisticMatch,
+    Table,
+    TProxy,
+    UnknownMatch,
+    UnknownTarget,
+)
+from meshredirect.semantics.describe import describe_rule
+from meshredirect.semantics.explore import Eq, In, MarkSym, Sym, Tracer
+from meshredirect.semantics.model import LOOPBACK_INTERFACE, Connection, Environment, Origin, Socket
+from meshredirect.values import MAX_MARK, IPAddress
+
+__all__ = [
+    "ROUTED",
+    "ChainEnd",
+    "Dropped",
+    "Evaluation",
+    "Event",
+    "Interpreter",
+    "MatchResult",
+    "Passed",
+    "Redirected",
+    "RuleVisit",
+    "TProxied",
+    "TraceEntry",
+    "Unknown",
+    "Verdict",
+    "evaluate",
+]
+
+#: Priority at which every nat chain of a hook runs (the nat core's hook), per mapping kind.
+NAT_DESTINATION_PRIORITY: Final = -100
+NAT_SOURCE_PRIORITY: Final = 100
+#: Hooks whose nat chains decide the destination mapping; the others decide the source mapping.
+DESTINATION_NAT_HOOKS: Final = frozenset({Hook.PREROUTING, Hook.OUTPUT})
+#: Hooks where a packet still carries its socket.
+SOCKET_HOOKS: Final = frozenset({Hook.OUTPUT, Hook.POSTROUTING})
+#: In ``symbols``: the outgoing interface is the route function's answer for the destination and mark.
+ROUTED: Final = "route"
+#: A guard against rulesets whose chains jump in circles (the kernel refuses to load those).
+MAX_RULE_VISITS: Final = 100_000
+LOOPBACK_V4: Final = ipaddress.IPv4Address("127.0.0.1")
+LOOPBACK_V6: Final = ipaddress.IPv6Address("::1")
+_BROADCAST_V4: Final = ipaddress.IPv4Address("255.255.255.255")
+_ZERONET_V4: Final = ipaddress.IPv4Network("0.0.0.0/8")
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+@attrs.frozen(kw_only=True)
+class Passed:
+    """The connection goes on to its own destination, unchanged: delivered locally or sent out."""
+
+    address: IPAddress
+    port: int
+    local: bool
+
+    def __str__(self) -> str:
+        where = "delivered locally" if self.local else "sent out"
+        return f"passed to {_endpoint(self.address, self.port)} ({where})"
+
+
+@attrs.frozen(kw_only=True)
+class Redirected:
+    """NAT rewrote the destination (REDIRECT or DNAT): the connection goes to ``address:port``."""
+
+    address: IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        return f"redirected to {_endpoint(self.address, self.port)}"
+
+
+@attrs.frozen(kw_only=True)
+class TProxied:
+    """TPROXY handed the connection to a transparent listener on ``port`` (of ``address``), marked ``mark``."""
+
+    port: int
+    address: IPAddress
+    mark: int
+
+    def __str__(self) -> str:
+        return f"TPROXY to {_endpoint(self.address, self.port)} with mark {self.mark:#x}"
+
+
+@attrs.frozen(kw_only=True)
+class Dropped:
+    """The packet is dropped (``reject``: with an error sent back). The reason is for display only."""
+
+    reject: bool = False
+    reason: str = attrs.field(default="", eq=False)
+
+    def __str__(self) -> str:
+        return ("rejected" if self.reject else "dropped") + (f" ({self.reason})" if self.reason else "")
+
+
+@attrs.frozen(kw_only=True)
+class Unknown:
+    """The interpreter cannot decide: a match or target it does not model was reached."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return f"unknown: {self.reason}"
+
+
+Verdict: TypeAlias = Passed | Redirected | TProxied | Dropped | Unknown
+
+# ----------------------------------------------------------------------------- trace
+
+
+class MatchResult(enum.Enum):
+    MATCHED = "matched"
+    NOT_MATCHED = "no match"
+    UNKNOWN = "unknown"
+
+
+@attrs.frozen(kw_only=True)
+class RuleVisit:
+    """One rule the packet met: where it stands (``index`` counts from 1) and whether it matched."""
+
+    hook: Hook
+    family: Family
+    table: str
+    chain: str
+    index: int
+    rule: Rule
+    result: MatchResult
+    #: What the rule did when it matched (e.g. "mark 0x0 -> 0x539"), or why its match is unknown.
+    note: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.table} {self.chain} #{self.index}: {describe_rule(self.rule)}  [{self.result.value}]"
+        return text + (f" {self.note}" if self.note else "")
+
+
+@attrs.frozen(kw_only=True)
+class ChainEnd:
+    """A chain ran out of rules or returned; for a base chain, its policy applied."""
+
+    hook: Hook
+    family: Family
+    table: str
+    chain: str
+    outcome: str
+
+    def __str__(self) -> str:
+        return f"{self.table} {self.chain}: {self.outcome}"
+
+
+@attrs.frozen(kw_only=True)
+class Event:
+    """Something the kernel does between rules: a hook begins, a reroute, a skipped nat chain."""
+
+    hook: Hook | None
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+TraceEntry: TypeAlias = RuleVisit | ChainEnd | Event
+
+
+@attrs.frozen(kw_only=True)
+class Evaluation:
+    """What a ruleset does to one connection.
+
+    ``original`` is the connection as given; ``connection`` the same as the
+    rules left it (destination and source after NAT, packet mark and
+    connection mark, the last interfaces it was seen on); ``zone`` its
+    conntrack zone when a CT target set one.
+    """
+
+    original: Connection
+    verdict: Verdict
+    connection: Connection
+    trace: tuple[TraceEntry, ...] = ()
+    zone: int | None = None
+    #: During proof enumeration: which fields of ``connection`` (and ``verdict.address``,
+    #: ``verdict.port``, ``verdict.mark``) still stand for a dimension of the enumeration.
+    symbols: Mapping[str, Sym] = attrs.field(factory=dict, eq=False, repr=False)
+
+    @property
+    def rewritten(self) -> Connection:
+        """The connection as the rules rewrote it (same as ``connection``)."""
+        return self.connection
+
+    def visits(self) -> tuple[RuleVisit, ...]:
+        return tuple(e for e in self.trace if isinstance(e, RuleVisit))
+
+    def explain(self) -> str:
+        """The trace and the verdict as text, one line each (hook headings unindented)."""
+        lines = []
+        for entry in self.trace:
+            lines.append(str(entry) if isinstance(entry, Event) and entry.text.startswith("==") else f"  {entry}")
+        lines.append(f"verdict: {self.verdict}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the interpreter
+
+
+class _Stop(Exception):
+    """Ends an evaluation with a final verdict (drop or unknown)."""
+
+    def __init__(self, verdict: Dropped | Unknown) -> None:
+        super().__init__(str(verdict))
+        self.verdict = verdict
+
+
+@attrs.frozen
+class _Stage:
+    priority: int
+    nat: bool
+    chains: tuple[tuple[Table, Chain], ...]
+
+
+class _Outcome(enum.Enum):
+    ACCEPT = "accept"
+    DROP = "drop"
+    REJECT = "reject"
+
+
+class Interpreter:
+    """A ruleset prepared for many evaluations in one environment.
+
+    >>> from meshredirect.compiler import compile_policy
+    >>> from meshredirect.policy import Policy
+    >>> interpreter = Interpreter(compile_policy(Policy()), Environment.for_policy(Policy()))
+    >>> remote = Connection.remote(src="10.0.0.1", dst="10.0.0.5", dport=8080)
+    >>> interpreter.evaluate(remote).verdict
+    Redirected(address=IPv4Address('10.0.0.5'), port=15006)
+    """
+
+    def __init__(self, ruleset: Ruleset, env: Environment | None = None) -> None:
+        self.ruleset = ruleset
+        self.env = env if env is not None else Environment.default()
+        self._stages: dict[tuple[Family, Hook], tuple[_Stage, ...]] = {}
+        self._keys: dict[int, tuple[Match, Callable[[Any], Hashable]]] = {}
+        env = self.env
+        # Tests on symbolic values need functions of stable identity (see explore.Run.decide).
+        self.is_local: Callable[[Any], Hashable] = env.is_local
+        self.is_loopback: Callable[[Any], Hashable] = env.is_loopback
+        self.routes_locally: Callable[[Any], Hashable] = env.routes_locally
+        self.subnet_route: Callable[[Any], Hashable] = env.subnet_route
+        self.first_address: dict[Family, Callable[[Any], Hashable]] = {
+            family: functools.partial(_first_address, env, family) for family in (Family.IPV4, Family.IPV6)
+        }
+        self.present: Callable[[Any], Hashable] = bool
+        self.addr_type: Callable[[Any], Hashable] = lambda address: _addr_type(env, address)
+
+    def stages(self, family: Family, hook: Hook) -> tuple[_Stage, ...]:
+        key = (family, hook)
+        found = self._stages.get(key)
+        if found is None:
+            found = self._stages[key] = _build_stages(self.ruleset, family, hook)
+        return found
+
+    def key(self, match: Match) -> Callable[[Any], Hashable]:
+        """The test a match makes on its field's value (without negation), of stable identity."""
+        found = self._keys.get(id(match))
+        if found is not None and found[0] is match:
+            return found[1]
+        fn: Callable[[Any], Hashable]
+        if isinstance(match, AddressMatch):
+            addresses = match.addresses
+            fn = lambda value: value in addresses  # noqa: E731
+        elif isinstance(match, PortMatch):
+            ports = match.ports
+            fn = lambda value: value in ports  # noqa: E731
+        elif isinstance(match, OwnerMatch):
+            ids = match.ids
+            fn = lambda value: value in ids  # noqa: E731
+        elif isinstance(match, (MarkMatch, ConnmarkMatch)):
+            mask, value = match.mask, match.value
+            fn = lambda mark: (mark & mask) == value  # noqa: E731
+        elif isinstance(match, InterfaceMatch):
+            fn = match.matches
+        elif isinstance(match, AddrTypeMatch):
+            types = match.types
+            addr_type = self.addr_type
+            fn = lambda address: addr_type(address) in types  # noqa: E731
+        else:
+            raise TypeError(f"no value test for {type(match).__name__}")
+        self._keys[id(match)] = (match, fn)
+        return fn
+
+    def evaluate(
+        self,
+        connection: Connection,
+        *,
+        trace: bool = True,
+        symbols: Mapping[str, Sym] | None = None,
+        tracer: Tracer | None = None,
+    ) -> Evaluation:
+        """Run the ruleset over ``connection``; ``trace=False`` skips recording the trace (faster).
+
+        ``symbols`` and ``tracer`` serve the proof enumeration (:mod:`meshredirect.semantics.explore`):
+        ``symbols`` says which fields of the connection stand for a dimension (``"oif"`` mapped to
+        ``"route"`` means: derived from the destination and the mark by the route function), and
+        every test on such a field goes to ``tracer``.
+        """
+        return _Run(self, connection, trace, symbols or {}, tracer).evaluate()
+
+
+def _build_stages(ruleset: Ruleset, family: Family, hook: Hook) -> tuple[_Stage, ...]:
+    plain: list[tuple[int, int, Table, Chain]] = []
+    nat: list[tuple[int, int, Table, Chain]] = []
+    order = 0
+    for table in ruleset.tables:
+        if table.family is not family and table.family is not Family.INET:
+            continue
+        for chain in table.base_chains(hook):
+            base = chain.base
+            assert base is not None
+            (nat if base.type is ChainType.NAT else plain).append((base.priority, order, table, chain))
+            order += 1
+    stages = [_Stage(priority=p, nat=False, chains=((t, c),)) for p, _o, t, c in plain]
+    if nat:
+        nat.sort(key=lambda item: (item[0], item[1]))
+        priority = NAT_DESTINATION_PRIORITY if hook in DESTINATION_NAT_HOOKS else NAT_SOURCE_PRIORITY
+        stages.append(_Stage(priority=priority, nat=True, chains=tuple((t, c) for _p, _o, t, c in nat)))
+    # Stable: equal priorities keep ruleset order (nftables leaves that order undefined).
+    stages.sort(key=lambda s: s.priority)
+    return tuple(stages)
+
+
+_CACHE: dict[int, tuple[Ruleset, Environment, Interpreter]] = {}
+_CACHE_SIZE: Final = 16
+
+
+def interpreter_for(ruleset: Ruleset, env: Environment) -> Interpreter:
+    """A (cached) interpreter of ``ruleset`` in ``env``."""
+    cached = _CACHE.get(id(ruleset))
+    if cached is not None and cached[0] is ruleset and cached[1] is env:
+        return cached[2]
+    interpreter = Interpreter(ruleset, env)
+    if len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[id(ruleset)] = (ruleset, env, interpreter)
+    return interpreter
+
+
+def evaluate(ruleset: Ruleset, connection: Connection, env: Environment | None = None) -> Evaluation:
+    """What ``ruleset`` does to ``connection`` in ``env`` (default: :meth:`Environment.default`).
+
+    See the module docstring for the model and an example.
+    """
+    return interpreter_for(ruleset, env if env is not None else Environment.default()).evaluate(connection)
+
+
+@attrs.frozen
+class _Mark:
+    """A mark's value, and what it stands for during proof enumeration (None: a constant)."""
+
+    value: int
+    sym: MarkSym | None = None
+
+    def xor_mask(self, keep: int, xor: int) -> _Mark:
+        """``(mark & keep) ^ xor``."""
+        keep &= MAX_MARK
+        value = (self.value & keep) ^ xor
+        if self.sym is None:
+            return _Mark(value)
+        return _Mark(value, MarkSym(self.sym.dim, self.sym.and_mask & keep, (self.sym.xor & keep) ^ xor))
+
+    def combine(self, keep: int, other: _Mark, take: int) -> _Mark:
+        """``(self & keep) ^ (other & take)``."""
+        keep &= MAX_MARK
+        value = (self.value & keep) ^ (other.value & take)
+        syms = [s for s in (self.sym, other.sym) if s is not None]
+        if not syms:
+            return _Mark(value)
+        dim = syms[0].dim
+        if any(s.dim != dim for s in syms):
+            raise ValueError("marks of two different dimensions cannot be combined")
+        a_self, x_self = (self.sym.and_mask, self.sym.xor) if self.sym is not None else (0, self.value)
+        a_other, x_other = (other.sym.and_mask, other.sym.xor) if other.sym is not None else (0, other.value)
+        return _Mark(value, MarkSym(dim, (a_self & keep) ^ (a_other & take), (x_self & keep) ^ (x_other & take)))
+
+
+class _Run:
+    """The mutable state of one evaluation."""
+
+    def __init__(
+        self,
+        interpreter: Interpreter,
+        connection: Connection,
+        record: bool,
+        symbols: Mapping[str, Sym],
+        tracer: Tracer | None,
+    ) -> None:
+        self.interpreter = interpreter
+        self.env = interpreter.env
+        self.c = connection
+        self.record = record
+        self.tracer = tracer
+        self.trace: list[TraceEntry] = []
+        self.family = connection.family
+        self.src = connection.src
+        self.sport = connection.sport
+        self.dst = connection.dst
+        self.dport = connection.dport
+        self.sym: dict[str, Sym | None] = {
+            field: symbols.get(field) if tracer is not None else None
+            for field in ("src", "sport", "dst", "dport", "iif", "socket", "uid", "gid")
+        }
+        self.routed = tracer is not None and symbols.get("oif") == ROUTED
+        self._symbols_at_start: dict[str, Sym] = dict(symbols) if tracer is not None else {}
+        self._mark_before_sym: MarkSym | None = None
+        self.mark = _Mark(connection.mark, _mark_sym(symbols.get("mark")) if tracer is not None else None)
+        self.ctmark = _Mark(connection.ctmark, _mark_sym(symbols.get("ctmark")) if tracer is not None else None)
+        self.zone: int | None = None
+        self.tracked = False  # conntrack attached
+        self.decided: set[bool] = set()  # True: destination mapping decided; False: source mapping
+        self.dnat = False
+        self.snat = False
+        self.dst_rewritten = False
+        self.dport_rewritten = False
+        self.tproxy: TProxied | None = None
+        self.tproxy_syms: dict[str, Sym | None] = {}
+        self.visits = 0
+        self.out_interface: str | None = connection.oif
+        # the packet's view at the current hook
+        self.hook = Hook.OUTPUT
+        self.iif: str | None = None
+        self.oif: str | None = None
+        self.own_iif = False  # the current iif is the connection's own (a symbolic dimension)
+        self.socket: Socket | None = None
+
+    # ------------------------------------------------------------------ symbolic tests
+
+    def _test(self, field: str, value: object, key: Callable[[Any], Hashable]) -> Any:
+        """``key(value)`` of a connection field's current value, through the tracer when it is symbolic."""
+        sym = self.sym.get(field)
+        if sym is None or self.tracer is None:
+            return key(value)
+        return self.tracer.decide(sym, key)
+
+    def _test_mark(self, mark: _Mark, key: Callable[[Any], Hashable]) -> Any:
+        if mark.sym is None or mark.sym.constant or self.tracer is None:
+            return key(mark.value)
+        if mark.sym.and_mask != MAX_MARK or mark.sym.xor:
+            # The mark classes are the atoms of the mark tests the rules make on the connection's own
+            # mark; a test on a partly rewritten mark is a new test that could split them.
+            raise _Stop(
+                Unknown(reason="a mark partly rewritten by MARK/CONNMARK is tested: beyond the proof's classes")
+            )
+        return self.tracer.decide(mark.sym.dim, key)
+
+    def _dst_test(self, key: Callable[[Any], Hashable]) -> Any:
+        return self._test("dst", self.dst, key)
+
+    def _route(self) -> str:
+        """The route function of the environment, as tests on the destination and the mark."""
+        if self._test_mark(self.mark, self.interpreter.routes_locally) or self._dst_test(self.interpreter.is_local):
+            return LOOPBACK_INTERFACE
+        return str(self._dst_test(self.interpreter.subnet_route))
+
+    def _routed_locally(self) -> bool:
+        return bool(
+            self._test_mark(self.mark, self.interpreter.routes_locally) or self._dst_test(self.interpreter.is_local)
+        )
+
+    def _has_socket(self) -> bool:
+        return bool(self._test("socket", self.socket is not None, self.interpreter.present))
+
+    # ------------------------------------------------------------------ the path
+
+    def evaluate(self) -> Evaluation:
+        try:
+            verdict = self._local() if self.c.origin is Origin.LOCAL else self._remote()
+        except _Stop as stop:
+            verdict = stop.verdict
+        rewritten = attrs.evolve(
+            self.c,
+            src=self.src,
+            sport=self.sport,
+            dst=self.dst,
+            dport=self.dport,
+            mark=self.mark.value,
+            ctmark=self.ctmark.value,
+            oif=self.out_interface if self.c.origin is Origin.LOCAL else self.c.oif,
+        )
+        symbols: dict[str, Sym] = {}
+        if self.tracer is not None:
+            for field in ("src", "sport", "dst", "dport"):
+                sym = self.sym[field]
+                if sym is not None:
+                    symbols[field] = sym
+            for field, mark in (("mark", self.mark), ("ctmark", self.ctmark)):
+                if mark.sym is not None and not mark.sym.constant:
+                    symbols[field] = mark.sym
+            if isinstance(verdict, (Passed, Redirected)):
+                for field, name in (("address", "dst"), ("port", "dport")):
+                    if name in symbols:
+                        symbols["verdict." + field] = symbols[name]
+            elif isinstance(verdict, TProxied):
+                for field, sym in self.tproxy_syms.items():
+                    if sym is not None:
+                        symbols["verdict." + field] = sym
+        return Evaluation(
+            original=self.c,
+            verdict=verdict,
+            connection=rewritten,
+            trace=tuple(self.trace),
+            zone=self.zone,
+            symbols=symbols,
+        )
+
+    def _local(self) -> Verdict:
+        oif = self._route() if self.routed or self.c.oif is None else self.c.oif
+        self._hook(Hook.OUTPUT, iif=None, oif=oif, socket=self.c.socket)
+        self._hook(Hook.POSTROUTING, iif=None, oif=self.oif, socket=self.c.socket)
+        self.out_interface = self.oif
+        if self.oif != LOOPBACK_INTERFACE:
+            return self._delivered(local=False)
+        self._event(None, f"loops back over {LOOPBACK_INTERFACE}")
+        self._hook(Hook.PREROUTING, iif=LOOPBACK_INTERFACE, oif=None, socket=None)
+        if not self._routed_locally():
+            raise _Stop(Dropped(reason=f"arrived over {LOOPBACK_INTERFACE} for {self.dst}, which is not local"))
+        self._hook(Hook.INPUT, iif=LOOPBACK_INTERFACE, oif=None, socket=None)
+        return self._delivered(local=True)
+
+    def _remote(self) -> Verdict:
+        iif = self.c.iif if self.c.iif is not None else self.env.default_interface
+        self._hook(Hook.PREROUTING, iif=iif, oif=None, socket=None, own_iif=True)
+        lo = self._test("iif", iif, _IS_LOOPBACK_INTERFACE)
+        if not lo:
+            if self._test("src", self.src, self.interpreter.is_loopback) or self._test(
+                "src", self.src, self.interpreter.is_local
+            ):
+                raise _Stop(Dropped(reason=f"martian source {self.src} arriving on {iif}"))
+            if self._dst_test(self.interpreter.is_loopback):
+                raise _Stop(Dropped(reason=f"martian destination {self.dst} arriving on {iif}"))
+        if self._routed_locally():
+            self._hook(Hook.INPUT, iif=iif, oif=None, socket=None, own_iif=True)
+            return self._delivered(local=True)
+        if self.tproxy is not None:
+            raise _Stop(Dropped(reason="TPROXY assigned a listener but the packet is not routed locally"))
+        if not self.env.forwarding:
+            raise _Stop(Dropped(reason=f"{self.dst} is not local and the pod does not forward"))
+        oif = self._route()
+        self._hook(Hook.FORWARD, iif=iif, oif=oif, socket=None, own_iif=True)
+        self._hook(Hook.POSTROUTING, iif=iif, oif=oif, socket=None, own_iif=True)
+        return self._delivered(local=False)
+
+    def _delivered(self, *, local: bool) -> Verdict:
+        if self.tproxy is not None and local:
+            return self.tproxy
+        if self._unchanged("dst", self.dst_rewritten, self.dst) and self._unchanged(
+            "dport", self.dport_rewritten, self.dport
+        ):
+            return Passed(address=self.dst, port=self.dport, local=local)
+        return Redirected(address=self.dst, port=self.dport)
+
+    def _unchanged(self, field: str, rewritten: bool, value: object) -> bool:
+        """Whether a field still holds the connection's own value."""
+        if not rewritten:
+            return True
+        original = self.c.dst if field == "dst" else self.c.dport
+        sym = self._original_sym(field)
+        if sym is None or self.tracer is None:
+            return original == value
+        return bool(self.tracer.decide(sym, Eq(value)))
+
+    def _original_sym(self, field: str) -> Sym | None:
+        return self._symbols_at_start.get(field)
+
+    # ------------------------------------------------------------------ hooks
+
+    def _event(self, hook: Hook | None, text: str) -> None:
+        if self.record:
+            self.trace.append(Event(hook=hook, text=text))
+
+    def _hook(
+        self, hook: Hook, *, iif: str | None, oif: str | None, socket: Socket | None, own_iif: bool = False
+    ) -> None:
+        self.hook, self.iif, self.oif, self.socket, self.own_iif = hook, iif, oif, socket, own_iif
+        if self.record:
+            where = ", ".join(x for x in (f"in {iif}" if iif else "", f"out {oif}" if oif else "") if x)
+            self._event(hook, f"== {hook.value} ({where})" if where else f"== {hook.value}")
+        for stage in self.interpreter.stages(self.family, hook):
+            if not self.tracked and stage.priority >= CONNTRACK_PRIORITY:
+                self.tracked = True
+            if stage.nat:
+                self._nat_stage(hook, stage)
+            else:
+                table, chain = stage.chains[0]
+                before = (self.dst, self.dport, self.src, self.mark.value, self.dst_rewritten)
+                self._base_chain(hook, table, chain)
+                assert chain.base is not None
+                if hook is Hook.OUTPUT and chain.base.type is ChainType.ROUTE:
+                    after = (self.dst, self.dport, self.src, self.mark.value, self.dst_rewritten)
+                    if before != after or self.mark.sym != self._mark_before_sym:
+                        self._reroute(hook)
+        self.tracked = True
+
+    def _reroute(self, hook: Hook) -> None:
+        oif = self._route()
+        if oif != self.oif:
+            self._event(hook, f"rerouted: out {oif} (was {self.oif})")
+            self.oif = oif
+
+    def _nat_stage(self, hook: Hook, stage: _Stage) -> None:
+        destination = hook in DESTINATION_NAT_HOOKS
+        kind = "destination" if destination else "source"
+        if destination in self.decided:
+            if self.record:
+                names = ", ".join(f"{t.name} {c.name}" for t, c in stage.chains)
+                self._event(hook, f"skipped {names}: the {kind} NAT of this connection was decided on an earlier hook")
+            return
+        rewritten = self.dst_rewritten
+        for index, (table, chain) in enumerate(stage.chains):
+            self._base_chain(hook, table, chain)
+            if destination in self.decided:
+                rest = stage.chains[index + 1 :]
+                if rest and self.record:
+                    names = ", ".join(f"{t.name} {c.name}" for t, c in rest)
+                    self._event(hook, f"skipped {names}: the first NAT binding wins")
+                break
+        else:
+            self.decided.add(destination)
+        if hook is Hook.OUTPUT and self.dst_rewritten != rewritten:
+            self._reroute(hook)
+
+    def _base_chain(self, hook: Hook, table: Table, base_chain: Chain) -> None:
+        base = base_chain.base
+        assert base is not None
+        self._mark_before_sym = self.mark.sym
+        outcome = self._chain(hook, table, base_chain, base)
+        if outcome is _Outcome.DROP:
+            raise _Stop(Dropped(reason=f"{table.name} {base_chain.name}"))
+        if outcome is _Outcome.REJECT:
+            raise _Stop(Dropped(reject=True, reason=f"{table.name} {base_chain.name}"))
+
+    def _chain(self, hook: Hook, table: Table, chain: Chain, base: BaseChain) -> _Outcome:
+        stack: list[tuple[Chain, int]] = []
+        index = 0
+        while True:
+            if index >= len(chain.rules):
+                if stack:
+                    if self.record:
+                        self.trace.append(
+                            ChainEnd(
+                                hook=hook,
+                                family=table.family,
+                                table=table.name,
+                                chain=chain.name,
+                                outcome="end, return",
+                            )
+                        )
+                    chain, index = stack.pop()
+                    continue
+                return self._policy(hook, table, chain, base, "end of chain")
+            rule = chain.rules[index]
+            self.visits += 1
+            if self.visits > MAX_RULE_VISITS:
+                raise _Stop(Unknown(reason=f"more than {MAX_RULE_VISITS} rules visited: chains that loop"))
+            result, why = self._rule_matches(rule)
+            target = rule.target
+            if result is MatchResult.NOT_MATCHED:
+                self._visit((hook, table, chain), index, rule, result)
+                index += 1
+                continue
+            if result is MatchResult.UNKNOWN:
+                self._visit((hook, table, chain), index, rule, result, why)
+                if isinstance(target, (Continue, Log)):
+                    index += 1
+                    continue
+                raise _Stop(Unknown(reason=f"{table.name} {chain.name} #{index + 1}: {why}"))
+            match target:
+                case Accept():
+                    self._visit((hook, table, chain), index, rule, result)
+                    return _Outcome.ACCEPT
+                case Drop():
+                    self._visit((hook, table, chain), index, rule, result)
+                    return _Outcome.DROP
+                case Reject():
+                    self._visit((hook, table, chain), index, rule, result)
+                    return _Outcome.REJECT
+                case Return():
+                    self._visit((hook, table, chain), index, rule, result)
+                    if stack:
+                        chain, index = stack.pop()
+                        continue
+                    return self._policy(hook, table, chain, base, "RETURN from the base chain")
+                case Continue() | Log():
+                    self._visit((hook, table, chain), index, rule, result)
+                    index += 1
+                case Jump() | Goto():
+                    self._visit((hook, table, chain), index, rule, result)
+                    if not table.has_chain(target.chain):
+                        raise _Stop(
+                            Unknown(reason=f"{table.name} {chain.name} #{index + 1}: no chain {target.chain!r}")
+                        )
+                    if isinstance(target, Jump):
+                        stack.append((chain, index + 1))
+                    chain, index = table.chain(target.chain), 0
+                case Redirect() | Dnat():
+                    note = self._destination_nat(hook, base, target)
+                    self._visit((hook, table, chain), index, rule, result, note)
+                    return _Outcome.ACCEPT
+                case Snat() | Masquerade():
+                    note = self._source_nat(hook, base, target)
+                    self._visit((hook, table, chain), index, rule, result, note)
+                    return _Outcome.ACCEPT
+                case TProxy():
+                    note = self._tproxy(hook, target)
+                    self._visit((hook, table, chain), index, rule, result, note)
+                    return _Outcome.ACCEPT
+                case SetMark():
+                    old = self.mark.value
+                    self.mark = self.mark.xor_mask(~target.mask, target.value)
+                    self._visit((hook, table, chain), index, rule, result, f"mark {old:#x} -> {self.mark.value:#x}")
+                    index += 1
+                case ConnmarkSave():
+                    old = self.ctmark.value
+                    self.ctmark = self.ctmark.combine(~target.ctmask, self.mark, target.nfmask)
+                    self._visit((hook, table, chain), index, rule, result, f"ctmark {old:#x} -> {self.ctmark.value:#x}")
+                    index += 1
+                case ConnmarkRestore():
+                    old = self.mark.value
+                    self.mark = self.mark.combine(~target.nfmask, self.ctmark, target.ctmask)
+                    self._visit((hook, table, chain), index, rule, result, f"mark {old:#x} -> {self.mark.value:#x}")
+                    index += 1
+                case ConnmarkSet():
+                    old = self.ctmark.value
+                    self.ctmark = self.ctmark.xor_mask(~target.mask, target.value)
+                    self._visit((hook, table, chain), index, rule, result, f"ctmark {old:#x} -> {self.ctmark.value:#x}")
+                    index += 1
+                case CtZone():
+                    if self.tracked:
+                        note = "no effect: the connection is already tracked"
+                    elif self.zone is not None:
+                        note = f"no effect: zone {self.zone} was set first"
+                    else:
+                        self.zone = target.zone
+                        note = f"zone {target.zone}"
+                    self._visit((hook, table, chain), index, rule, result, note)
+                    index += 1
+                case UnknownTarget():
+                    self._visit((hook, table, chain), index, rule, result)
+                    raise _Stop(
+                        Unknown(reason=f"{table.name} {chain.name} #{index + 1}: target {target.name} is not modelled")
+                    )
+                case _:
+                    assert_never(target)
+
+    def _policy(self, hook: Hook, table: Table, chain: Chain, base: BaseChain, why: str) -> _Outcome:
+        if self.record:
+            self.trace.append(
+                ChainEnd(
+                    hook=hook,
+                    family=table.family,
+                    table=table.name,
+                    chain=chain.name,
+                    outcome=f"{why}: policy {base.policy.value}",
+                )
+            )
+        return _Outcome.ACCEPT if base.policy is ChainPolicy.ACCEPT else _Outcome.DROP
+
+    def _visit(
+        self, at: tuple[Hook, Table, Chain], index: int, rule: Rule, result: MatchResult, note: str | None = None
+    ) -> None:
+        if self.record:
+            hook, table, chain = at
+            self.trace.append(
+                RuleVisit(
+                    hook=hook,
+                    family=table.family,
+                    table=table.name,
+                    chain=chain.name,
+                    index=index + 1,
+                    rule=rule,
+                    result=result,
+                    note=note,
+                )
+            )
+
+    # ------------------------------------------------------------------ targets
+
+    def _destination_nat(self, hook: Hook, base: BaseChain, target: Redirect | Dnat) -> str:
+        name = type(target).__name__.upper()
+        if base.type is not ChainType.NAT or hook not in DESTINATION_NAT_HOOKS:
+            raise _Stop(Unknown(reason=f"{name} outside a nat chain of PREROUTING or OUTPUT"))
+        old = (self.dst, self.dport)
+        address: IPAddress
+        if isinstance(target, Redirect):
+            if hook is Hook.OUTPUT:
+                address = LOOPBACK_V4 if self.family is Family.IPV4 else LOOPBACK_V6
+            else:
+                assert self.iif is not None
+                found = self._iif_test(self.interpreter.first_address[self.family])
+                if found is None:
+                    raise _Stop(Dropped(reason=f"REDIRECT: {self.iif} has no {self.family.value} address"))
+                address = found
+            changed_address = not self._dst_test(Eq(address))
+        elif target.addresses is None:
+            address, changed_address = self.dst, False
+        else:
+            address = self._pick_address(target.addresses, name)
+            changed_address = not self._dst_test(Eq(address))
+        changed_port = False
+        if target.ports is not None and target.ports and not self._test("dport", self.dport, In(target.ports)):
+            # Outside the range: the kernel takes its lowest port (inside, the port stays).
+            self.dport = target.ports.intervals[0][0]
+            self.sym["dport"] = None
+            self.dport_rewritten = changed_port = True
+        if address is not self.dst:
+            self.dst = address
+            self.sym["dst"] = None
+            self.dst_rewritten = self.dst_rewritten or changed_address
+        self.decided.add(True)
+        if changed_address or changed_port:
+            self.dnat = True
+        return f"destination {_endpoint(*old)} -> {_endpoint(self.dst, self.dport)}"
+
+    def _source_nat(self, hook: Hook, base: BaseChain, target: Snat | Masquerade) -> str:
+        name = type(target).__name__.upper()
+        if base.type is not ChainType.NAT or hook in DESTINATION_NAT_HOOKS:
+            raise _Stop(Unknown(reason=f"{name} outside a nat chain of INPUT or POSTROUTING"))
+        old = (self.src, self.sport)
+        address: IPAddress
+        if isinstance(target, Masquerade):
+            if self.oif is None:
+                raise _Stop(Unknown(reason="MASQUERADE without an outgoing interface"))
+            found = self.env.first_address(self.oif, self.family)
+            if found is None:
+                raise _Stop(Dropped(reason=f"MASQUERADE: {self.oif} has no {self.family.value} address"))
+            address = found
+        elif target.addresses is None:
+            address = self.src
+        else:
+            address = self._pick_address(target.addresses, name)
+        changed = False
+        if address is not self.src:
+            changed = not self._test("src", self.src, Eq(address))
+            self.src = address
+            self.sym["src"] = None
+        if target.ports is not None and target.ports and not self._test("sport", self.sport, In(target.ports)):
+            self.sport = target.ports.intervals[0][0]
+            self.sym["sport"] = None
+            changed = True
+        self.decided.add(False)
+        if changed:
+            self.snat = True
+        return f"source {_endpoint(*old)} -> {_endpoint(self.src, self.sport)}"
+
+    def _pick_address(self, addresses: AddressRange, name: str) -> IPAddress:
+        if addresses.first.version != self.family.version:
+            raise _Stop(Unknown(reason=f"{name} to an address of the other family"))
+        if addresses.first == addresses.last:
+            return addresses.first
+        raise _Stop(Unknown(reason=f"{name} to an address range: the kernel picks an address by hash"))
+
+    def _iif_test(self, key: Callable[[Any], Hashable]) -> Any:
+        if self.own_iif:
+            return self._test("iif", self.iif, key)
+        return key(self.iif)
+
+    def _tproxy(self, hook: Hook, target: TProxy) -> str:
+        if hook is not Hook.PREROUTING:
+            raise _Stop(Unknown(reason="TPROXY outside PREROUTING"))
+        if target.mark is not None:
+            self.mark = self.mark.xor_mask(~target.mask, target.mark)
+        address = target.address
+        address_sym: Sym | None = None
+        if address is None and self.iif is not None:
+            address = self._iif_test(self.interpreter.first_address[self.family])
+        if address is None:
+            address, address_sym = self.dst, self.sym["dst"]
+        self.tproxy = TProxied(port=target.port, address=address, mark=self.mark.value)
+        self.tproxy_syms = {
+            "address": address_sym,
+            "mark": self.mark.sym if self.mark.sym is not None and not self.mark.sym.constant else None,
+        }
+        return f"listener {_endpoint(address, target.port)}, mark {self.mark.value:#x}"
+
+    # ------------------------------------------------------------------ matches
+
+    def _rule_matches(self, rule: Rule) -> tuple[MatchResult, str | None]:
+        unknown: str | None = None
+        for match in rule.matches:
+            result = self._match(match)
+            if result is False:
+                return MatchResult.NOT_MATCHED, None
+            if result is not True and unknown is None:
+                unknown = result
+        if unknown is not None:
+            return MatchResult.UNKNOWN, unknown
+        return MatchResult.MATCHED, None
+
+    def _match(self, match: Match) -> bool | str:
+        """True or False, or a string saying why the result is unknown."""
+        c = self.c
+        match match:
+            case ProtocolMatch():
+                return (c.protocol is match.protocol) != match.negate
+            case FamilyMatch():
+                return self.family is match.family
+            case AddressMatch():
+                if not any(n.version == self.family.version for n in match.addresses):
+                    # Only the other family's members: iptables would not load it; nft does not match.
+                    return False
+                key = self.interpreter.key(match)
+                if match.direction is Direction.SOURCE:
+                    return bool(self._test("src", self.src, key)) != match.negate
+                return bool(self._dst_test(key)) != match.negate
+            case PortMatch():
+                if c.protocol is not match.protocol:
+                    return False
+                key = self.interpreter.key(match)
+                if match.direction is Direction.SOURCE:
+                    return bool(self._test("sport", self.sport, key)) != match.negate
+                return bool(self._test("dport", self.dport, key)) != match.negate
+            case InterfaceMatch():
+                key = self.interpreter.key(match)
+                if match.direction is Direction.SOURCE:
+                    return bool(self._iif_test(key)) if self.iif is not None else match.matches("")
+                return match.matches(self.oif or "")
+            case OwnerMatch():
+                if self.hook not in SOCKET_HOOKS or self.socket is None or not self._has_socket():
+                    return match.socketless
+                key = self.interpreter.key(match)
+                if match.kind is OwnerKind.UID:
+                    return bool(self._test("uid", self.socket.uid, key)) != match.negate
+                return bool(self._test("gid", self.socket.gid, key)) != match.negate
+            case MarkMatch():
+                return bool(self._test_mark(self.mark, self.interpreter.key(match))) != match.negate
+            case ConnmarkMatch():
+                return bool(self._test_mark(self.ctmark, self.interpreter.key(match))) != match.negate
+            case CtStateMatch():
+                return bool(self._ct_states() & match.states) != match.negate
+            case AddrTypeMatch():
+                if match.limit_interface:
+                    return "addrtype limited to an interface is not modelled"
+                key = self.interpreter.key(match)
+                if match.direction is Direction.SOURCE:
+                    return bool(self._test("src", self.src, key)) != match.negate
+                return bool(self._dst_test(key)) != match.negate
+            case IpSetMatch():
+                return f"the contents of ipset {match.name!r} are not known"
+            case StatisticMatch():
+                return "a statistic match is random or counts packets"
+            case UnknownMatch():
+                return f"match [{match.dialect}: {' '.join(match.tokens)}] is not modelled"
+            case _:
+                assert_never(match)
+
+    def _ct_states(self) -> frozenset[CtState]:
+        if not self.tracked:
+            return frozenset({CtState.INVALID})
+        states = {CtState.NEW}
+        if self.dnat:
+            states.add(CtState.DNAT)
+        if self.snat:
+            states.add(CtState.SNAT)
+        return frozenset(states)
+
+
+def _addr_type(env: Environment, address: IPAddress) -> AddrType:
+    """The route type ``-m addrtype`` sees for an address."""
+    if address.is_multicast:
+        return AddrType.MULTICAST
+    if isinstance(address, ipaddress.IPv4Address) and (address == _BROADCAST_V4 or address in _ZERONET_V4):
+        return AddrType.BROADCAST
+    if env.is_local(address):
+        return AddrType.LOCAL
+    return AddrType.UNICAST
+
+
+def _first_address(env: Environment, family: Family, interface: str) -> IPAddress | None:
+    return env.first_address(interface, family)
+
+
+def _mark_sym(sym: Sym | None) -> MarkSym | None:
+    if sym is None:
+        return None
+    if isinstance(sym, MarkSym):
+        return sym
+    return MarkSym(sym)
+
+
+def _is_loopback_interface(name: object) -> bool:
+    return name == LOOPBACK_INTERFACE
+
+
+_IS_LOOPBACK_INTERFACE: Final = _is_loopback_interface
+
+
+def _endpoint(address: IPAddress, port: int) -> str:
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+def iter_visits(evaluation: Evaluation) -> Iterator[RuleVisit]:
+    """The rules an evaluation visited, in order."""
+    for entry in evaluation.trace:
+        if isinstance(entry, RuleVisit):
+            yield entry

@@ -14,7 +14,7 @@ One reader takes the three forms rules come in on a node:
   an empty namespace as ``iptables-restore --noflush`` would, then ``COMMIT``.
 
 The result is what the kernel would hold: one IR rule per kernel rule, in the
-normal form ``iptables-save`` prints (see :mod:`meshredirect.readers._iptables_spec`);
+normal form ``iptables-save`` prints (see ``meshredirect.readers._iptables_spec``);
 built-in chains with no rules and an ACCEPT policy, and tables holding nothing,
 are left out (they mean nothing); user chains come sorted by name. Built-in
 chains carry :func:`meshredirect.ir.iptables_base_chain`. Every rule has its

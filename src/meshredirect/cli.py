@@ -29,6 +29,10 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "compile": ("meshredirect.commands.compile", "compile a policy to rules for a backend"),
     "backends": ("meshredirect.commands.backends", "list the installed backends"),
     "graph": ("meshredirect.commands.graph", "draw the chains of a policy's rules (Graphviz DOT or SVG)"),
+    "diff": (
+        "meshredirect.commands.diff",
+        "prove where two rule sets (or rules and a policy) treat connections differently",
+    ),
 }
 
 

@@ -57,8 +57,12 @@ _VALUES = [
     "tcp-reset", "port", "info", '"a b"', '"quoted \\" text"', "", "-", "!", "1.5", "99999999999",
 ]  # fmt: skip
 _ARG = st.one_of(st.sampled_from(_OPTIONS), st.sampled_from(_VALUES), st.from_regex(r'[^\s"]{1,8}', fullmatch=True))
+#: A rule's options: a few arguments separated by spaces (an argument holding spaces is quoted).
+_SPEC = st.lists(
+    _ARG.map(lambda a: a if a and not any(c.isspace() for c in a) else f'"{a}"'), min_size=1, max_size=12
+).map(" ".join)
 _EXPLICIT = {
-    "ARG": _ARG,
+    "SPEC": _SPEC,
     "CHAIN": st.sampled_from(["OUTPUT", "PREROUTING", "INPUT", "FORWARD", "POSTROUTING", "MESH", "MESH_2", "-x", '"a b"']),
     "TABLE": st.sampled_from(["nat", "mangle", "raw", "filter", "security", "nta"]),
     "POLICY": st.sampled_from(["ACCEPT", "DROP", "-", "REJECT"]),

@@ -145,8 +145,13 @@ class _Module:
     #: Targets that iptables allows in one table only.
     table: str | None = None
 
+    spelled: dict[str, _Option] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "spelled", {name: option for option in self.options for name in option.names})
+
     def spellings(self) -> dict[str, _Option]:
-        return {name: option for option in self.options for name in option.names}
+        return self.spelled
 
 
 _PORTS_TCP = (_opt("sport", "source-port"), _opt("dport", "destination-port"))

@@ -155,6 +155,17 @@ def _arg(token: Any) -> Arg:
     return Arg(_unquote(raw), raw, token.line, token.column)
 
 
+#: One argument of a rule's options, as iptables-restore splits them (the grammar's word).
+_WORD: Final = re.compile(r'(?:[^\s"]|"(?:[^"\\\n]|\\.)*")+')
+
+
+def _args(token: Any) -> tuple[Arg, ...]:
+    """The arguments of a SPEC token, each with its own column."""
+    text = str(token)
+    line, column = token.line, token.column
+    return tuple(Arg(_unquote(m.group()), m.group(), line, column + m.start()) for m in _WORD.finditer(text))
+
+
 @functools.cache
 def _parser() -> Lark:
     """The LALR parser, built on first use (importing lark and compiling the grammar costs ~0.1 s)."""
@@ -198,7 +209,7 @@ def _parser() -> Lark:
                 elif kind == "INDEX":
                     index = _arg(token)
                 else:
-                    args.append(_arg(token))
+                    args.extend(_args(token))
             return _Command(_OPS[name], at, chain, index, tuple(args), other)
 
         return build
@@ -223,7 +234,7 @@ _TERMINALS: Final = {
     "TABLE": "a table name",
     "CHAIN": "a chain name",
     "POLICY": "a policy (ACCEPT, DROP or -)",
-    "ARG": "an option",
+    "SPEC": "an option",
     "INDEX": "a rule number",
     "COUNTERS": "counters [packets:bytes]",
     "_NL": "the end of the line",

@@ -109,7 +109,7 @@ class Mesh:
     tproxy_mark: int | None
     #: The chain-name prefix of the chains doing it (ISTIO, PROXY_INIT...), if they share one.
     prefix: str | None
-    #: The chains on the capture path (reachable from the built-in chains and redirecting or returning).
+    #: The user chains on a capture path (reachable from a built-in chain and leading to a redirect).
     chains: tuple[str, ...]
 
     @property
@@ -182,6 +182,8 @@ class _Ports:
                 target = rule.target
                 if isinstance(target, Redirect) and target.ports is not None:
                     (dns if _is_dns(rule) else ports).add(target.ports.intervals[0][0])
+                elif isinstance(target, TProxy):
+                    ports.add(target.port)
                 elif isinstance(target, (Jump, Goto)):
                     more, more_dns = self.reached(target.chain, seen | {name})
                     ports |= more
@@ -215,6 +217,8 @@ def detect_mesh(ruleset: Ruleset) -> Mesh:
         ports = _Ports(table)
         for hook in (Hook.OUTPUT, Hook.PREROUTING):
             for chain in _reachable(table, table.base_chains(hook)):
+                if chain.base is None and any(ports.reached(chain.name)):
+                    _add(chains, chain.name)  # on a capture path
                 for rule in chain.rules:
                     target = rule.target
                     if isinstance(target, TProxy) and hook is Hook.PREROUTING:

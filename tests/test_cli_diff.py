@@ -100,3 +100,14 @@ def test_a_syntax_error_names_the_file_line_and_column(capsys: pytest.CaptureFix
         f"meshredirect diff: error: {path}:2:26: --dport: expected a port or a range LOW:HIGH, got '80x'\n"
         "    -A OUTPUT -p tcp --dport 80x -j RETURN\n                             ^\n"
     )
+
+
+def test_a_rule_file_against_a_policy_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    policy = tmp_path / "mesh.policy"
+    policy.write_text("preset istio-1.4\n")
+    status, out, _ = run(capsys, "diff", str(SEED), "--policy", str(policy))
+    assert status == 0 and out.startswith(f"equivalent: {SEED} and the policy")
+    policy.write_text("preset istio-1.4\ninbound except ports 22, 8080, 15020\n")
+    status, out, _ = run(capsys, "diff", str(SEED), "--policy", str(policy))
+    assert status == 1
+    assert "e.g. tcp 203.0.113.10:43210 -> 10.0.0.5:8080 remote in eth0" in out

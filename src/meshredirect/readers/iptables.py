@@ -161,9 +161,12 @@ _WORD: Final = re.compile(r'(?:[^\s"]|"(?:[^"\\\n]|\\.)*")+')
 
 def _args(token: Any) -> tuple[Arg, ...]:
     """The arguments of a SPEC token, each with its own column."""
-    text = str(token)
     line, column = token.line, token.column
-    return tuple(Arg(_unquote(m.group()), m.group(), line, column + m.start()) for m in _WORD.finditer(text))
+    out = []
+    for m in _WORD.finditer(str(token)):
+        raw = m.group()
+        out.append(Arg(raw if '"' not in raw else _unquote(raw), raw, line, column + m.start()))
+    return tuple(out)
 
 
 @functools.cache

@@ -89,9 +89,7 @@ def validate_policy(
     policy: Policy, *, netns: str | None, backend: str, variant: str | None, timeout: float, probe_port: int
 ) -> tuple[bool, str]:
     """Check with real connections that capture works (Istio's ``--run-validation``)."""
-    # From the submodule: once meshredirect.apply.validate (the module) is imported, the package
-    # attribute of that name is the module, not the function its __getattr__ would give.
-    from meshredirect.apply.validate import validate
+    from meshredirect.apply import validate
 
     result = validate(policy, netns=netns, timeout=timeout, probe_port=probe_port, variant=variant, backend=backend)
     return result.ok, result.report()

@@ -111,3 +111,36 @@ def test_a_rule_file_against_a_policy_file(capsys: pytest.CaptureFixture[str], t
     status, out, _ = run(capsys, "diff", str(SEED), "--policy", str(policy))
     assert status == 1
     assert "e.g. tcp 203.0.113.10:43210 -> 10.0.0.5:8080 remote in eth0" in out
+
+
+RICH = ["--family", "both", "-m", "TPROXY", "--redirect-dns", "--capture-all-dns", "-x", "10.96.0.0/12"]
+
+
+def test_iptables_rules_and_nftables_json_are_compared_by_meaning(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Both backends' output for a dual-stack TPROXY policy with DNS capture, read back: equivalent; and an
+    nftables ruleset with one port changed is not."""
+    for backend, name in (("iptables-save", "rules.txt"), ("nftables-json", "rules.json")):
+        status, out, _ = run(capsys, "compile", "-B", backend, *RICH)
+        assert status == 0
+        (tmp_path / name).write_text(out)
+    status, out, _ = run(capsys, "diff", str(tmp_path / "rules.txt"), str(tmp_path / "rules.json"))
+    assert status == 0 and out.startswith(f"equivalent: {tmp_path / 'rules.txt'} and {tmp_path / 'rules.json'}")
+    broken = tmp_path / "broken.json"
+    broken.write_text((tmp_path / "rules.json").read_text().replace('"port": 15001', '"port": 15002', 1))
+    status, out, _ = run(capsys, "diff", str(tmp_path / "rules.txt"), str(broken))
+    assert status == 1 and "redirected to 127.0.0.1:15002" in out
+
+
+def test_an_nftables_json_error_keeps_the_files_line_numbers(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('# ---- rules.ip.json ----\n{"nftables": [\n{"add": }\n]}\n')
+    status, out, err = run(capsys, "diff", str(path))
+    assert (status, out) == (2, "")
+    assert err == (
+        f"meshredirect diff: error: {path}:3:9: expected JSON (nft -j output), got: Expecting value\n"
+        '    {"add": }\n            ^\n'
+    )

@@ -1,7 +1,8 @@
 """Reading rule files for the commands that take them (``verify``, ``diff``).
 
 A rule file is ``iptables-save`` / ``ip6tables-save`` output (several may be
-concatenated), ``iptables -S`` output or ``iptables-restore`` input; ``-``
+concatenated), ``iptables -S`` output or ``iptables-restore`` input, or
+``nft -j list ruleset`` output (JSON: its first character is ``{``); ``-``
 reads standard input. User and group names in owner matches are looked up in
 this machine's databases (a name that is not there stays an unknown match).
 """
@@ -78,13 +79,44 @@ def read_text(path: str) -> str:
 
 def read_rules(path: str, args: argparse.Namespace) -> Any:
     """The ruleset a rule file holds (a :class:`meshredirect.ir.Ruleset`)."""
+    text = read_text(path)
+    shown = "<stdin>" if path == STDIN else path
+    if _is_json(text):
+        return _read_json_documents(text, shown)
     from meshredirect.readers.iptables import read_iptables
 
     return read_iptables(
-        read_text(path),
+        text,
         family=args.rules_family,
         table=args.table,
-        path="<stdin>" if path == STDIN else path,
+        path=shown,
         users=_SystemIds("user"),
         groups=_SystemIds("group"),
     )
+
+
+def _is_json(text: str) -> bool:
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            return stripped.startswith("{")
+    return False
+
+
+def _read_json_documents(text: str, shown: str) -> Any:
+    """One nft JSON document, or several separated by ``# ---- NAME ----`` lines (``meshredirect compile``'s
+    output for several families): each read on its own, line numbers kept, tables put together."""
+    from meshredirect.ir import Ruleset
+    from meshredirect.readers.nftables import read_nft_json
+
+    lines = text.split("\n")
+    starts = [i for i, line in enumerate(lines) if line.startswith("# ----")] or [-1]
+    tables = []
+    for index, start in enumerate(starts):
+        end = starts[index + 1] if index + 1 < len(starts) else len(lines)
+        # Blank lines in place of what comes before keep the document's line numbers those of the file.
+        part = "\n" * (start + 1) + "\n".join(lines[start + 1 : end])
+        if part.strip():
+            ruleset = read_nft_json(part, path=shown, users=_SystemIds("user"), groups=_SystemIds("group"))
+            tables.extend(ruleset.tables)
+    return Ruleset(tables=tuple(tables))

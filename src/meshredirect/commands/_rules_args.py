@@ -111,7 +111,7 @@ def _read_json_documents(text: str, shown: str) -> Any:
 
     lines = text.split("\n")
     starts = [i for i, line in enumerate(lines) if line.startswith("# ----")] or [-1]
-    tables = []
+    tables: list[Any] = []
     for index, start in enumerate(starts):
         end = starts[index + 1] if index + 1 < len(starts) else len(lines)
         # Blank lines in place of what comes before keep the document's line numbers those of the file.

@@ -244,13 +244,15 @@ def test_addresses_of_the_other_family_and_family_matches() -> None:
     v6 = AddressMatch(direction=Direction.DESTINATION, addresses=AddressSet.of("fd00::/8"))
     rules = [
         _rule_of(v6),  # never holds in an ip table: no rule
-        _rule_of(AddressMatch(direction=Direction.DESTINATION, addresses=AddressSet.of("fd00::/8"), negate=True)),
+        _rule_of(
+            AddressMatch(direction=Direction.DESTINATION, addresses=AddressSet.of("fd00::/8"), negate=True)
+        ),  # nor this
         _rule_of(FamilyMatch(family=Family.IPV6)),  # never holds: no rule
         _rule_of(FamilyMatch(family=Family.IPV4), target=Return()),  # always holds: the match goes
     ]
     laid = LOWERING.layout(Ruleset(tables=(Table(family=Family.IPV4, name="filter", chains=(
         Chain(name="OUTPUT", rules=tuple(rules), base=iptables_base_chain("filter", Hook.OUTPUT)),)),)))  # fmt: skip
-    assert laid.tables[0].chains[0].rules == (Rule(target=Accept()), Rule(target=Return()))
+    assert laid.tables[0].chains[0].rules == (Rule(target=Return()),)
 
 
 def test_inet_tables_split_rules_of_both_address_families() -> None:

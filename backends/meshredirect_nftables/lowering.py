@@ -253,9 +253,7 @@ class NftLowering:
                 if isinstance(match, AddressMatch) and any(n.version != version for n in match.addresses):
                     networks = match.addresses.for_version(version)
                     if not networks:
-                        if match.negate:
-                            continue  # no address of this family to exclude: always holds (as iptables does)
-                        return []
+                        return []  # no member of this family: never holds, negated or not (as nft's inet tables)
                     match = attrs.evolve(match, addresses=networks)
                 matches.append(match)
             return [rule if len(matches) == len(rule.matches) and all(map(operator.is_, matches, rule.matches))

@@ -91,7 +91,7 @@ def _variants(family: Family, match: Match) -> list[Match | None]:
     if isinstance(match, AddressMatch):
         networks = [n for n in match.addresses if n.version == family.version]
         if not networks:
-            return [None] if match.negate else []
+            return []  # no member of this family: the match never holds, negated or not (the IR's meaning)
         out: list[Match | None] = []
         for network in networks:
             if network.prefixlen == 0 and not match.negate:

@@ -20,12 +20,14 @@ from typing import Any, Final
 from hypothesis import strategies as st
 
 from meshredirect.ir import Family
-from meshredirect.policy import DnsCapture, InterceptionMode, LoopbackCapture, Policy
+from meshredirect.policy import DNS_QUERY_PORT, DnsCapture, InterceptionMode, LoopbackCapture, Policy
 from meshredirect.values import ALL, AddressSet, IdSet, PortSet
 
 __all__ = [
+    "SPECIAL_ADDRESSES",
     "SPECIAL_PORTS",
     "address_sets",
+    "connections",
     "id_sets",
     "interface_names",
     "policies",
@@ -55,6 +57,13 @@ _v6_networks = st.one_of(
         st.integers(16, 128),
     ),
 )
+
+
+#: Addresses that matter to a mesh: loopback, the passthrough sources, the default pod, a peer, DNS.
+SPECIAL_ADDRESSES: Final = {
+    4: ("127.0.0.1", "127.0.0.6", "10.0.0.5", "10.0.0.1", "127.0.0.53", "10.96.0.10", "169.254.169.254"),
+    6: ("::1", "::6", "fd00::5", "fd00::1", "fd00:10:96::a", "2001:db8::1"),
+}
 
 
 def ports() -> st.SearchStrategy[int]:
@@ -121,6 +130,8 @@ def policies(draw: st.DrawFn, /, **fixed: Any) -> Policy:
     ifaces = draw(st.lists(interface_names(), max_size=3, unique=True))
     split = draw(st.integers(0, len(ifaces)))
     dns_mode = draw(st.sampled_from(["off", "all", "servers"]))
+    if DNS_QUERY_PORT in (outbound_port, inbound_port, tunnel_port):
+        dns_mode = "off"  # DNS capture takes port 53: the policy refuses a listener there
     if dns_mode == "off":
         dns = DnsCapture()
     elif dns_mode == "all":
@@ -167,3 +178,59 @@ def policies(draw: st.DrawFn, /, **fixed: Any) -> Policy:
     }
     fields.update(fixed)
     return Policy(**fields)
+
+
+def _addresses(version: int, env: Any) -> st.SearchStrategy[Any]:
+    own = [str(a.ip) for i in env.interfaces for a in i.addresses if a.version == version]
+    special = st.sampled_from(sorted({*SPECIAL_ADDRESSES[version], *own}))
+    anything: st.SearchStrategy[Any]
+    if version == 4:
+        anything = st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address)
+    else:
+        anything = st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address)
+    return st.one_of(special.map(ipaddress.ip_address), _v4_networks if version == 4 else _v6_networks, anything).map(
+        lambda a: ipaddress.ip_network(a, strict=False).network_address + 1 if "/" in str(a) else a
+    )
+
+
+@st.composite
+def connections(draw: st.DrawFn, env: Any, /) -> Any:
+    """Connections in the pod ``env`` (a :class:`meshredirect.semantics.model.Environment`), local and
+    remote, biased toward the addresses, ports, uids and marks that matter to a mesh."""
+    from meshredirect.ir import Protocol
+    from meshredirect.semantics.model import Connection, Origin, Socket
+
+    version = draw(st.sampled_from([4, 6]))
+    family = Family.IPV4 if version == 4 else Family.IPV6
+    protocol = draw(
+        st.sampled_from([Protocol.TCP, Protocol.TCP, Protocol.UDP, Protocol.ICMP if version == 4 else Protocol.ICMPV6])
+    )
+    ported = protocol in (Protocol.TCP, Protocol.UDP)
+    proxy = env.proxy
+    listener = st.sampled_from([p for p in (*proxy.listener_ports, 53) if p])
+    dport = draw(st.one_of(listener, ports())) if ported else 0
+    sport = draw(st.one_of(st.just(43210), ports())) if ported else 0
+    dst = draw(_addresses(version, env))
+    if draw(st.booleans()):
+        iif = draw(st.sampled_from([n for n in env.interface_names if n != "lo"]))
+        src = draw(_addresses(version, env).filter(lambda a: not env.is_local(a) and not env.is_loopback(a)))
+        return Connection(
+            family=family, protocol=protocol, src=src, sport=sport, dst=dst, dport=dport, origin=Origin.REMOTE, iif=iif
+        )
+    ids = st.one_of(st.sampled_from([proxy.uid, proxy.gid, 1000, 0, 65534]), st.integers(0, 2**31))
+    socket = draw(st.one_of(st.none(), st.builds(Socket, uid=ids, gid=ids)))
+    marks = sorted({0, proxy.tproxy_mark, proxy.tproxy_mark + 1, *(r.value for r in env.local_marks)})
+    mark = draw(st.one_of(st.just(0), st.sampled_from(marks), st.integers(0, 2**32 - 1)))
+    src = draw(st.one_of(st.just(env.source_for(dst, mark)), _addresses(version, env)))
+    return Connection(
+        family=family,
+        protocol=protocol,
+        src=src,
+        sport=sport,
+        dst=dst,
+        dport=dport,
+        origin=Origin.LOCAL,
+        oif=env.route(dst, mark),
+        socket=socket,
+        mark=mark,
+    )

@@ -62,6 +62,8 @@ def test_the_mesh_found_in_compiled_rules_is_the_policy(policy: Policy) -> None:
     assert mesh.tproxy_mark == (
         policy.tproxy_mark if policy.inbound_mode is InterceptionMode.TPROXY and policy.captures_inbound else None
     )
+    if mesh.outbound_port is not None:
+        assert set(mesh.rerouted) == set(policy.reroute_interfaces)
     if any(policy.dns.active_for(family) for family in policy.families):
         assert mesh.dns_port == policy.dns.port
 
@@ -72,3 +74,9 @@ def test_the_environment_routes_tproxy_marks_locally_and_has_every_named_interfa
     assert env.local_marks == (MarkRoute(value=7),)
     assert {"lo", "eth0", "eth3", "veth0"} <= set(env.interface_names)
     assert environment_for_rules(compile_policy(Policy())).local_marks == ()
+
+
+def test_rerouted_interfaces_are_found() -> None:
+    mesh = detect_mesh(read_iptables((ISTIO / "iptables" / "kube-virt-interfaces.v4.restore").read_text()))
+    assert set(mesh.rerouted) == {"eth1", "eth2"}
+    assert detect_mesh(read_iptables(SEED.read_text())).rerouted == ()

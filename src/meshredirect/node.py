@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 from collections.abc import Iterable, Iterator
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -55,7 +55,7 @@ from meshredirect.semantics.model import (
 )
 from meshredirect.values import IdSet, IPAddress
 
-__all__ = ["Mesh", "detect_mesh", "environment_for_rules"]
+__all__ = ["Mesh", "Verification", "detect_mesh", "environment_for_rules", "verify_rules"]
 
 #: Istio's ports, the fallback when the rules do not say (a mesh that captures only one way).
 DEFAULT_OUTBOUND_PORT: Final = 15001
@@ -107,6 +107,8 @@ class Mesh:
     passthrough: tuple[IPAddress, ...]
     #: TPROXY's mark (None: REDIRECT mode).
     tproxy_mark: int | None
+    #: Interfaces whose arriving traffic the rules send to the outbound port (treated as outbound: ``-k``).
+    rerouted: tuple[str, ...] = ()
     #: The chain-name prefix of the chains doing it (ISTIO, PROXY_INIT...), if they share one.
     prefix: str | None
     #: The user chains on a capture path (reachable from a built-in chain and leading to a redirect).
@@ -209,6 +211,7 @@ def detect_mesh(ruleset: Ruleset) -> Mesh:
     returns: dict[OwnerKind, list[tuple[int, int]]] = {OwnerKind.UID: [], OwnerKind.GID: []}
     hairpins: dict[OwnerKind, list[tuple[int, int]]] = {OwnerKind.UID: [], OwnerKind.GID: []}
     passthrough: list[IPAddress] = []
+    arriving: dict[str, set[int]] = {}
     tproxy_mark: int | None = None
     chains: list[str] = []
     for table in ruleset.tables:
@@ -240,6 +243,13 @@ def detect_mesh(ruleset: Ruleset) -> Mesh:
                     for port in reached:
                         if hook is Hook.PREROUTING:
                             prerouting[port] += 1
+                            for match in rule.matches:
+                                if (
+                                    isinstance(match, InterfaceMatch)
+                                    and match.direction is Direction.SOURCE
+                                    and not match.negate
+                                ):
+                                    arriving.setdefault(match.name, set()).add(port)
                         elif _leaves_lo(rule.matches):
                             hairpin[port] += 1
                         else:
@@ -270,6 +280,7 @@ def detect_mesh(ruleset: Ruleset) -> Mesh:
         gids=gids,
         passthrough=tuple(dict.fromkeys(passthrough)),
         tproxy_mark=tproxy_mark,
+        rerouted=tuple(name for name, reached in arriving.items() if out_port is not None and out_port in reached),
         prefix=_common_prefix(chains),
         chains=tuple(chains),
     )
@@ -309,3 +320,53 @@ def _common_prefix(chains: list[str]) -> str | None:
         return None
     heads = {name.split("_", 1)[0] for name in user if "_" in name}
     return heads.pop() if len(heads) == 1 else None
+
+
+@attrs.frozen(kw_only=True)
+class Verification:
+    """What :func:`verify_rules` found: the mesh, the environment it assumed, and the proof's report."""
+
+    mesh: Mesh
+    env: Environment
+    #: A :class:`meshredirect.semantics.check.CheckReport`.
+    report: Any
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.report.ok)
+
+
+def verify_rules(
+    ruleset: Ruleset,
+    *,
+    uids: IdSet | None = None,
+    gids: IdSet | None = None,
+    outbound_port: int | None = None,
+    inbound_port: int | None = None,
+    tunnel_port: int | None = None,
+    dns_port: int | None = None,
+    passthrough: Iterable[IPAddress] = (),
+) -> Verification:
+    """Prove loop-freedom and the proxy's local facts for rules read from a node.
+
+    The proxy (ports, ids, passthrough address) is what :func:`detect_mesh` finds, overridden by what
+    is given; the environment is :func:`environment_for_rules`. The proofs are
+    :func:`meshredirect.semantics.check.check` on the ruleset alone (no policy: the properties that
+    need one, completeness and exclusions, are not claimed).
+    """
+    from meshredirect.semantics.check import check
+
+    mesh = detect_mesh(ruleset)
+    given = tuple(passthrough)
+    mesh = attrs.evolve(
+        mesh,
+        uids=uids if uids is not None else mesh.uids,
+        gids=gids if gids is not None else mesh.gids,
+        outbound_port=outbound_port if outbound_port is not None else mesh.outbound_port,
+        inbound_port=inbound_port if inbound_port is not None else mesh.inbound_port,
+        dns_port=dns_port if dns_port is not None else mesh.dns_port,
+        passthrough=given + tuple(a for a in mesh.passthrough if a.version not in {g.version for g in given}),
+    )
+    proxy = attrs.evolve(mesh.proxy(), tunnel_port=tunnel_port)
+    env = attrs.evolve(environment_for_rules(ruleset), proxy=proxy, rerouted_interfaces=mesh.rerouted)
+    return Verification(mesh=mesh, env=env, report=check(ruleset, env))

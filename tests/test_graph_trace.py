@@ -320,6 +320,26 @@ def test_graph_draws_an_nft_json_file(capsys: pytest.CaptureFixture[str], tmp_pa
     assert '<TD PORT="r7" ALIGN="LEFT" BGCOLOR="#ffb74d">8. any -&gt; jump nat-ISTIO_REDIRECT</TD>' in traced
 
 
+def test_graph_draws_an_iptables_save_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from meshredirect.api import render
+    from meshredirect.readers.iptables import read_iptables
+
+    text = render(compile_policy(Policy(inbound_mode="TPROXY")), "iptables-save").text()
+    rules = tmp_path / "saved.rules"
+    rules.write_text(text)
+    status, out, err = run(capsys, "graph", str(rules))
+    assert (status, err) == (0, "")
+    read = read_iptables(text, path=str(rules))
+    assert out == to_dot(read)
+    assert '"ipv4/mangle/ISTIO_INBOUND":r6:e -> "ipv4/mangle/ISTIO_TPROXY":h:w' in out
+    # --trace on rules read from a file: the pod has policy routing for the TPROXY mark the rules set.
+    argv = ["--trace", "--in-if", "eth0", "--dst", "10.0.0.5", "--dport", "8080", "--follow"]
+    status, traced, _ = run(capsys, "graph", str(rules), *argv)
+    assert status == 0
+    assert "remote in eth0: TPROXY to 10.0.0.5:15006 with mark 0x539; the proxy opens connection 2" in traced
+    assert "[2: matched]" in traced
+
+
 def test_graph_reads_standard_input(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
@@ -355,7 +375,18 @@ def test_graph_file_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path
     status, out, err = run(capsys, "graph", str(missing))
     assert (status, out) == (2, "")
     assert err == (
-        f"meshredirect graph: error: FILE: expected a readable rule file (No such file or directory), got '{missing}'\n"
+        "meshredirect graph: error: rule file: expected a readable file (No such file or directory), "
+        f"got '{missing}'\n"
+    )
+    unfinished = tmp_path / "unfinished.rules"
+    unfinished.write_text("*nat\n-A OUTPUT -p tcp -j REDIRECT --to-ports 15001\n")
+    status, out, err = run(capsys, "graph", str(unfinished))
+    assert (status, out) == (2, "")
+    assert err == (
+        f"meshredirect graph: error: {unfinished}:2:1: expected COMMIT before the end of the input "
+        "(table nat opened at line 1)\n"
+        "    -A OUTPUT -p tcp -j REDIRECT --to-ports 15001\n"
+        "    ^\n"
     )
     target = tmp_path / "out.svg"
     status, _, _ = run(capsys, "graph", str(broken), "-O", str(target))

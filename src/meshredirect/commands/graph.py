@@ -6,8 +6,9 @@ highlights the path of one connection, described by the same flags as
 ``meshredirect trace`` takes: the chains it entered, the rules it was tested
 against and those that matched, and its verdict in the title; ``--follow``
 adds the follow-up connections the proxy opens for it, each in a colour of
-its own. With a FILE, the policy flags only describe the pod (its proxy's
-ids and ports) for ``--trace``.
+its own. With a FILE, ``--trace`` follows the proxy found in the rules (as
+``meshredirect verify`` finds it); the policy flags describe the rest of the
+pod (and the proxy, when the rules show none).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from meshredirect.commands._connection_args import (
     given_connection_flags,
 )
 from meshredirect.commands._policy_args import add_policy_arguments, policy_from_arguments
+from meshredirect.commands._rules_args import add_rules_arguments, read_rules
 
 FORMATS: Final = ("dot", "svg")
 #: How long ``dot`` may take to lay out a diagram (large rulesets take a few seconds).
 DOT_TIMEOUT_SECONDS: Final = 120
-STDIN: Final = "-"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +35,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "file",
         metavar="FILE",
         nargs="?",
-        help="draw the rules this file holds instead of the policy's: nft -j list ruleset output "
-        "(JSON), or iptables-save / iptables -S / iptables-restore text; '-' reads standard input",
+        help="draw the rules this file holds instead of the policy's: iptables-save, iptables -S or "
+        "iptables-restore text, or nft -j list ruleset output (JSON); '-' reads standard input",
     )
     parser.add_argument(
         "--format",
@@ -56,6 +57,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="with --trace: also the proxy's follow-up connections, each in a colour of its own",
     )
     add_connection_arguments(parser, required=False)
+    add_rules_arguments(parser)
     add_policy_arguments(parser)
 
 
@@ -109,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.dst is None:
         raise PolicyError("--trace", expected="the connection's --dst", got="no --dst")
     policy = policy_from_arguments(args)
-    ruleset = compile_policy(policy) if args.file is None else read_ruleset(args.file)
-    highlights = trace_highlights(ruleset, policy, args) if args.trace else None
+    ruleset = compile_policy(policy) if args.file is None else read_rules(args.file, args)
+    highlights = trace_highlights(ruleset, policy, args, read=args.file is not None) if args.trace else None
     text = to_dot(ruleset, highlight=highlights)
     if _format(args) == "svg":
         text = svg_from_dot(text)
@@ -130,14 +132,28 @@ def _dest(flag: str) -> str:
     return CONNECTION_FLAGS[flag][0]
 
 
-def trace_highlights(ruleset: Any, policy: Any, args: argparse.Namespace) -> list[Any]:
-    """The connection's path (and with --follow its follow-ups'), one highlight each, titled with the verdict."""
+def trace_highlights(ruleset: Any, policy: Any, args: argparse.Namespace, *, read: bool = False) -> list[Any]:
+    """The connection's path (and with --follow its follow-ups'), one highlight each, titled with the verdict.
+
+    The pod is the policy's. For rules ``read`` from a file, it has every interface they name and policy
+    routing for the marks their TPROXY targets set, and its proxy is the mesh found in the rules, as
+    ``meshredirect verify`` finds it (the policy's when none is found).
+    """
     from meshredirect.graph import Highlight
     from meshredirect.semantics.interpreter import Interpreter
     from meshredirect.semantics.model import Environment
     from meshredirect.semantics.proxy import follow
 
     env = Environment.for_policy(policy, ruleset)
+    if read:
+        import attrs
+
+        from meshredirect.node import detect_mesh, environment_for_rules
+
+        env = environment_for_rules(ruleset, base=Environment.for_policy(policy))
+        mesh = detect_mesh(ruleset)
+        if mesh.found:
+            env = attrs.evolve(env, proxy=mesh.proxy(), rerouted_interfaces=mesh.rerouted)
     connection = connection_from_arguments(args, env)
     interpreter = Interpreter(ruleset, env)
     if not args.follow:
@@ -153,34 +169,3 @@ def trace_highlights(ruleset: Any, policy: Any, args: argparse.Namespace) -> lis
             title += "; LOOP: the chain does not end"
         highlights.append(Highlight.of_trace(step.evaluation.trace, title=title))
     return highlights
-
-
-def read_ruleset(path: str) -> Any:
-    """The ruleset a rule file holds (``-``: standard input); unreadable or malformed files are bad input."""
-    from pathlib import Path
-
-    from meshredirect.errors import PolicyError
-
-    if path == STDIN:
-        text, shown = sys.stdin.read(), "<stdin>"
-    else:
-        try:
-            text = Path(path).read_bytes().decode("utf-8", errors="replace")
-        except OSError as exc:
-            raise PolicyError("FILE", expected=f"a readable rule file ({exc.strerror})", got=path) from None
-        shown = path
-    if _is_json(text):
-        from meshredirect.readers.nftables import read_nft_json
-
-        return read_nft_json(text, path=shown)
-    raise PolicyError(
-        "FILE", expected="nft -j list ruleset output (JSON; iptables text needs the iptables reader)", got=path
-    )
-
-
-def _is_json(text: str) -> bool:
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped and not stripped.startswith("#"):
-            return stripped.startswith("{")
-    return False

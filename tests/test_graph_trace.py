@@ -375,8 +375,7 @@ def test_graph_file_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path
     status, out, err = run(capsys, "graph", str(missing))
     assert (status, out) == (2, "")
     assert err == (
-        "meshredirect graph: error: rule file: expected a readable file (No such file or directory), "
-        f"got '{missing}'\n"
+        f"meshredirect graph: error: rule file: expected a readable file (No such file or directory), got '{missing}'\n"
     )
     unfinished = tmp_path / "unfinished.rules"
     unfinished.write_text("*nat\n-A OUTPUT -p tcp -j REDIRECT --to-ports 15001\n")

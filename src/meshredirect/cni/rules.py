@@ -33,14 +33,15 @@ from typing import TYPE_CHECKING, Final
 
 import attrs
 
+# Imported for the signatures' sake (the documentation resolves them); every one is loaded by ADD anyway.
+from meshredirect.apply.actions import Outcome
+from meshredirect.cni.config import PluginConfig
 from meshredirect.ir import Chain, ChainPolicy, Family, Goto, Jump, Ruleset, Table
+from meshredirect.policy import Policy
+from meshredirect.semantics.model import Environment
 
 if TYPE_CHECKING:
-    from meshredirect.apply.actions import Outcome
-    from meshredirect.cni.config import PluginConfig
-    from meshredirect.policy import Policy
     from meshredirect.semantics.equivalence import Difference
-    from meshredirect.semantics.model import Environment
 
 __all__ = ["MAX_SHOWN", "Installed", "differences", "installed", "load", "owned_part", "remove"]
 

@@ -127,7 +127,6 @@ def installed(policy: Policy, config: PluginConfig, netns: str) -> Installed:
         name = nft.table_name(policy.chain_prefix)
         return Installed(ruleset=nft.ours(name, ALL_FAMILIES), where=f"nftables table {name}", routing=routing)
     from meshredirect.apply.iptables import IptablesApplier, detect_variant
-    from meshredirect.apply.netns import require_tool
 
     variant = config.variant or detect_variant(target.run, ALL_FAMILIES, target=target).variant
     applier = IptablesApplier(target.run, variant=variant)
@@ -143,7 +142,6 @@ def installed(policy: Policy, config: PluginConfig, netns: str) -> Installed:
     tables: list[Table] = []
     for family in ALL_FAMILIES:
         tool = applier.tool(family, "save")
-        require_tool(tool)
         read = read_iptables(applier.saved(family), family=family, path=f"{tool} in {netns}")
         tables += owned_part(read, policy.chain_prefix).tables
     ours = Ruleset(tables=tuple(tables), owner_prefix=policy.chain_prefix)

@@ -16,6 +16,7 @@ import ipaddress
 import json
 import sys
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -191,6 +192,21 @@ def test_applying_twice_changes_nothing_and_a_new_policy_replaces_the_old_one() 
         assert _listing(ns) == once
         assert applier.apply(plain).changed  # the ip6 table of the dual-stack policy goes too
         assert applier.read() == applier.laid_out(plain) == NftLowering().layout(plain)
+
+
+def test_families_in_scope_decide_which_tables_of_ours_are_touched() -> None:
+    """An inet table of ours is in scope when both IPv4 and IPv6 are (the default), not for one family alone."""
+    ruleset = compile_policy(Policy())
+    inet = attrs.evolve(ruleset, tables=tuple(attrs.evolve(t, family=Family.INET) for t in ruleset.tables))
+    with NetNamespace() as ns:
+        applier = NftablesApplier(ns.name)
+        assert applier.apply(inet).changed and not applier.apply(inet).changed
+        assert applier.apply(ruleset, [Family.IPV4]).changed
+        assert [t.family for t in applier.read().tables] == [Family.INET, Family.IPV4]
+        assert applier.apply(ruleset).changed  # both families: our inet table goes
+        assert [t.family for t in applier.read().tables] == [Family.IPV4]
+        assert not applier.cleanup("ISTIO", [Family.IPV6]).changed
+        assert applier.cleanup("ISTIO").changed and not applier.read().tables
 
 
 def test_a_rule_the_kernel_rejects_leaves_the_previous_table_intact() -> None:

@@ -33,14 +33,15 @@ from typing import TYPE_CHECKING, Final
 
 import attrs
 
-# Imported for the signatures' sake (the documentation resolves them); every one is loaded by ADD anyway.
+# Imported for the signatures' sake (the documentation resolves them); ADD loads every one anyway.
 from meshredirect.apply.actions import Outcome
 from meshredirect.cni.config import PluginConfig
 from meshredirect.ir import Chain, ChainPolicy, Family, Goto, Jump, Ruleset, Table
 from meshredirect.policy import Policy
-from meshredirect.semantics.model import Environment
 
 if TYPE_CHECKING:
+    # Not at run time: the semantics engine costs ADD and DEL start-up they do not need (CHECK loads it).
+    import meshredirect.semantics.model
     from meshredirect.semantics.equivalence import Difference
 
 __all__ = ["MAX_SHOWN", "Installed", "differences", "installed", "load", "owned_part", "remove"]
@@ -148,7 +149,7 @@ def installed(policy: Policy, config: PluginConfig, netns: str) -> Installed:
     return Installed(ruleset=ours, where=f"the iptables-{variant} tables", routing=routing)
 
 
-def differences(expected: Ruleset, found: Installed, env: Environment) -> list[str]:
+def differences(expected: Ruleset, found: Installed, env: meshredirect.semantics.model.Environment) -> list[str]:
     """What differs between the compiled ruleset and our rules as installed, for people (empty: nothing).
 
     Each line is a class of connections the two treat differently, with an example and both verdicts.

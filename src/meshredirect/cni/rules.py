@@ -76,8 +76,6 @@ class Installed:
     where: str
     #: The routing commands that would make our TPROXY policy routing what the policy needs (none: it is).
     routing: tuple[str, ...] = ()
-    #: TEMPORARY: ``iptables-save`` text per family, compared as text while this build has no iptables reader.
-    text: tuple[tuple[Family, str], ...] | None = None
 
 
 def owned_part(ruleset: Ruleset, prefix: str) -> Ruleset:
@@ -131,15 +129,8 @@ def installed(policy: Policy, config: PluginConfig, netns: str) -> Installed:
 
     variant = config.variant or detect_variant(target.run, ALL_FAMILIES, target=target).variant
     applier = IptablesApplier(target.run, variant=variant)
-    try:
-        from meshredirect.readers.iptables import read_iptables  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:  # TEMPORARY, until the iptables reader is in this build: compare text
-        return Installed(
-            ruleset=Ruleset(owner_prefix=policy.chain_prefix),
-            where=f"the iptables-{variant} tables",
-            routing=routing,
-            text=tuple((family, applier.saved(family)) for family in ALL_FAMILIES),
-        )
+    from meshredirect.readers.iptables import read_iptables
+
     tables: list[Table] = []
     for family in ALL_FAMILIES:
         tool = applier.tool(family, "save")
@@ -157,8 +148,6 @@ def differences(expected: Ruleset, found: Installed, env: meshredirect.semantics
     from meshredirect.semantics.equivalence import equivalence_report
 
     problems = [f"policy routing differs: it needs {command}" for command in found.routing]
-    if found.text is not None:
-        return _text_differences(expected, dict(found.text)) + problems
     if not found.ruleset.tables and expected.tables:
         return [f"none of our rules are in {found.where}", *problems]
     ours = owned_part(expected, expected.owner_prefix) if expected.owner_prefix else expected
@@ -181,53 +170,3 @@ def _line(difference: Difference) -> str:
         f"- {difference.example}: policy: {difference.first.verdict}; installed: {difference.second.verdict}"
         f"{aspect}\n  class: {difference.description}"
     )
-
-
-def _text_differences(expected: Ruleset, installed: dict[Family, str]) -> list[str]:
-    """TEMPORARY (until the iptables reader is in this build): our lines of ``iptables-save`` against the
-    rendering's, counters aside; the previous CHECK."""
-    import difflib
-    import itertools
-
-    from meshredirect.api import render
-
-    def owned_lines(save_text: str, prefix: str) -> dict[str, list[str]]:
-        mine = prefix + "_"
-        tables: dict[str, list[str]] = {}
-        current: list[str] | None = None
-        for raw in save_text.splitlines():
-            line = raw.strip()
-            if line.startswith("*"):
-                current = tables.setdefault(line[1:], [])
-            elif line == "COMMIT":
-                current = None
-            elif current is None or not line or line.startswith("#"):
-                continue
-            elif line.startswith(":"):
-                chain = line[1:].split()[0]
-                if chain.startswith(mine):
-                    current.append(f":{chain}")
-            elif line.startswith("-A "):
-                tokens = line.split()
-                targets = [b for a, b in itertools.pairwise(tokens) if a in ("-j", "-g", "--jump", "--goto")]
-                if tokens[1].startswith(mine) or any(t.startswith(mine) for t in targets):
-                    current.append(line)
-        return {name: lines for name, lines in tables.items() if lines}
-
-    prefix = expected.owner_prefix or ""
-    rendering = render(expected, "iptables-save")
-    problems: list[str] = []
-    for family in expected.families:
-        want = owned_lines(rendering.artifact(family).content, prefix)
-        got = owned_lines(installed.get(family, ""), prefix)
-        if not got:
-            problems.append(
-                f"{family.value}: our rules are missing (no {prefix}_ chains in the {', '.join(want)} table)"
-            )
-            continue
-        for table in sorted(set(want) | set(got)):
-            a, b = want.get(table, []), got.get(table, [])
-            if a != b:
-                diff = difflib.unified_diff(a, b, "expected", "installed", lineterm="", n=1)
-                problems.append(f"{family.value} {table}: our rules differ:\n" + "\n".join(diff))
-    return problems

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from conftest import require_kernel
-from meshredirect.backend import available_backends
 from meshredirect.cni.install import LAUNCHER_NAME, launcher_script
 from meshredirect.testing.cni import Attachment, CniPluginError, CniRuntime
 from meshredirect.testing.netns import NetNamespace
@@ -182,10 +181,8 @@ CHECK_REDIRECT_GONE = re.compile(
 )
 
 
-#: (CNI version, backend): both versions with iptables, and nftables where this build has its backend.
-CASES = [("1.0.0", "iptables"), ("0.4.0", "iptables")] + (
-    [("1.0.0", "nftables")] if "nftables-json" in available_backends() else []
-)
+#: (CNI version, backend): both versions with iptables, and nftables.
+CASES = [("1.0.0", "iptables"), ("0.4.0", "iptables"), ("1.0.0", "nftables")]
 
 
 def pod_manifest(directory: Path, namespace: str, name: str, annotations: dict[str, str]) -> None:

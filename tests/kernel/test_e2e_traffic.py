@@ -199,12 +199,10 @@ def without_passthrough_exemption(ruleset: Ruleset, policy: Policy) -> Ruleset:
     return _without(ruleset, "nat", ChainNames(policy.chain_prefix).output, exemption)
 
 
-def predicted_loop(ruleset: Ruleset) -> bool | None:
-    """Whether the semantics engine finds a loop; None while it is not part of this build."""
-    try:
-        from meshredirect.semantics.check import Property, check  # type: ignore[import-not-found]
-    except ImportError:
-        return None
+def predicted_loop(ruleset: Ruleset) -> bool:
+    """Whether the semantics engine finds a loop."""
+    from meshredirect.semantics.check import Property, check
+
     return bool(check(ruleset).of(Property.LOOP))
 
 
@@ -232,9 +230,7 @@ def test_a_broken_ruleset_makes_a_real_loop_that_ends_at_the_hop_bound(cell: Cel
             assert hops_of(accepts) == list(range(1, MAX_HOPS + 2))
             assert {event["kind"] for event in accepts[1:]} == {kind}
             assert {tuple(event["original"]) for event in accepts} == {(A["peer" if outbound else "pod"][v], APP_PORT)}
-        prediction = predicted_loop(broken)
-        if prediction is not None:
-            assert prediction, "the semantics engine does not predict the loop the kernel shows"
+        assert predicted_loop(broken), "the semantics engine does not predict the loop the kernel shows"
     finally:
         outcome = apply(cell.policy, backend=cell.backend, netns=where, variant=cell.variant)
         assert outcome.changed
@@ -242,5 +238,4 @@ def test_a_broken_ruleset_makes_a_real_loop_that_ends_at_the_hop_bound(cell: Cel
 
 def test_the_correct_ruleset_is_predicted_loop_free() -> None:
     for mode in MODES:
-        prediction = predicted_loop(compile_policy(policy_for(mode)))
-        assert prediction in (None, False)
+        assert not predicted_loop(compile_policy(policy_for(mode)))

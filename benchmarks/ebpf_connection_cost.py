@@ -5,8 +5,8 @@ on 127.0.0.1:15001 that accepts and resets. A C client (benchmarks/connbench.c, 
 N connections to 10.0.0.9:8080 as uid 1000, which the rules redirect to the sink; "no rules" connects
 to the sink directly. "exempt" rows connect to the sink directly as uid 1337: the rules or programs
 run but change nothing. The eBPF rows run the client in a fresh cgroup v2 with the program attached;
-the iptables rows load the compiled default policy with ``iptables-restore``; the nftables rows (when
-the build has the nftables backend) load it through the apply layer. Rows with 1,000 CIDRs add 1,000
+the iptables rows load the compiled default policy with ``iptables-restore``; the nftables rows load
+it through the apply layer. Rows with 1,000 CIDRs add 1,000
 excluded /30 networks to the policy (iptables: one rule each; nftables: one set; eBPF: one LPM trie).
 
 Configurations are interleaved in short slices within one run; a slice's figure is its fastest of 4
@@ -110,7 +110,6 @@ def configurations(
     ``stack``."""
     from meshredirect.apply.ebpf import BpfFilesystem, load
     from meshredirect.apply.iptables import IptablesApplier, NamespaceRunner
-    from meshredirect.backend import available_backends
     from meshredirect.compiler import compile_policy
     from meshredirect.policy import Policy
     from meshredirect.testing.cgroup import Cgroup
@@ -140,13 +139,12 @@ def configurations(
             IptablesApplier(NamespaceRunner(ns.name), variant=variant).apply(compile_policy(policy))
             rows(f"iptables-{variant}", count, ns, ["ip", "netns", "exec", ns.name])
 
-    if "nftables-json" in available_backends():
-        from meshredirect.apply import apply
+    from meshredirect.apply import apply
 
-        for count, policy in policies.items():
-            ns = stack.enter_context(namespace(stack, binary))
-            apply(compile_policy(policy), backend="nftables", netns=ns.name)
-            rows("nftables", count, ns, ["ip", "netns", "exec", ns.name])
+    for count, policy in policies.items():
+        ns = stack.enter_context(namespace(stack, binary))
+        apply(compile_policy(policy), backend="nftables", netns=ns.name)
+        rows("nftables", count, ns, ["ip", "netns", "exec", ns.name])
 
     bpffs = stack.enter_context(BpfFilesystem())
     for index, (count, policy) in enumerate(policies.items()):

@@ -52,7 +52,7 @@ COUNTED_AT_LEAST = 0.9
 def _unavailable() -> str | None:
     if not is_root():
         return "needs root (network namespaces); run `./dev bench` as root"
-    for tool in ("ip", "iptables-nft-restore"):
+    for tool in ("ip", "iptables-nft-restore", "nft"):
         if shutil.which(tool) is None:
             return f"needs `{tool}` on this machine"
     if not any(shutil.which(c) for c in ("gcc", "cc", "clang")):
@@ -112,14 +112,13 @@ def apply_time(ctx: Context) -> Section:
     if reason:
         return _skipped("apply_time", title, reason)
     import compile_time
-    from meshredirect import Policy, available_backends, compile_policy, render
+    from meshredirect import Policy, compile_policy, render
     from meshredirect.apply.actions import apply
     from meshredirect.ir import Family
 
     compile_time._bytecode_cached()  # the process row starts as an installed package does
     exe = str(Path(sys.executable).parent / "meshredirect")
-    nftables = "nftables-json" in available_backends() and shutil.which("nft") is not None
-    rows = [r for r in APPLY_ROWS if nftables or ("nft " not in r and "nftables" not in r)]
+    rows = list(APPLY_ROWS)
     rounds = ctx.repeat(7, 3)
     results: dict[int, dict[str, Stats]] = {}
     rule_counts: dict[int, int] = {}
@@ -129,7 +128,7 @@ def apply_time(ctx: Context) -> Section:
             ruleset = compile_policy(policy)
             document = render(ruleset, "iptables-restore").artifact(Family.IPV4).content
             rule_counts[count] = sum(1 for line in document.splitlines() if line.startswith("-A "))
-            nft_document = render(ruleset, "nftables-json").artifacts[0].content if nftables else ""
+            nft_document = render(ruleset, "nftables-json").artifacts[0].content
             # The same policy for the process: 10,000 CIDRs do not fit on a command line, so an @file.
             argfile = Path(tmp) / f"policy-{count}.args"
             argfile.write_text("".join(f"{line}\n" for line in ("-x", ",".join(_cidrs(count)))) if count else "")
@@ -181,9 +180,7 @@ def apply_time(ctx: Context) -> Section:
     axes.set_title("Apply into a fresh namespace vs loading the same rules alone")
     axes.legend(fontsize=7)
     plot = save_plot(figure, ctx, "apply_time.png")
-    notes = []
-    if not nftables:
-        notes.append("Not measured on this run: the nftables rows (no nftables backend or `nft` in this build).")
+    notes: list[str] = []
     return Section(
         key="apply_time",
         title=title,
@@ -318,9 +315,6 @@ def connection_rate(ctx: Context) -> Section:
     axes.legend(fontsize=8, loc="lower left")
     plot = save_plot(figure, ctx, "connection_rate.png")
     backends = sorted({c.backend for c in configs if c.backend != "none"}, key=list(RATE_BACKENDS).index)
-    missing = [RATE_BACKENDS[b] for b in RATE_BACKENDS if b not in backends]
-    if missing:
-        notes.append(f"Not measured on this run: {', '.join(missing)} (not in this build).")
     return Section(
         key=key,
         title=title,

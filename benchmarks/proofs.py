@@ -8,14 +8,13 @@
 - ``check`` of the default policy and two larger presets, as ``benchmarks/check_default.py``
   measures it (its function, called here).
 - ``verify``: reading ``iptables-save`` text of a growing policy back into IR, then the same
-  proof on the rules read (once the iptables reader is in this build).
+  proof on the rules read.
 
 Run alone: ``.venv/bin/python benchmarks/proofs.py [--quick]``; ``./dev bench`` runs all.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,9 +82,6 @@ COLUMNS = ["policy", "rules", "classes", "paths", "check ms, median (min–max)"
 
 def proof_time(ctx: Context) -> Section:
     section = Section(key="proof_time", title="Proof time of check and verify")
-    if importlib.util.find_spec("meshredirect.semantics") is None:
-        section.notes.append("Not measured on this run: the semantics engine is not in this build.")
-        return section
     data: dict[str, Any] = {"check": {}, "check_per_port": {}, "presets": {}, "verify": {}}
     plot_points: dict[str, tuple[list[int], list[float]]] = {}
 
@@ -142,7 +138,7 @@ def proof_time(ctx: Context) -> Section:
     presets_table = md_table(["policy", "classes", "paths", "median ms", "best ms", "result"], rows, "lrrrrl")
     default_ms = float(data["presets"]["default (ipv4)"]["median_seconds"]) * 1e3
 
-    verify_table, verify_note = _verify(ctx, data)
+    verify_table = _verify(ctx, data)
 
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(7, 3.4))
@@ -175,11 +171,8 @@ def proof_time(ctx: Context) -> Section:
         "(compiling included, after a warm-up run; the target for the default policy is well under one "
         f"second: {default_ms:.0f} ms here).\n\n" + presets_table,
     ]
-    if verify_table:
-        section.tables.append(verify_table)
+    section.tables.append(verify_table)
     section.plots = [(plot, "proof time against policy size, log-log")]
-    if verify_note:
-        section.notes.append(verify_note)
     data["per_port_growth_exponent"] = exponent
     section.data = data
     return section
@@ -189,15 +182,10 @@ def proof_time(ctx: Context) -> Section:
 VERIFY_SIZES = (0, 100, 1_000, 10_000)
 
 
-def _verify(ctx: Context, data: dict[str, Any]) -> tuple[str | None, str | None]:
+def _verify(ctx: Context, data: dict[str, Any]) -> str:
     """What ``meshredirect verify`` does, timed in its two parts: reading ``iptables-save`` text into IR
     (:func:`meshredirect.readers.iptables.read_iptables`) and proving the rules read
     (:func:`meshredirect.node.verify_rules`: the mesh found in the rules, then ``check``)."""
-    if (
-        importlib.util.find_spec("meshredirect.readers.iptables") is None
-        or importlib.util.find_spec("meshredirect.node") is None
-    ):
-        return None, "Not measured on this run: `verify` (the iptables reader is not in this build)."
     from meshredirect import node
     from meshredirect.api import render
     from meshredirect.compiler import compile_policy
@@ -246,7 +234,7 @@ def _verify(ctx: Context, data: dict[str, Any]) -> tuple[str | None, str | None]
         "(the mesh is found in the rules themselves: no policy, so completeness is not claimed), median "
         "(min–max).\n\n"
     )
-    return intro + table, None
+    return intro + table
 
 
 def main() -> None:

@@ -89,6 +89,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (to try the runner)")
     parser.add_argument("--only", help="comma separated keys: " + ", ".join(BENCHMARKS))
+    parser.add_argument("--note", default="", help="a sentence for the page about this run (what else ran)")
     parser.add_argument("--output", default=str(DOCS / "benchmarks.md"), help="the page to write")
     args = parser.parse_args()
     functions = all_benchmarks(scripts())
@@ -97,7 +98,9 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)} (expected some of: {', '.join(functions)})")
     ctx = Context(quick=args.quick)
-    load_before = os.getloadavg()[0]
+    load_before = os.getloadavg()
+    sampler = LoadSampler()
+    sampler.start()
     sections: list[Section] = []
     failed = False
     started = time.perf_counter()
@@ -123,15 +126,15 @@ def main() -> int:
         json.dumps({**previous, **{s.key: s.data for s in sections}}, indent=1, sort_keys=True) + "\n"
     )
 
-    load_after = os.getloadavg()[0]
-    load = f" Load average (1 min) {load_before:.1f} before the run and {load_after:.1f} after it" + (
-        ": other work shared the CPUs, so absolute times are inflated; the side-by-side ratios hold better."
-        if max(load_before, load_after) > (os.cpu_count() or 1)
-        else "."
-    )
+    sampler.stop()
+    load = load_note(load_before, os.getloadavg(), sampler.samples)
     body = [
         HEADER,
-        machine() + f" The whole run took {total:.0f} s" + (" (--quick)." if args.quick else ".") + load,
+        machine()
+        + f" The whole run took {total:.0f} s"
+        + (" (--quick)." if args.quick else ".")
+        + load
+        + (f" {args.note.strip()}" if args.note.strip() else ""),
         "",
     ]
     body += [section.markdown() for section in sections]
@@ -149,6 +152,52 @@ def main() -> int:
         print(f"bench: over the budget of {BUDGET_SECONDS} s", file=sys.stderr)
         failed = True
     return 1 if failed else 0
+
+
+class LoadSampler:
+    """The 1-minute load average every few seconds while the benchmarks run (a daemon thread)."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        import threading
+
+        self.every = every
+        self.samples: list[float] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.every):
+            self.samples.append(os.getloadavg()[0])
+
+
+def load_note(before: tuple[float, float, float], after: tuple[float, float, float], during: list[float]) -> str:
+    """How loaded the machine was, as ``uptime`` shows it, before, during and after the run.
+
+    >>> load_note((0.5, 0.4, 0.3), (0.6, 0.5, 0.4), [0.7])[:66]
+    ' Load average (1, 5, 15 min, as uptime shows it): 0.50, 0.40, 0.30'
+    """
+    cpus = os.cpu_count() or 1
+    peak = max([before[0], after[0], *during])
+    text = (
+        " Load average (1, 5, 15 min, as uptime shows it): "
+        + ", ".join(f"{x:.2f}" for x in before)
+        + " before the run, "
+        + ", ".join(f"{x:.2f}" for x in after)
+        + f" after it, 1-minute peak {peak:.1f} during it on {cpus} CPUs"
+    )
+    if peak > cpus:
+        return text + (
+            ": other work shared the CPUs, so absolute times are inflated and spread; the side-by-side "
+            "ratios hold better."
+        )
+    return text + "."
 
 
 def all_benchmarks(paths: list[Path]) -> dict[str, Callable[[Context], Section]]:

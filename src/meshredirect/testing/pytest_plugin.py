@@ -1,0 +1,169 @@
+"""pytest plugin: throwaway network namespaces and rules loaded into them, for real-kernel tests.
+
+Installing meshredirect registers this module with pytest (entry point
+``pytest11``, name ``meshredirect``): its fixtures are there in every test
+suite of the environment, without a ``conftest.py`` line. A real-kernel test
+then takes three lines::
+
+    def test_the_proxy_is_exempt(load_rules):
+        ns = load_rules(Policy())
+        assert "--uid-owner 1337 -j RETURN" in ns.run(["iptables-save"]).stdout
+
+Fixtures (each test gets its own namespace, deleted after it, also when it fails):
+
+``netns``
+    a fresh :class:`~meshredirect.testing.netns.NetNamespace` with ``lo`` up.
+``load_rules``
+    a function ``load_rules(rules, *, variant="nft")`` that loads rules into
+    the test's namespace and returns it; ``rules`` is a
+    :class:`~meshredirect.policy.Policy` (compiled first), a
+    :class:`~meshredirect.ir.Ruleset`, or ``iptables-restore`` text (loaded
+    as it is, with ``--noflush``; ``family=6`` for ``ip6tables-restore``).
+    Loading goes through :class:`~meshredirect.apply.iptables.IptablesApplier`:
+    one ``iptables-restore`` transaction per family.
+``redirect_rules``
+    what ``loaded_namespace`` loads: override it in your ``conftest.py`` or
+    test module (by default it asks you to).
+``loaded_namespace``
+    the test's namespace with ``redirect_rules`` loaded.
+
+Without root (or without iproute2) these fixtures skip the test with the
+reason; with ``MESHREDIRECT_REQUIRE_KERNEL=1`` in the environment (what CI
+sets) they fail it instead, so a CI machine that cannot run them is noticed.
+The same gate is :func:`require_kernel`, for tests that make their own
+namespaces. The marker ``kernel`` labels such tests (``pytest -m "not kernel"``
+leaves them out).
+
+>>> kernel_gate(None, {})
+>>> kernel_gate("needs root", {})
+('skip', 'needs root')
+>>> kernel_gate("needs root", {REQUIRE_KERNEL_VARIABLE: "1"})
+('fail', 'real-kernel test cannot run: needs root')
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Final, Literal, Protocol
+
+import pytest
+
+from meshredirect.testing.netns import NetNamespace, kernel_unavailable
+
+if TYPE_CHECKING:
+    from meshredirect.ir import Ruleset
+    from meshredirect.policy import Policy
+
+__all__ = [
+    "REQUIRE_KERNEL_VARIABLE",
+    "VARIANTS",
+    "RuleLoader",
+    "kernel_gate",
+    "load_into",
+    "load_rules",
+    "loaded_namespace",
+    "netns",
+    "redirect_rules",
+    "require_kernel",
+]
+
+#: Set to ``1`` to turn a skipped real-kernel test into a failure (CI does).
+REQUIRE_KERNEL_VARIABLE: Final = "MESHREDIRECT_REQUIRE_KERNEL"
+#: The iptables variants rules can be loaded with.
+VARIANTS: Final = ("nft", "legacy")
+#: The marker real-kernel tests carry, and its meaning (registered by this plugin).
+KERNEL_MARKER: Final = "kernel: loads rules into a real kernel inside throwaway network namespaces (needs root)"
+
+
+def kernel_gate(reason: str | None, environ: Mapping[str, str]) -> tuple[Literal["skip", "fail"], str] | None:
+    """What a real-kernel test does when the kernel is unavailable for ``reason`` (None: it runs)."""
+    if reason is None:
+        return None
+    if environ.get(REQUIRE_KERNEL_VARIABLE) == "1":
+        return "fail", f"real-kernel test cannot run: {reason}"
+    return "skip", reason
+
+
+def require_kernel() -> None:
+    """Skip the calling test when real-kernel tests cannot run here (fail with ``MESHREDIRECT_REQUIRE_KERNEL=1``)."""
+    gate = kernel_gate(kernel_unavailable(), os.environ)
+    if gate is None:
+        return
+    action, message = gate
+    if action == "fail":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+class RuleLoader(Protocol):
+    """The ``load_rules`` fixture's type."""
+
+    def __call__(self, rules: Policy | Ruleset | str, *, variant: str = "nft", family: int = 4) -> NetNamespace: ...
+
+
+def load_into(
+    ns: NetNamespace, rules: Policy | Ruleset | str, *, variant: str = "nft", family: int = 4
+) -> NetNamespace:
+    """Load ``rules`` into ``ns`` (see the module docstring for what ``rules`` may be) and return ``ns``.
+
+    A load the kernel refuses raises :class:`~meshredirect.errors.EnvironmentProblem` (a Ruleset
+    or Policy) or :class:`~meshredirect.testing.netns.CommandFailed` (text), with the tool's message.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"expected an iptables variant, one of {', '.join(VARIANTS)}; got {variant!r}")
+    if isinstance(rules, str):
+        if family not in (4, 6):
+            raise ValueError(f"expected family 4 or 6, got {family!r}")
+        base = "ip6tables" if family == 6 else "iptables"
+        ns.run([f"{base}-{variant}-restore", "--noflush"], input=rules)
+        return ns
+    from meshredirect.apply.iptables import IptablesApplier, NamespaceRunner
+    from meshredirect.compiler import compile_policy
+    from meshredirect.ir import Ruleset
+    from meshredirect.policy import Policy
+
+    if isinstance(rules, Policy):
+        rules = compile_policy(rules)
+    if not isinstance(rules, Ruleset):
+        raise TypeError(f"expected a Policy, a Ruleset or iptables-restore text, got {type(rules).__name__}")
+    IptablesApplier(NamespaceRunner(ns.name), variant=variant).apply(rules)
+    return ns
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", KERNEL_MARKER)
+
+
+@pytest.fixture
+def netns() -> Iterator[NetNamespace]:
+    """A fresh network namespace (``lo`` up), deleted after the test; needs root (see :func:`require_kernel`)."""
+    require_kernel()
+    with NetNamespace() as ns:
+        yield ns
+
+
+@pytest.fixture
+def load_rules(netns: NetNamespace) -> RuleLoader:
+    """A function that loads rules into the test's namespace and returns the namespace (see :func:`load_into`)."""
+
+    def load(rules: Policy | Ruleset | str, *, variant: str = "nft", family: int = 4) -> NetNamespace:
+        return load_into(netns, rules, variant=variant, family=family)
+
+    return load
+
+
+@pytest.fixture
+def redirect_rules() -> Policy | Ruleset | str:
+    """The rules ``loaded_namespace`` loads: override this fixture (a Policy, a Ruleset or iptables-restore text)."""
+    pytest.fail(
+        "the loaded_namespace fixture needs the rules to load: define a fixture named redirect_rules "
+        "that returns a Policy, a Ruleset or iptables-restore text",
+        pytrace=False,
+    )
+
+
+@pytest.fixture
+def loaded_namespace(load_rules: Callable[..., NetNamespace], redirect_rules: Policy | Ruleset | str) -> NetNamespace:
+    """The test's namespace with ``redirect_rules`` loaded."""
+    return load_rules(redirect_rules)

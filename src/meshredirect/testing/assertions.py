@@ -1,0 +1,356 @@
+"""Assertions about redirect rules that fail with a counterexample: a connection and what the rules do to it.
+
+Each assertion proves its property over every connection (the semantics
+engine splits connections into finitely many classes that the rules cannot
+tell apart, and checks one of each), and raises a
+:class:`RedirectAssertionError` (an :class:`AssertionError`, so pytest shows
+it as a test failure) naming a concrete connection, the chain of
+interceptions it goes through and the rule-by-rule trace of each step.
+
+Rules may be given as a :class:`~meshredirect.ir.Ruleset`, a
+:class:`~meshredirect.policy.Policy` (compiled first), ``iptables-save`` /
+``iptables-restore`` text, ``nft -j list ruleset`` JSON, or a
+:class:`~pathlib.Path` to a file holding either (see :func:`as_ruleset`).
+The environment (the pod: its addresses, its proxy's uids, gids and ports)
+defaults to Istio's (:meth:`Environment.for_policy <meshredirect.semantics.model.Environment.for_policy>`
+for a policy, else :meth:`Environment.default <meshredirect.semantics.model.Environment.default>`).
+
+>>> from meshredirect.policy import Policy
+>>> from meshredirect.semantics import Connection, Environment, Redirected
+>>> assert_loop_free(Policy())
+>>> env = Environment.default()
+>>> app = Connection.local(env, dst="93.184.216.34", dport=443)
+>>> assert_verdict(Policy(), app, Redirected)
+>>> assert_verdict(Policy(outbound_ports_exclude="443"), app, Redirected)
+Traceback (most recent call last):
+...
+meshredirect.testing.assertions.VerdictError: tcp 10.0.0.5:43210 -> 93.184.216.34:443 local uid=1000 gid=1000 out eth0: expected redirected, got passed to 93.184.216.34:443 (sent out)
+...
+
+The exception hierarchy::
+
+    AssertionError
+     +-- RedirectAssertionError     .connection, .explanation
+          +-- LoopError             assert_loop_free
+          +-- BypassError           assert_no_bypass
+          +-- NotEquivalentError    assert_equivalent
+          +-- VerdictError          assert_verdict
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
+
+from meshredirect.ir import Ruleset
+from meshredirect.semantics.interpreter import Dropped, Passed, Redirected, TProxied, Unknown, Verdict, evaluate
+from meshredirect.semantics.model import Connection, Environment
+
+if TYPE_CHECKING:
+    from meshredirect.policy import Policy
+
+__all__ = [
+    "BypassError",
+    "LoopError",
+    "NotEquivalentError",
+    "RedirectAssertionError",
+    "Rules",
+    "VerdictError",
+    "as_ruleset",
+    "assert_equivalent",
+    "assert_loop_free",
+    "assert_no_bypass",
+    "assert_verdict",
+    "environment_for",
+]
+
+#: Anything the assertions accept as rules.
+Rules: TypeAlias = "Ruleset | Policy | str | Path"
+#: How many counterexamples beyond the first a failure lists (one line each).
+MORE_EXAMPLES: Final = 4
+_VERDICT_TYPES: Final = typing.get_args(Verdict)
+
+
+class RedirectAssertionError(AssertionError):
+    """A property of redirect rules does not hold; ``connection`` shows it, ``explanation`` says how.
+
+    ``str(error)`` is the headline (the first line) and the explanation: the
+    chain of interceptions and every step's trace.
+    """
+
+    def __init__(self, headline: str, *, connection: Connection | None, explanation: str = "") -> None:
+        self.headline = headline
+        self.connection = connection
+        self.explanation = explanation
+        super().__init__(headline + (f"\n{explanation}" if explanation else ""))
+
+
+class LoopError(RedirectAssertionError):
+    """Some connection is intercepted again and again (or more often than a sound chain is, or undecidably)."""
+
+
+class BypassError(RedirectAssertionError):
+    """Some connection the policy captures does not reach the proxy."""
+
+
+class NotEquivalentError(RedirectAssertionError):
+    """Two rulesets treat some connection differently."""
+
+
+class VerdictError(RedirectAssertionError):
+    """The rules do not do to a connection what was expected."""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def as_ruleset(rules: Rules, *, family: str | None = None) -> Ruleset:
+    """The IR of ``rules``: a Ruleset as is, a Policy compiled, text or a file read by the matching reader.
+
+    Text that starts with ``{`` is ``nft -j`` JSON; any other text is iptables
+    text (``iptables-save``, ``iptables -S`` or ``iptables-restore`` input;
+    ``family`` ``"ipv4"`` or ``"ipv6"`` when the text does not say).
+
+    >>> from meshredirect.policy import Policy
+    >>> len(as_ruleset(Policy()).tables)
+    1
+    >>> as_ruleset(42)
+    Traceback (most recent call last):
+    ...
+    TypeError: expected rules (a Ruleset, a Policy, iptables or nft JSON text, or a Path to such a file), got int 42
+    """
+    from meshredirect.policy import Policy
+
+    if isinstance(rules, Ruleset):
+        return rules
+    if isinstance(rules, Policy):
+        from meshredirect.compiler import compile_policy
+
+        return compile_policy(rules)
+    if isinstance(rules, Path):
+        return _read(rules.read_text(), path=str(rules), family=family)
+    if isinstance(rules, str):
+        return _read(rules, path="<rules>", family=family)
+    raise TypeError(
+        "expected rules (a Ruleset, a Policy, iptables or nft JSON text, or a Path to such a file), "
+        f"got {type(rules).__name__} {rules!r}"
+    )
+
+
+def _read(text: str, *, path: str, family: str | None) -> Ruleset:
+    import importlib
+
+    json = text.lstrip().startswith("{")
+    module, function = ("nftables", "read_nft_json") if json else ("iptables", "read_iptables")
+    try:
+        reader = getattr(importlib.import_module(f"meshredirect.readers.{module}"), function)
+    except (ImportError, AttributeError):
+        kind = "nft JSON" if json else "iptables text"
+        raise NotImplementedError(
+            f"reading {kind} needs meshredirect.readers.{module}, which this version of meshredirect does not have"
+        ) from None
+    if json:
+        return reader(text, path=path)  # type: ignore[no-any-return]
+    return reader(text, path=path, family=family)  # type: ignore[no-any-return]
+
+
+def environment_for(rules: Rules, env: Environment | None = None) -> Environment:
+    """The environment the assertions use: ``env`` if given, else the policy's own, else Istio's default.
+
+    Either way it is extended with the interfaces the rules name.
+
+    >>> from meshredirect.policy import Policy
+    >>> environment_for(Policy(outbound_port=15101)).proxy.outbound_port
+    15101
+    """
+    from meshredirect.policy import Policy
+
+    ruleset = as_ruleset(rules)
+    if env is not None:
+        return env.covering(ruleset)
+    if isinstance(rules, Policy):
+        return Environment.for_policy(rules, ruleset)
+    return Environment.default().covering(ruleset)
+
+
+def _policy_of(policy_or_exclusions: Policy | Mapping[str, Any]) -> Policy:
+    import attrs
+
+    from meshredirect.policy import Policy
+
+    if isinstance(policy_or_exclusions, Policy):
+        return policy_or_exclusions
+    if isinstance(policy_or_exclusions, Mapping):
+        fields = {f.name for f in attrs.fields(Policy)}
+        unknown = sorted(set(policy_or_exclusions) - fields)
+        if unknown:
+            raise ValueError(f"expected policy fields ({', '.join(sorted(fields))}), got {unknown[0]!r}")
+        return Policy(**policy_or_exclusions)
+    raise TypeError(f"expected a Policy or a mapping of policy fields, got {type(policy_or_exclusions).__name__}")
+
+
+# ----------------------------------------------------------------------------- assertions
+
+
+def assert_loop_free(rules: Rules, env: Environment | None = None) -> None:
+    """Prove that no connection is intercepted in a loop; raise :class:`LoopError` with one that is.
+
+    Stronger than "ends": every chain of interceptions is at most one
+    outbound capture followed by at most one inbound capture (or one DNS or
+    tunnel capture). A connection whose fate cannot be decided (a match the
+    engine does not model) fails too: a proof with a hole is not claimed.
+
+    >>> from meshredirect.compiler import compile_policy
+    >>> from meshredirect.policy import Policy
+    >>> from meshredirect.testing.mutations import Mutation, mutate
+    >>> assert_loop_free(compile_policy(Policy()))
+    >>> broken = mutate(compile_policy(Policy()), Mutation.DROP_PROXY_EXEMPTIONS)
+    >>> try:
+    ...     assert_loop_free(broken)
+    ... except LoopError as error:
+    ...     print(error.headline)
+    ...     print(error.connection)
+    rules loop on 592 classes of connections, e.g. traffic loop: tcp 10.0.0.5:43210 -> 203.0.113.10:8080 local uid=1000 gid=1000 out eth0 is intercepted again and again (6 steps and on)
+    tcp 10.0.0.5:43210 -> 203.0.113.10:8080 local uid=1000 gid=1000 out eth0
+    """
+    from meshredirect.testing import _proofs
+
+    ruleset = as_ruleset(rules)
+    environment = environment_for(rules, env)
+    findings = list(_proofs.loop_findings(ruleset, environment))
+    if findings:
+        raise _failure(LoopError, "rules loop", findings)
+
+
+def assert_no_bypass(
+    rules: Rules, policy_or_exclusions: Policy | Mapping[str, Any], env: Environment | None = None
+) -> None:
+    """Prove that every TCP connection the policy captures reaches the proxy; raise :class:`BypassError` otherwise.
+
+    ``policy_or_exclusions`` says what should be captured: a
+    :class:`~meshredirect.policy.Policy`, or a mapping of policy fields (the
+    exclusions: ``{"outbound_ports_exclude": "22"}``; the other fields keep
+    Istio's defaults). Covered: every app connection out of the pod over a
+    non-loopback interface that no exclusion covers reaches the outbound
+    listener, and every inbound connection to the pod's address on a
+    captured port reaches the inbound listener.
+
+    >>> from meshredirect.policy import Policy
+    >>> assert_no_bypass(Policy(outbound_ports_exclude="22"), {"outbound_ports_exclude": "22"})
+    >>> assert_no_bypass(Policy(outbound_ports_exclude="22,5432"), {"outbound_ports_exclude": "22"})
+    Traceback (most recent call last):
+    ...
+    meshredirect.testing.assertions.BypassError: rules let traffic bypass the proxy on 12 classes of connections, e.g. mesh bypass: tcp 10.0.0.5:43210 -> 203.0.113.10:5432 local uid=1000 gid=1000 out eth0 should reach the proxy's outbound listener (the policy captures it outbound), but: passed to 203.0.113.10:5432 (sent out)
+    ...
+    """
+    from meshredirect.testing import _proofs
+
+    policy = _policy_of(policy_or_exclusions)
+    if policy.unresolved_groups():
+        raise ValueError(
+            f"expected a policy with numeric owner groups, got group names {', '.join(policy.unresolved_groups())}: "
+            "resolve them first (meshredirect.resolve_groups)"
+        )
+    ruleset = as_ruleset(rules)
+    environment = env.covering(ruleset) if env is not None else Environment.for_policy(policy, ruleset)
+    findings = list(_proofs.bypass_findings(ruleset, policy, environment))
+    if findings:
+        raise _failure(BypassError, "rules let traffic bypass the proxy", findings)
+
+
+def assert_equivalent(a: Rules, b: Rules, env: Environment | None = None) -> None:
+    """Prove that ``a`` and ``b`` treat every connection alike; raise :class:`NotEquivalentError` otherwise.
+
+    Any mix of inputs works (a policy against the iptables text on a node, or
+    against hand-written nft JSON); the verdict, the connection mark and the
+    conntrack zone of every class of connections are compared.
+
+    >>> from meshredirect.policy import Policy
+    >>> assert_equivalent(Policy(), Policy(one_rule_per_port=True))
+    >>> assert_equivalent(Policy(), Policy(outbound_ports_exclude="5432"))
+    Traceback (most recent call last):
+    ...
+    meshredirect.testing.assertions.NotEquivalentError: the rulesets differ on 6 classes of connections, e.g. tcp 10.0.0.5:43210 -> 203.0.113.10:5432 local uid=1000 gid=1000 out eth0
+      first:  redirected to 127.0.0.1:15001
+      second: passed to 203.0.113.10:5432 (sent out)
+    ...
+    """
+    from meshredirect.semantics.equivalence import equivalent
+
+    first, second = as_ruleset(a), as_ruleset(b)
+    from meshredirect.policy import Policy
+
+    if env is None:
+        policy = a if isinstance(a, Policy) else b if isinstance(b, Policy) else None
+        env = Environment.for_policy(policy) if policy is not None else Environment.default()
+    differences = equivalent(first, second, env)
+    if not differences:
+        return
+    d = differences[0]
+    count = len(differences)
+    headline = f"the rulesets differ on {count} class{'es' if count != 1 else ''} of connections, e.g. {d.example}"
+    lines = [
+        f"  first:  {d.first.verdict}",
+        f"  second: {d.second.verdict}",
+        f"  differs in: {d.aspect}",
+        f"  class: {d.description}",
+        "trace in the first:",
+        *(f"  {line}" for line in d.first.explain().splitlines()),
+        "trace in the second:",
+        *(f"  {line}" for line in d.second.explain().splitlines()),
+    ]
+    if count > 1:
+        lines.append("other differences:")
+        lines += [f"  {o.example}: {o.first.verdict} | {o.second.verdict}" for o in differences[1 : 1 + MORE_EXAMPLES]]
+        if count > 1 + MORE_EXAMPLES:
+            lines.append(f"  ... and {count - 1 - MORE_EXAMPLES} more")
+    raise NotEquivalentError(headline, connection=d.example, explanation="\n".join(lines))
+
+
+def assert_verdict(
+    rules: Rules,
+    connection: Connection,
+    expected: Verdict | type[Passed | Redirected | TProxied | Dropped | Unknown],
+    env: Environment | None = None,
+) -> None:
+    """Check what the rules do to one connection; raise :class:`VerdictError` with the trace otherwise.
+
+    ``expected`` is a verdict (:class:`~meshredirect.semantics.interpreter.Passed`,
+    :class:`~meshredirect.semantics.interpreter.Redirected`...) compared in
+    full, or a verdict class (any verdict of that kind).
+
+    >>> from ipaddress import ip_address
+    >>> from meshredirect.policy import Policy
+    >>> remote = Connection.remote(src="203.0.113.10", dst="10.0.0.5", dport=8080)
+    >>> assert_verdict(Policy(), remote, Redirected(address=ip_address("10.0.0.5"), port=15006))
+    """
+    if not (isinstance(expected, _VERDICT_TYPES) or (isinstance(expected, type) and expected in _VERDICT_TYPES)):
+        names = ", ".join(t.__name__ for t in _VERDICT_TYPES)
+        raise TypeError(f"expected a verdict or a verdict class ({names}), got {expected!r}")
+    evaluation = evaluate(as_ruleset(rules), connection, environment_for(rules, env))
+    verdict = evaluation.verdict
+    if isinstance(expected, type):
+        if isinstance(verdict, expected):
+            return
+        want = expected.__name__.lower()
+    else:
+        if verdict == expected:
+            return
+        want = str(expected)
+    trace = "\n".join(f"  {line}" for line in evaluation.explain().splitlines())
+    raise VerdictError(f"{connection}: expected {want}, got {verdict}", connection=connection, explanation=trace)
+
+
+def _failure(kind: type[RedirectAssertionError], what: str, findings: list[Any]) -> RedirectAssertionError:
+    first = findings[0]
+    count = len(findings)
+    headline = f"{what} on {count} class{'es' if count != 1 else ''} of connections, e.g. {first.message}"
+    lines = [first.explain()]
+    if count > 1:
+        lines.append("other counterexamples:")
+        lines += [f"  {f.message}" for f in findings[1 : 1 + MORE_EXAMPLES]]
+        if count > 1 + MORE_EXAMPLES:
+            lines.append(f"  ... and {count - 1 - MORE_EXAMPLES} more")
+    return kind(headline, connection=first.connection, explanation="\n".join(lines))

@@ -312,7 +312,12 @@ def assert_equivalent(a: Rules, b: Rules, env: Environment | None = None) -> Non
 def assert_verdict(
     rules: Rules,
     connection: Connection,
-    expected: Verdict | type[Passed | Redirected | TProxied | Dropped | Unknown],
+    expected: Passed
+    | Redirected
+    | TProxied
+    | Dropped
+    | Unknown
+    | type[Passed | Redirected | TProxied | Dropped | Unknown],
     env: Environment | None = None,
 ) -> None:
     """Check what the rules do to one connection; raise :class:`VerdictError` with the trace otherwise.

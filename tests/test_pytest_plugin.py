@@ -1,0 +1,111 @@
+"""The pytest plugin as a user meets it: a test suite of its own, run by pytest in a fresh process.
+
+The suite lives in a temporary directory (no project conftest, no project
+configuration): the plugin and its ``kernel`` marker (``--strict-markers``)
+come only from the ``pytest11`` entry point of the installed package. The
+kernel gate is seen to skip and, with ``MESHREDIRECT_REQUIRE_KERNEL=1``, to
+fail: both with ``ip`` off the PATH (the same gate as without root).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import require_kernel
+
+SUITE = """
+import pytest
+from meshredirect.policy import Policy
+
+
+def test_three_lines(load_rules):
+    ns = load_rules(Policy())
+    assert "-m owner --uid-owner 1337 -j RETURN" in ns.run(["iptables-save"]).stdout
+
+
+@pytest.fixture
+def redirect_rules():
+    return Policy(outbound_ports_exclude="22")
+
+
+@pytest.mark.kernel
+def test_loaded_namespace(loaded_namespace):
+    assert "--dport 22 -j RETURN" in loaded_namespace.run(["iptables-save", "-t", "nat"]).stdout
+"""
+
+UNDEFINED = """
+
+def test_needs_rules(loaded_namespace):
+    pass
+"""
+
+
+def run_suite(tmp_path: Path, *, env: dict[str, str] | None = None, **modules: str) -> subprocess.CompletedProcess[str]:
+    """Run pytest on these test modules (name: text) in a directory of their own."""
+    for name, text in modules.items():
+        (tmp_path / f"{name}.py").write_text(text)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rA",
+            "--strict-markers",
+            "-p",
+            "no:cacheprovider",
+            *sorted(f"{n}.py" for n in modules),
+        ],
+        cwd=tmp_path,
+        env=env if env is not None else dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def without_ip(**extra: str) -> dict[str, str]:
+    """The environment with a PATH that holds no ``ip``: the kernel gate's other reason."""
+    env = {k: v for k, v in os.environ.items() if k != "MESHREDIRECT_REQUIRE_KERNEL"}
+    env["PATH"] = str(Path(sys.executable).parent)
+    env.update(extra)
+    return env
+
+
+@pytest.mark.kernel
+def test_a_users_suite_runs_its_kernel_tests_with_the_fixtures(tmp_path: Path) -> None:
+    require_kernel()
+    result = run_suite(tmp_path, test_suite=SUITE, test_undefined=UNDEFINED)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "2 passed, 1 error" in result.stdout
+    assert "PASSED test_suite.py::test_three_lines" in result.stdout
+    assert "PASSED test_suite.py::test_loaded_namespace" in result.stdout
+    # loaded_namespace without the rules to load: the message says which fixture to define
+    assert "_ ERROR at setup of test_needs_rules _" in result.stdout
+    assert (
+        "_\nthe loaded_namespace fixture needs the rules to load: define a fixture named redirect_rules "
+        "that returns a Policy, a Ruleset or iptables-restore text\n" in result.stdout
+    )
+
+
+def test_without_the_kernel_the_fixtures_skip_with_the_reason(tmp_path: Path) -> None:
+    result = run_suite(tmp_path, env=without_ip(), test_suite=SUITE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 skipped" in result.stdout
+    assert "test_suite.py:6: needs iproute2 ('ip'); install the Debian package iproute2" in result.stdout
+    assert "test_suite.py:16: needs iproute2 ('ip'); install the Debian package iproute2" in result.stdout
+
+
+def test_with_require_kernel_set_the_fixtures_fail_instead(tmp_path: Path) -> None:
+    result = run_suite(tmp_path, env=without_ip(MESHREDIRECT_REQUIRE_KERNEL="1"), test_suite=SUITE)
+    assert result.returncode == 1
+    assert "2 errors" in result.stdout
+    assert "_ ERROR at setup of test_three_lines _" in result.stdout
+    message = "_\nreal-kernel test cannot run: needs iproute2 ('ip'); install the Debian package iproute2\n"
+    assert result.stdout.count(message) == 2

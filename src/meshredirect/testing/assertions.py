@@ -80,10 +80,14 @@ class RedirectAssertionError(AssertionError):
     chain of interceptions and every step's trace.
     """
 
-    def __init__(self, headline: str, *, connection: Connection | None, explanation: str = "") -> None:
+    def __init__(
+        self, headline: str, *, connection: Connection | None, explanation: str = "", counterexamples: int = 1
+    ) -> None:
         self.headline = headline
         self.connection = connection
         self.explanation = explanation
+        #: How many classes of connections fail (each stands for many connections).
+        self.counterexamples = counterexamples
         super().__init__(headline + (f"\n{explanation}" if explanation else ""))
 
 
@@ -212,7 +216,7 @@ def assert_loop_free(rules: Rules, env: Environment | None = None) -> None:
     ... except LoopError as error:
     ...     print(error.headline)
     ...     print(error.connection)
-    rules loop on 592 classes of connections, e.g. traffic loop: tcp 10.0.0.5:43210 -> 203.0.113.10:8080 local uid=1000 gid=1000 out eth0 is intercepted again and again (6 steps and on)
+    not loop-free on 592 classes of connections, e.g. traffic loop: tcp 10.0.0.5:43210 -> 203.0.113.10:8080 local uid=1000 gid=1000 out eth0 is intercepted again and again (6 steps and on)
     tcp 10.0.0.5:43210 -> 203.0.113.10:8080 local uid=1000 gid=1000 out eth0
     """
     from meshredirect.testing import _proofs
@@ -221,7 +225,9 @@ def assert_loop_free(rules: Rules, env: Environment | None = None) -> None:
     environment = environment_for(rules, env)
     findings = list(_proofs.loop_findings(ruleset, environment))
     if findings:
-        raise _failure(LoopError, "rules loop", findings)
+        order = {"loop": 0, "captures": 1, "undecided": 2}
+        findings.sort(key=lambda f: order[f.kind])
+        raise _failure(LoopError, "not loop-free", findings)
 
 
 def assert_no_bypass(
@@ -242,7 +248,7 @@ def assert_no_bypass(
     >>> assert_no_bypass(Policy(outbound_ports_exclude="22,5432"), {"outbound_ports_exclude": "22"})
     Traceback (most recent call last):
     ...
-    meshredirect.testing.assertions.BypassError: rules let traffic bypass the proxy on 12 classes of connections, e.g. mesh bypass: tcp 10.0.0.5:43210 -> 203.0.113.10:5432 local uid=1000 gid=1000 out eth0 should reach the proxy's outbound listener (the policy captures it outbound), but: passed to 203.0.113.10:5432 (sent out)
+    meshredirect.testing.assertions.BypassError: the proxy is bypassed on 12 classes of connections, e.g. mesh bypass: tcp 10.0.0.5:43210 -> 203.0.113.10:5432 local uid=1000 gid=1000 out eth0 should reach the proxy's outbound listener (the policy captures it outbound), but: passed to 203.0.113.10:5432 (sent out)
     ...
     """
     from meshredirect.testing import _proofs
@@ -257,7 +263,7 @@ def assert_no_bypass(
     environment = env.covering(ruleset) if env is not None else Environment.for_policy(policy, ruleset)
     findings = list(_proofs.bypass_findings(ruleset, policy, environment))
     if findings:
-        raise _failure(BypassError, "rules let traffic bypass the proxy", findings)
+        raise _failure(BypassError, "the proxy is bypassed", findings)
 
 
 def assert_equivalent(a: Rules, b: Rules, env: Environment | None = None) -> None:
@@ -306,7 +312,7 @@ def assert_equivalent(a: Rules, b: Rules, env: Environment | None = None) -> Non
         lines += [f"  {o.example}: {o.first.verdict} | {o.second.verdict}" for o in differences[1 : 1 + MORE_EXAMPLES]]
         if count > 1 + MORE_EXAMPLES:
             lines.append(f"  ... and {count - 1 - MORE_EXAMPLES} more")
-    raise NotEquivalentError(headline, connection=d.example, explanation="\n".join(lines))
+    raise NotEquivalentError(headline, connection=d.example, explanation="\n".join(lines), counterexamples=count)
 
 
 def assert_verdict(
@@ -358,4 +364,4 @@ def _failure(kind: type[RedirectAssertionError], what: str, findings: list[Any])
         lines += [f"  {f.message}" for f in findings[1 : 1 + MORE_EXAMPLES]]
         if count > 1 + MORE_EXAMPLES:
             lines.append(f"  ... and {count - 1 - MORE_EXAMPLES} more")
-    return kind(headline, connection=first.connection, explanation="\n".join(lines))
+    return kind(headline, connection=first.connection, explanation="\n".join(lines), counterexamples=count)

@@ -1,0 +1,330 @@
+"""The public testing toolkit: each assertion seen to pass on sound rules and fail on broken ones, the
+strategies' values valid, every mutation changing what it says, and every bad input refused with its message.
+
+The assertions' proofs are exact for a ruleset, so these are small fixed
+cases plus a few properties with explicit (small) example counts: a proof of
+a generated policy costs up to seconds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import attrs
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshredirect.compiler import compile_policy
+from meshredirect.ir import Chain, Family, Hook, Protocol, Return, Ruleset
+from meshredirect.policy import Policy
+from meshredirect.semantics import Connection, Dropped, Environment, Passed, Redirected, Unknown, evaluate
+from meshredirect.testing import (
+    BypassError,
+    LoopError,
+    Mutation,
+    NotApplicable,
+    NotEquivalentError,
+    RedirectAssertionError,
+    VerdictError,
+    applicable,
+    as_ruleset,
+    assert_equivalent,
+    assert_loop_free,
+    assert_no_bypass,
+    assert_verdict,
+    connections,
+    environments,
+    mutate,
+    policies,
+    rulesets,
+)
+from meshredirect.testing.pytest_plugin import load_into
+from meshredirect.testing.strategies import SPECIAL_ADDRESSES
+
+DEFAULT = compile_policy(Policy())
+#: The mutations that make the default (REDIRECT) rules loop.
+LOOPING = (Mutation.DROP_PROXY_EXEMPTIONS, Mutation.DROP_PASSTHROUGH, Mutation.SWAP_LISTENERS, Mutation.REDIRECT_ALL)
+SLOW = settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# ----------------------------------------------------------------------------- assertions on sound rules
+
+
+def test_the_default_rules_pass_every_assertion() -> None:
+    assert_loop_free(DEFAULT)
+    assert_loop_free(Policy())
+    assert_no_bypass(DEFAULT, Policy())
+    assert_no_bypass(Policy(outbound_cidrs_exclude="10.96.0.0/12"), {"outbound_cidrs_exclude": "10.96.0.0/12"})
+    assert_equivalent(DEFAULT, Policy())
+    env = Environment.default()
+    assert_verdict(DEFAULT, Connection.local(env, dst="93.184.216.34", dport=80, uid=1337, gid=1337), Passed)
+    assert_verdict(
+        DEFAULT,
+        Connection.local(env, dst="93.184.216.34", dport=80),
+        Redirected(address=ipaddress.ip_address("127.0.0.1"), port=15001),
+    )
+
+
+# ----------------------------------------------------------------------------- each checker fails on broken input
+
+
+@pytest.mark.parametrize("mutation", LOOPING, ids=lambda m: m.name)
+def test_each_looping_mutation_is_caught_with_a_connection_that_loops(mutation: Mutation) -> None:
+    with pytest.raises(LoopError) as caught:
+        assert_loop_free(mutate(DEFAULT, mutation))
+    error = caught.value
+    assert error.connection is not None and error.counterexamples >= 1
+    assert error.headline.startswith("not loop-free on ")
+    assert "traffic loop: " in error.headline and "is intercepted again and again (6 steps and on)" in error.headline
+    assert "chain:\n  1. " in error.explanation and "  ... and so on: the chain does not end within 6 steps" in (
+        error.explanation
+    )
+    assert f"trace of step 1: {error.connection}\n  == OUTPUT" in error.explanation or (
+        f"trace of step 1: {error.connection}\n  == PREROUTING" in error.explanation
+    )
+
+
+def test_a_loop_failure_reads_as_the_chain_and_its_traces() -> None:
+    with pytest.raises(LoopError) as caught:
+        assert_loop_free(mutate(DEFAULT, Mutation.DROP_PASSTHROUGH))
+    text = str(caught.value)
+    assert text.splitlines()[:5] == [
+        "not loop-free on 174 classes of connections, e.g. traffic loop: tcp 10.0.0.5:43210 -> 10.0.0.5:8080 "
+        "local uid=1000 gid=1337 out lo is intercepted again and again (6 steps and on)",
+        "chain:",
+        "  1. tcp 10.0.0.5:43210 -> 10.0.0.5:8080 local uid=1000 gid=1337 out lo  captured to the inbound listener",
+        "  2. tcp 127.0.0.6:43210 -> 10.0.0.5:8080 local uid=1337 gid=1337 out lo  captured to the inbound listener",
+        "  3. tcp 127.0.0.6:43210 -> 10.0.0.5:8080 local uid=1337 gid=1337 out lo  captured to the inbound listener",
+    ]
+    assert "    nat ISTIO_OUTPUT #1: -s 127.0.0.6/32 -o lo -j RETURN  [no match]" not in text  # the rule is gone
+    assert "(the traces of steps 4 to 6 are left out)" in text
+    assert "\nother counterexamples:\n  traffic loop: " in text and "\n  ... and 169 more" in text
+
+
+def test_capturing_loopback_captures_the_proxys_own_connections_to_localhost() -> None:
+    broken = mutate(DEFAULT, Mutation.CAPTURE_LOOPBACK)
+    env = Environment.default()
+    proxy_to_localhost = Connection.local(env, dst="127.0.0.1", dport=8080, uid=1337, gid=1337)
+    assert_verdict(DEFAULT, proxy_to_localhost, Passed)
+    with pytest.raises(VerdictError) as caught:
+        assert_verdict(broken, proxy_to_localhost, Passed)
+    assert caught.value.headline == (
+        "tcp 127.0.0.1:43210 -> 127.0.0.1:8080 local uid=1337 gid=1337 out lo: expected passed, "
+        "got redirected to 127.0.0.1:15006"
+    )
+    with pytest.raises(NotEquivalentError):
+        assert_equivalent(DEFAULT, broken)
+
+
+def test_the_bypass_check_catches_rules_that_capture_nothing_outbound() -> None:
+    no_outbound = attrs.evolve(
+        DEFAULT,
+        tables=tuple(
+            attrs.evolve(
+                t,
+                chains=tuple(
+                    attrs.evolve(c, rules=tuple(r for r in c.rules if r.target != Return() or r.matches))
+                    if c.name != "ISTIO_REDIRECT"
+                    else attrs.evolve(c, rules=())
+                    for c in t.chains
+                ),
+            )
+            for t in DEFAULT.tables
+        ),
+    )
+    assert_loop_free(no_outbound)
+    with pytest.raises(BypassError) as caught:
+        assert_no_bypass(no_outbound, Policy())
+    assert caught.value.headline.startswith(
+        "the proxy is bypassed on 72 classes of connections, e.g. mesh bypass: tcp 10.0.0.5:43210 -> "
+        "203.0.113.10:8080 local uid=1000 gid=1000 out eth0 should reach the proxy's outbound listener "
+        "(the policy captures it outbound), but: passed to 203.0.113.10:8080 (sent out)"
+    )
+
+
+def test_the_bypass_check_catches_swapped_listeners_inbound() -> None:
+    with pytest.raises(BypassError) as caught:
+        assert_no_bypass(mutate(DEFAULT, Mutation.SWAP_LISTENERS), Policy())
+    assert "should reach the proxy's outbound listener" in caught.value.headline
+    assert "redirected to 127.0.0.1:15006" in caught.value.headline
+
+
+def test_equivalence_failures_show_both_traces() -> None:
+    with pytest.raises(NotEquivalentError) as caught:
+        assert_equivalent(Policy(), Policy(outbound_ports_exclude="5432"))
+    error = caught.value
+    assert error.counterexamples == 6
+    lines = str(error).splitlines()
+    assert lines[1:4] == [
+        "  first:  redirected to 127.0.0.1:15001",
+        "  second: passed to 203.0.113.10:5432 (sent out)",
+        "  differs in: verdict",
+    ]
+    assert "trace in the first:" in lines and "trace in the second:" in lines
+    assert "    nat ISTIO_OUTPUT #1: -p tcp --dport 5432 -j RETURN  [matched]" in lines
+
+
+def test_verdict_failures_name_the_connection_both_verdicts_and_the_trace() -> None:
+    env = Environment.default()
+    app = Connection.local(env, dst="93.184.216.34", dport=80)
+    with pytest.raises(VerdictError) as caught:
+        assert_verdict(DEFAULT, app, Dropped)
+    assert str(caught.value).splitlines() == [
+        "tcp 10.0.0.5:43210 -> 93.184.216.34:80 local uid=1000 gid=1000 out eth0: expected dropped, "
+        "got redirected to 127.0.0.1:15001",
+        "  == OUTPUT (out eth0)",
+        "    nat OUTPUT #1: -p tcp -j ISTIO_OUTPUT  [matched]",
+        "    nat ISTIO_OUTPUT #1: -s 127.0.0.6/32 -o lo -j RETURN  [no match]",
+        "    nat ISTIO_OUTPUT #2: ! -d 127.0.0.1/32 -o lo -p tcp ! --dport 15008 -m owner --uid-owner 1337 "
+        "-j ISTIO_IN_REDIRECT  [no match]",
+        "    nat ISTIO_OUTPUT #3: ! -d 127.0.0.1/32 -o lo -p tcp ! --dport 15008 -m owner --gid-owner 1337 "
+        "-j ISTIO_IN_REDIRECT  [no match]",
+        "    nat ISTIO_OUTPUT #4: -m owner --uid-owner 1337 -j RETURN  [no match]",
+        "    nat ISTIO_OUTPUT #5: -m owner --gid-owner 1337 -j RETURN  [no match]",
+        "    nat ISTIO_OUTPUT #6: -o lo -j RETURN  [no match]",
+        "    nat ISTIO_OUTPUT #7: -d 127.0.0.1/32 -j RETURN  [no match]",
+        "    nat ISTIO_OUTPUT #8: -j ISTIO_REDIRECT  [matched]",
+        "    nat ISTIO_REDIRECT #1: -p tcp -j REDIRECT --to-ports 15001  [matched] destination 93.184.216.34:80 "
+        "-> 127.0.0.1:15001",
+        "    rerouted: out lo (was eth0)",
+        "  == POSTROUTING (out lo)",
+        "    loops back over lo",
+        "  == PREROUTING (in lo)",
+        "    skipped nat PREROUTING: the destination NAT of this connection was decided on an earlier hook",
+        "  == INPUT (in lo)",
+        "  verdict: redirected to 127.0.0.1:15001",
+    ]
+    assert isinstance(caught.value, AssertionError) and isinstance(caught.value, RedirectAssertionError)
+
+
+def test_an_undecidable_rule_fails_the_loop_proof() -> None:
+    from meshredirect.ir import UnknownMatch
+
+    output = DEFAULT.tables[0].chain("ISTIO_OUTPUT")
+    unknown = attrs.evolve(output.rules[0], matches=(UnknownMatch(dialect="iptables", tokens=("-m", "bpf")),))
+    ruleset = _replace_chain(DEFAULT, attrs.evolve(output, rules=(unknown, *output.rules)))
+    with pytest.raises(LoopError) as caught:
+        assert_loop_free(ruleset)
+    assert "cannot be decided: nat ISTIO_OUTPUT #1: match [iptables: -m bpf] is not modelled" in caught.value.headline
+
+
+def _replace_chain(ruleset: Ruleset, chain: Chain) -> Ruleset:
+    table = ruleset.tables[0]
+    chains = tuple(chain if c.name == chain.name else c for c in table.chains)
+    return attrs.evolve(ruleset, tables=(attrs.evolve(table, chains=chains), *ruleset.tables[1:]))
+
+
+# ----------------------------------------------------------------------------- mutations
+
+
+def test_every_mutation_applies_to_the_default_rules_and_changes_them() -> None:
+    assert applicable(DEFAULT) == tuple(Mutation)
+    for mutation in Mutation:
+        assert mutate(DEFAULT, mutation) != DEFAULT
+
+
+def test_redirect_all_creates_the_nat_output_chain_where_there_is_none() -> None:
+    broken = mutate(Ruleset(), Mutation.REDIRECT_ALL)
+    (table,) = broken.tables
+    assert (table.family, table.name) == (Family.IPV4, "nat")
+    assert table.base_chains(Hook.OUTPUT)[0].rules[0].target.ports is not None  # type: ignore[union-attr]
+    with pytest.raises(LoopError):
+        assert_loop_free(broken)
+
+
+@SLOW
+@given(rulesets(policies(base=Policy(), vary=["outbound_ports_exclude", "inbound_ports_exclude"]), mutations=LOOPING))
+def test_looping_mutations_of_istio_like_policies_are_always_caught(case: object) -> None:
+    from meshredirect.testing import RulesetCase
+
+    assert isinstance(case, RulesetCase) and case.mutation in LOOPING
+    with pytest.raises(LoopError):
+        assert_loop_free(case.ruleset, case.env)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rulesets(mutations=tuple(Mutation)))
+def test_a_drawn_mutation_changes_the_compiled_rules(case: object) -> None:
+    from meshredirect.testing import RulesetCase
+
+    assert isinstance(case, RulesetCase) and case.mutation is not None
+    compiled = compile_policy(case.policy)
+    assert case.ruleset != compiled
+    assert case.mutation in applicable(compiled, case.env.proxy) or case.mutation is Mutation.REDIRECT_ALL
+
+
+# ----------------------------------------------------------------------------- strategies
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_drawn_connections_are_valid_and_the_compiled_rules_decide_them(data: st.DataObject) -> None:
+    policy = data.draw(policies(inbound_mode="REDIRECT"))
+    env = data.draw(environments(st.just(policy)))
+    connection = data.draw(connections(env))
+    assert connection.family in (Family.IPV4, Family.IPV6)
+    if connection.socket is None and connection.iif is None:
+        assert connection.oif is not None  # a socketless local packet
+    if connection.iif is not None:
+        assert connection.iif != "lo" and not env.is_local(connection.src) and not env.is_loopback(connection.src)
+    verdict = evaluate(compile_policy(policy), connection, env).verdict
+    assert not isinstance(verdict, Unknown)
+
+
+def test_connections_reach_the_special_addresses_and_ports() -> None:
+    seen: set[str] = set()
+    ports: set[int] = set()
+    origins: set[bool] = set()
+
+    @settings(max_examples=250, database=None, deadline=None, derandomize=True)
+    @given(connections(protocols=[Protocol.TCP]))
+    def collect(connection: Connection) -> None:
+        seen.add(str(connection.dst))
+        ports.add(connection.dport)
+        origins.add(connection.socket is None)
+
+    collect()
+    assert {"127.0.0.1", "127.0.0.6", "::1", "::6", "10.0.0.5", "fd00::5"} <= seen
+    assert {15001, 15006, 15008, 53} <= ports
+    assert origins == {True, False}
+    assert set(SPECIAL_ADDRESSES) == {4, 6}
+
+
+@settings(max_examples=20, deadline=None)
+@given(policies(base=Policy(), vary=["outbound_cidrs_exclude"]), policies(families=st.just({Family.IPV6})))
+def test_policies_keep_the_base_and_honour_biases(varied: Policy, ipv6: Policy) -> None:
+    assert attrs.evolve(varied, outbound_cidrs_exclude=Policy().outbound_cidrs_exclude) == Policy()
+    assert ipv6.families == {Family.IPV6}
+
+
+# ----------------------------------------------------------------------------- bad input, pinned
+
+
+def test_bad_input_is_refused_with_what_was_expected() -> None:
+    with pytest.raises(TypeError, match=r"^expected fields of Policy \(.*\), got 'bogus'$"):
+        policies(bogus=1)
+    with pytest.raises(TypeError, match=r"^vary names the fields drawn at random; it needs a base policy for the"):
+        policies(vary=["outbound_port"])
+    with pytest.raises(ValueError, match=r"^expected at least one family and one protocol$"):
+        connections(families=[])
+    with pytest.raises(ValueError, match=r"^expected policy fields \(.*\), got 'outbound_port_exclude'$"):
+        assert_no_bypass(Policy(), {"outbound_port_exclude": "22"})
+    with pytest.raises(TypeError, match=r"^expected a Policy or a mapping of policy fields, got int$"):
+        assert_no_bypass(Policy(), 22)  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"^expected a policy with numeric owner groups, got group names java: resolve"
+    ):
+        assert_no_bypass(Policy(), Policy(owner_groups_exclude="java"))
+    with pytest.raises(TypeError, match=r"^expected a verdict or a verdict class \(Passed, Redirected, TProxied, "):
+        assert_verdict(Policy(), Connection.remote(src="203.0.113.1", dst="10.0.0.5", dport=80), "redirected")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^expected rules \(a Ruleset, a Policy, .*\), got list \[\]$"):
+        assert_loop_free([])  # type: ignore[arg-type]
+    with pytest.raises(NotApplicable, match=r"^CAPTURE_LOOPBACK changes nothing in this ruleset: it has no rule that"):
+        mutate(Ruleset(), Mutation.CAPTURE_LOOPBACK)
+    with pytest.raises(ValueError, match=r"^expected an iptables variant, one of nft, legacy; got 'xtables'$"):
+        load_into(None, Policy(), variant="xtables")  # type: ignore[arg-type]
+
+
+def test_as_ruleset_compiles_policies_and_keeps_rulesets() -> None:
+    assert as_ruleset(DEFAULT) is DEFAULT
+    assert as_ruleset(Policy()) == DEFAULT

@@ -55,4 +55,9 @@ nitpick_ignore_regex = [
         r"(int|str|bytes|bool|float|object|tuple|list|dict|set|frozenset|type|None|Exception|ValueError|LookupError|KeyError)",
     ),
     ("py:.*", r"(Self|Final|Any|TypeAlias|ClassVar|Iterable|Iterator|Sequence|Mapping|Callable|Protocol|NoReturn)"),
+    # Private helpers and type variables that appear in signatures are not documented on purpose.
+    ("py:.*", r"(.*\.)?_\w+"),
+    ("py:.*", r"(.*\.)?[A-Z]"),
+    # Type aliases of meshredirect.values, written unqualified in annotations.
+    ("py:.*", r"(IPAddress|IPNetwork)"),
 ]

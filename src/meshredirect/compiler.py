@@ -267,6 +267,11 @@ class _FamilyCompiler:
                 out += self.port_rules(Return(), (), _ports(Protocol.UDP, p.outbound_ports_exclude))
         # The proxy's inbound passthrough connects to the app from this address over lo: never capture it.
         out.append(_rule(Return(), _src([self.passthrough]), _oif(LOOPBACK_INTERFACE)))
+        if p.inbound_mode is InterceptionMode.TPROXY and p.captures_inbound:
+            # In TPROXY mode the proxy connects to the app from the original source, with the TPROXY
+            # mark on its socket: that is its passthrough, never to be captured (the hairpin below
+            # would send it back to the inbound port, a loop).
+            out.append(_rule(Return(), _oif(LOOPBACK_INTERFACE), MarkMatch(value=p.tproxy_mark)))
         self.hairpin(out)
         for owner in self.proxy_owners():
             out.append(_rule(Return(), owner))

@@ -80,7 +80,7 @@ from meshredirect.semantics.model import (
 )
 from meshredirect.values import MAX_ID, MAX_MARK, MAX_PORT, AddressSet, IdSet, IPAddress, IPNetwork, PortSet
 
-__all__ = ["ClassSpace", "Constants", "Root", "connection_classes", "mark_classes"]
+__all__ = ["ClassSpace", "Constants", "Root", "ValueClass", "connection_classes", "mark_classes"]
 
 #: Protocols whose packets carry ports.
 PORTED: Final = frozenset({Protocol.TCP, Protocol.UDP, Protocol.SCTP})
@@ -427,7 +427,7 @@ class ClassSpace:
     ``families`` defaults to the families the rulesets program (IPv4 when
     none); ``protocols`` to TCP, UDP, every protocol the rules name and one
     more that none names. ``constants`` adds tests made elsewhere (a
-    policy's exclusions, for :func:`meshredirect.semantics.check.check`).
+    policy's exclusions, for ``meshredirect.semantics.check.check``).
     """
 
     def __init__(
@@ -600,7 +600,7 @@ def connection_classes(
 
     Every connection behaves like the representative of its class
     combination in each of the rulesets, so checking all of them is a proof.
-    This is the full product (it can be large); :mod:`meshredirect.semantics.check`
+    This is the full product (it can be large); ``meshredirect.semantics.check``
     explores the same classes path by path instead.
     """
     return ClassSpace(rulesets, env, families=families, protocols=protocols).connections()

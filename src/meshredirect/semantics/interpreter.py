@@ -3,7 +3,7 @@
 :func:`evaluate` runs a :class:`~meshredirect.ir.Ruleset` over a
 :class:`~meshredirect.semantics.model.Connection` in an
 :class:`~meshredirect.semantics.model.Environment` and returns an
-:class:`Evaluation`: the :data:`Verdict` (where the connection ends up), the
+:class:`Evaluation`: the ``Verdict`` (where the connection ends up), the
 trace (every rule visited, matched or not, in order) and the connection as
 the rules rewrote it.
 
@@ -469,7 +469,7 @@ def interpreter_for(ruleset: Ruleset, env: Environment) -> Interpreter:
 
 
 def evaluate(ruleset: Ruleset, connection: Connection, env: Environment | None = None) -> Evaluation:
-    """What ``ruleset`` does to ``connection`` in ``env`` (default: :meth:`Environment.default`).
+    """What ``ruleset`` does to ``connection`` in ``env`` (default: ``Environment.default()``).
 
     See the module docstring for the model and an example.
     """

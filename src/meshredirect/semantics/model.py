@@ -18,7 +18,7 @@ Assumptions (documented in ``docs/semantics.md``):
 - ``lo`` holds 127.0.0.1/8 and ::1 (and the policy's IPv6 passthrough
   address, which Istio adds to ``lo``); every address of 127.0.0.0/8 is local
   because the kernel adds a local route for lo's whole prefix.
-- ``eth0`` holds the pod address (:data:`POD_IPV4` / :data:`POD_IPV6`) and
+- ``eth0`` holds the pod address (``POD_IPV4`` / ``POD_IPV6``) and
   carries the default route. Every further interface gets its own /24 (and
   /64) and is the route to that subnet only.
 - A destination is routed to ``lo`` when it is local, or when the packet's

@@ -43,6 +43,8 @@ from meshredirect.ir import (
     Direction,
     Family,
     Hook,
+    InterfaceMatch,
+    MarkMatch,
     Match,
     OwnerKind,
     OwnerMatch,
@@ -56,7 +58,7 @@ from meshredirect.ir import (
     TProxy,
     iptables_base_chain,
 )
-from meshredirect.semantics.model import Proxy
+from meshredirect.semantics.model import LOOPBACK_INTERFACE, Proxy
 from meshredirect.values import AddressSet, PortSet
 
 __all__ = ["Mutation", "NotApplicable", "applicable", "mutate"]
@@ -71,11 +73,13 @@ class Mutation(enum.Enum):
     #: Remove the rules that let the proxy's own uids and gids pass: the proxy's upstream
     #: connections are captured again (a loop wherever outbound traffic is captured).
     DROP_PROXY_EXEMPTIONS = "remove the rules that let the proxy's uid/gid pass"
-    #: Remove the rules that let the inbound passthrough (from 127.0.0.6 / ::6 over lo) pass:
-    #: the proxy's connection to the app is captured again (a loop where the lo hairpin exists).
+    #: Remove the nat rules that let the inbound passthrough pass (from 127.0.0.6 / ::6; with
+    #: TPROXY, marked with the TPROXY mark, over lo): the proxy's connection to the app is captured
+    #: again by the lo hairpin (a loop).
     DROP_PASSTHROUGH = "remove the rules that let the passthrough source 127.0.0.6 / ::6 pass"
     #: Include loopback destinations for capture: remove the rules that let 127.0.0.0/8 and ::1
-    #: pass, and the "not to loopback" conditions of the others (exclusions no longer honoured).
+    #: pass, and the "not to loopback" conditions of the others: the proxy's own connections to
+    #: localhost are captured (to its inbound listener by the lo hairpin), exclusions are not honoured.
     CAPTURE_LOOPBACK = "include 127.0.0.0/8 and ::1 for capture"
     #: Swap the outbound and the inbound listener in every REDIRECT and TPROXY: inbound traffic
     #: reaches the outbound side, whose upstream hairpins back to it (a loop).
@@ -115,16 +119,26 @@ _MISSING: Final = {
 }
 
 
-def _map_rules(ruleset: Ruleset, rewrite: Callable[[Rule], Rule | None]) -> Ruleset:
-    """Every rule rewritten (None: removed)."""
-    tables = []
+def _map_rules(
+    ruleset: Ruleset, rewrite: Callable[[Rule], Rule | None], *, tables: tuple[str, ...] | None = None
+) -> Ruleset:
+    """Every rule (of the named tables, or of all) rewritten (None: removed)."""
+    result = []
     for table in ruleset.tables:
+        if tables is not None and table.name not in tables and not _has_nat_chains(table):
+            result.append(table)
+            continue
         chains = []
         for chain in table.chains:
             rules = tuple(r for r in (rewrite(rule) for rule in chain.rules) if r is not None)
             chains.append(chain if rules == chain.rules else attrs.evolve(chain, rules=rules))
-        tables.append(attrs.evolve(table, chains=tuple(chains)))
-    return attrs.evolve(ruleset, tables=tuple(tables))
+        result.append(attrs.evolve(table, chains=tuple(chains)))
+    return attrs.evolve(ruleset, tables=tuple(result))
+
+
+def _has_nat_chains(table: Table) -> bool:
+    """An nftables table (any name) whose base chains are of type nat."""
+    return any(c.base is not None and c.base.type is ChainType.NAT for c in table.chains)
 
 
 def _lets_pass(rule: Rule) -> bool:
@@ -144,7 +158,7 @@ def _drop_proxy_exemptions(ruleset: Ruleset, proxy: Proxy) -> Ruleset:
 def _drop_passthrough(ruleset: Ruleset, proxy: Proxy) -> Ruleset:
     sources = (proxy.passthrough_ipv4, proxy.passthrough_ipv6)
 
-    def is_passthrough(match: Match) -> bool:
+    def is_passthrough_source(match: Match) -> bool:
         return (
             isinstance(match, AddressMatch)
             and match.direction is Direction.SOURCE
@@ -152,7 +166,22 @@ def _drop_passthrough(ruleset: Ruleset, proxy: Proxy) -> Ruleset:
             and any(s in match.addresses for s in sources)
         )
 
-    return _map_rules(ruleset, lambda r: None if _lets_pass(r) and any(map(is_passthrough, r.matches)) else r)
+    def is_marked_over_lo(rule: Rule) -> bool:
+        # TPROXY: the passthrough keeps the original source and carries the TPROXY mark instead.
+        marked = any(
+            isinstance(m, MarkMatch) and not m.negate and (proxy.tproxy_mark & m.mask) == m.value for m in rule.matches
+        )
+        over_lo = any(
+            isinstance(m, InterfaceMatch) and not m.negate and m.name == LOOPBACK_INTERFACE for m in rule.matches
+        )
+        return marked and over_lo
+
+    def rewrite(rule: Rule) -> Rule | None:
+        if _lets_pass(rule) and (any(map(is_passthrough_source, rule.matches)) or is_marked_over_lo(rule)):
+            return None
+        return rule
+
+    return _map_rules(ruleset, rewrite, tables=("nat",))
 
 
 def _is_loopback_destination(match: Match) -> bool:

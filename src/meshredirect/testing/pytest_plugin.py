@@ -14,13 +14,13 @@ Fixtures (each test gets its own namespace, deleted after it, also when it fails
 ``netns``
     a fresh :class:`~meshredirect.testing.netns.NetNamespace` with ``lo`` up.
 ``load_rules``
-    a function ``load_rules(rules, *, variant="nft")`` that loads rules into
-    the test's namespace and returns it; ``rules`` is a
-    :class:`~meshredirect.policy.Policy` (compiled first), a
-    :class:`~meshredirect.ir.Ruleset`, or ``iptables-restore`` text (loaded
-    as it is, with ``--noflush``; ``family=6`` for ``ip6tables-restore``).
-    Loading goes through :class:`~meshredirect.apply.iptables.IptablesApplier`:
-    one ``iptables-restore`` transaction per family.
+    a function ``load_rules(rules, *, backend="iptables", variant=None)``
+    that loads rules into the test's namespace and returns it; ``rules`` is a
+    :class:`~meshredirect.policy.Policy` (its rules and its TPROXY routing), a
+    compiled :class:`~meshredirect.ir.Ruleset` (both through the apply layer,
+    :func:`meshredirect.apply.apply`), or ``iptables-restore`` text (loaded as
+    it is, with ``--noflush``; ``family=6`` for ``ip6tables-restore``). See
+    :func:`load_into`.
 ``redirect_rules``
     what ``loaded_namespace`` loads: override it in your ``conftest.py`` or
     test module (by default it asks you to).
@@ -99,35 +99,45 @@ def require_kernel() -> None:
 class RuleLoader(Protocol):
     """The ``load_rules`` fixture's type."""
 
-    def __call__(self, rules: Policy | Ruleset | str, *, variant: str = "nft", family: int = 4) -> NetNamespace: ...
+    def __call__(
+        self, rules: Policy | Ruleset | str, *, backend: str = "iptables", variant: str | None = None, family: int = 4
+    ) -> NetNamespace: ...
 
 
 def load_into(
-    ns: NetNamespace, rules: Policy | Ruleset | str, *, variant: str = "nft", family: int = 4
+    ns: NetNamespace,
+    rules: Policy | Ruleset | str,
+    *,
+    backend: str = "iptables",
+    variant: str | None = None,
+    family: int = 4,
 ) -> NetNamespace:
-    """Load ``rules`` into ``ns`` (see the module docstring for what ``rules`` may be) and return ``ns``.
+    """Load ``rules`` into ``ns`` and return ``ns``.
 
-    A load the kernel refuses raises :class:`~meshredirect.errors.EnvironmentProblem` (a Ruleset
-    or Policy) or :class:`~meshredirect.testing.netns.CommandFailed` (text), with the tool's message.
+    A Policy or a compiled Ruleset goes through :func:`meshredirect.apply.apply`
+    (one transaction per table and family, TPROXY policy routing for a Policy;
+    ``backend`` ``iptables`` or ``nftables``; ``variant`` ``nft`` or ``legacy``,
+    detected when None). Text is loaded as it is with ``iptables-restore
+    --noflush`` (``family=6``: ``ip6tables-restore``; ``variant`` default ``nft``).
+    A load the kernel refuses raises :class:`~meshredirect.apply.ApplyFailed`
+    (a Policy or Ruleset) or :class:`~meshredirect.testing.netns.CommandFailed`
+    (text), with the tool's message.
     """
-    if variant not in VARIANTS:
+    if variant is not None and variant not in VARIANTS:
         raise ValueError(f"expected an iptables variant, one of {', '.join(VARIANTS)}; got {variant!r}")
     if isinstance(rules, str):
         if family not in (4, 6):
             raise ValueError(f"expected family 4 or 6, got {family!r}")
         base = "ip6tables" if family == 6 else "iptables"
-        ns.run([f"{base}-{variant}-restore", "--noflush"], input=rules)
+        ns.run([f"{base}-{variant or VARIANTS[0]}-restore", "--noflush"], input=rules)
         return ns
-    from meshredirect.apply.iptables import IptablesApplier, NamespaceRunner
-    from meshredirect.compiler import compile_policy
+    from meshredirect.apply import apply
     from meshredirect.ir import Ruleset
     from meshredirect.policy import Policy
 
-    if isinstance(rules, Policy):
-        rules = compile_policy(rules)
-    if not isinstance(rules, Ruleset):
+    if not isinstance(rules, (Policy, Ruleset)):
         raise TypeError(f"expected a Policy, a Ruleset or iptables-restore text, got {type(rules).__name__}")
-    IptablesApplier(NamespaceRunner(ns.name), variant=variant).apply(rules)
+    apply(rules, backend=backend, netns=ns.name, variant=variant)
     return ns
 
 
@@ -147,8 +157,10 @@ def netns() -> Iterator[NetNamespace]:
 def load_rules(netns: NetNamespace) -> RuleLoader:
     """A function that loads rules into the test's namespace and returns the namespace (see :func:`load_into`)."""
 
-    def load(rules: Policy | Ruleset | str, *, variant: str = "nft", family: int = 4) -> NetNamespace:
-        return load_into(netns, rules, variant=variant, family=family)
+    def load(
+        rules: Policy | Ruleset | str, *, backend: str = "iptables", variant: str | None = None, family: int = 4
+    ) -> NetNamespace:
+        return load_into(netns, rules, backend=backend, variant=variant, family=family)
 
     return load
 

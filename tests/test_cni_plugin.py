@@ -123,7 +123,7 @@ ERRORS = [
         {},
         json.dumps(config(preset="istio14")).encode(),
         7,
-        "preset: expected one of istio, istio-1.4 (did you mean 'istio-1.4'?), got \"istio14\"",
+        "preset: expected one of istio, istio-1.4, kuma, linkerd (did you mean 'istio-1.4'?), got \"istio14\"",
     ),
     (
         {},

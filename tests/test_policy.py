@@ -94,7 +94,7 @@ INVALID = [
         {"loopback_cidr": "127.0.0.2/32"},
         "loopback_cidr: expected an IPv4 CIDR inside 127.0.0.0/8 that holds 127.0.0.1, got '127.0.0.2/32'",
     ),
-    ({"loopback_capture": "some"}, "loopback_capture: expected proxy or all, got 'some'"),
+    ({"loopback_capture": "some"}, "loopback_capture: expected proxy or all or none, got 'some'"),
     ({"passthrough_ipv4": "::6"}, "passthrough_ipv4: expected an IPv4 address, got '::6'"),
     (
         {"chain_prefix": "1ISTIO"},

@@ -32,6 +32,9 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "cleanup": ("meshredirect.commands.cleanup", "remove our rules and routing from a network namespace"),
     "validate": ("meshredirect.commands.validate", "check with real connections that capture works"),
     "graph": ("meshredirect.commands.graph", "draw the chains of a policy's rules (Graphviz DOT or SVG)"),
+    "istio-iptables": ("meshredirect.commands.istio_iptables", "program what istio-iptables would, from its flags"),
+    "fmt": ("meshredirect.commands.fmt", "print a policy file in canonical form"),
+    "policy": ("meshredirect.commands.policy", "write the policy file for a set of flags, a pod or a preset"),
 }
 
 
@@ -93,7 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"meshredirect: error: unknown command {name!r}{hint} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return EXIT_USAGE
     module = importlib.import_module(COMMANDS[name][0])
-    namespace = command_parser(name, module).parse_args(rest)
+    if getattr(module, "RAW_ARGUMENTS", False):
+        # The command reads its own command line (e.g. istio-iptables' Go-style flags).
+        namespace = argparse.Namespace(argv=rest)
+    else:
+        namespace = command_parser(name, module).parse_args(rest)
     from meshredirect.errors import EnvironmentProblem, MeshRedirectError
 
     try:

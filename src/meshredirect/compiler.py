@@ -15,7 +15,7 @@ that applying and removing our rules never needs to touch anyone else's).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import Final, assert_never
 
 from meshredirect.errors import PolicyError
 from meshredirect.ir import (
@@ -275,7 +275,7 @@ class _FamilyCompiler:
         self.hairpin(out)
         for owner in self.proxy_owners():
             out.append(_rule(Return(), owner))
-        if p.loopback_capture is LoopbackCapture.PROXY:
+        if p.loopback_capture is not LoopbackCapture.ALL:
             # The app talking to itself over lo stays direct (with DNS capture, TCP to port 53 goes on).
             if self.dns:
                 out.append(
@@ -320,11 +320,16 @@ class _FamilyCompiler:
             skip.append(DNS_PORT)
         ports: Match = _ports(Protocol.TCP, PortSet.of(*skip), negate=True) if skip else TCP
         base: tuple[Match, ...] = (_dst([self.loopback], negate=True), _oif(LOOPBACK_INTERFACE))
-        if p.loopback_capture is LoopbackCapture.ALL:
-            out.append(Rule(matches=base + ((ports,) if skip else ()), target=Jump(chain=n.in_redirect)))
-            return
-        for owner in self.proxy_owners():
-            out.append(Rule(matches=(*base, ports, owner), target=Jump(chain=n.in_redirect)))
+        match p.loopback_capture:
+            case LoopbackCapture.NONE:
+                pass
+            case LoopbackCapture.ALL:
+                out.append(Rule(matches=base + ((ports,) if skip else ()), target=Jump(chain=n.in_redirect)))
+            case LoopbackCapture.PROXY:
+                for owner in self.proxy_owners():
+                    out.append(Rule(matches=(*base, ports, owner), target=Jump(chain=n.in_redirect)))
+            case _:
+                assert_never(p.loopback_capture)
 
     def outbound_selection(self, chain: list[Rule]) -> None:
         """Which destinations of an app's connection go to the outbound port."""
@@ -416,7 +421,9 @@ class _FamilyCompiler:
         for iface in p.exclude_interfaces:
             out.append(_rule(Return(), _oif(iface)))
         out.append(_rule(Return(), _oif(LOOPBACK_INTERFACE), MarkMatch(value=mark)))
-        for owner in self.proxy_owners():
+        # Without a hairpin no local connection is marked for capture over lo.
+        hairpin_owners = [] if p.loopback_capture is LoopbackCapture.NONE else self.proxy_owners()
+        for owner in hairpin_owners:
             out.append(
                 _rule(
                     SetMark(value=hairpin_mark),

@@ -84,11 +84,14 @@ class LoopbackCapture(enum.Enum):
     """Which local connections over ``lo`` to a non-loopback address (the pod's own IP) go to the inbound port.
 
     ``PROXY``: only the proxy's own (Istio 1.5 and later: the app calling its own
-    pod IP stays direct). ``ALL``: every such connection (Istio 1.4).
+    pod IP stays direct). ``ALL``: every such connection (Istio 1.4). ``NONE``: no
+    such connection, the proxy's included (Linkerd's proxy-init returns everything
+    leaving over ``lo``; its proxy handles calls to its own pod without a hairpin).
     """
 
     PROXY = "proxy"
     ALL = "all"
+    NONE = "none"
 
 
 # ----------------------------------------------------------------------------- converters

@@ -12,7 +12,7 @@ from conftest import require_kernel
 from kernel.unprivileged import run_cli_as
 from meshredirect.apply.actions import apply, cleanup
 from meshredirect.apply.netns import Target
-from meshredirect.apply.validate import validate
+from meshredirect.apply.validation import validate
 from meshredirect.backend import available_backends
 from meshredirect.cli import main
 from meshredirect.errors import EnvironmentProblem, PolicyError

@@ -8,7 +8,7 @@ undoing everything when any part fails.
 - :func:`apply` / :func:`cleanup` (module :mod:`~meshredirect.apply.actions`):
   load a policy's rules and TPROXY routing, or remove ours; both return an
   :class:`Outcome` (what changed, which variant and why, "already up to date").
-- :func:`validate` (module :mod:`~meshredirect.apply.validate`): check with a
+- :func:`validate` (module :mod:`~meshredirect.apply.validation`): check with a
   real connection that capture works in the namespace, and name the likely
   cause when it does not.
 - Appliers per backend: :mod:`~meshredirect.apply.iptables` (and nftables),
@@ -35,14 +35,14 @@ _EXPORTS = {
     "Outcome": "meshredirect.apply.actions",
     "families_of": "meshredirect.apply.actions",
     "ApplyFailed": "meshredirect.apply.base",
-    "validate": "meshredirect.apply.validate",
-    "Validation": "meshredirect.apply.validate",
+    "validate": "meshredirect.apply.validation",
+    "Validation": "meshredirect.apply.validation",
 }
 
 if TYPE_CHECKING:
     from meshredirect.apply.actions import Outcome, apply, cleanup, families_of
     from meshredirect.apply.base import ApplyFailed
-    from meshredirect.apply.validate import Validation, validate
+    from meshredirect.apply.validation import Validation, validate
 
 
 def __getattr__(name: str) -> Any:

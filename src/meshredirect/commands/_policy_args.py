@@ -49,7 +49,19 @@ DNS_FLAGS: Final[dict[str, tuple[str, str]]] = {
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("policy (defaults: Istio's production setting)")
-    group.add_argument("--preset", default="istio", help="start from a preset: istio (default), istio-1.4")
+    group.add_argument("--preset", help="start from a preset: istio (default), istio-1.4, linkerd, kuma")
+    group.add_argument("--policy", metavar="FILE", help="start from a policy file ('-' for standard input)")
+    group.add_argument(
+        "--from-pod",
+        metavar="FILE",
+        help="start from a pod manifest's Istio annotations and container ports (JSON or YAML; '-' for standard input)",
+    )
+    group.add_argument(
+        "--pod-inbound-default",
+        choices=("container-ports", "*"),
+        default="container-ports",
+        help="with --from-pod, the inbound ports without an includeInboundPorts annotation (default: container-ports)",
+    )
     for flag, (field, short, text) in FLAGS.items():
         names = [short, flag] if short else [flag]
         group.add_argument(*names, dest=f"policy_{field}", metavar="VALUE", help=text)
@@ -61,15 +73,15 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dns-port", dest="dns_port", metavar="PORT", help="the agent's DNS port (15053)")
 
 
-def policy_from_arguments(args: argparse.Namespace) -> Any:
-    """Build the policy the flags describe; group names are resolved on this machine."""
+def policy_from_arguments(args: argparse.Namespace, *, base: Any = None, resolve: bool = True) -> Any:
+    """Build the policy the flags describe, over ``base`` (default: :func:`base_policy`); group names are
+    resolved on this machine unless ``resolve`` is false."""
     import attrs
 
     from meshredirect.api import resolve_groups
     from meshredirect.policy import DnsCapture
-    from meshredirect.presets import preset
 
-    policy = preset(args.preset)
+    policy = base_policy(args) if base is None else base
     changes: dict[str, object] = {}
     for key, value in vars(args).items():
         if key.startswith("policy_") and value is not None:
@@ -88,9 +100,58 @@ def policy_from_arguments(args: argparse.Namespace) -> Any:
         changes["dns"] = DnsCapture(**{**attrs.asdict(policy.dns, recurse=False), **dns})
     if changes:
         policy = attrs.evolve(policy, **changes)
-    if policy.unresolved_groups():
+    if resolve and policy.unresolved_groups():
         policy = resolve_groups(policy, _system_group)
     return policy
+
+
+def base_policy(args: argparse.Namespace) -> Any:
+    """The policy the flags start from: a policy file, a pod manifest or a preset (one of them)."""
+    import sys
+
+    from meshredirect.errors import PolicyError
+    from meshredirect.presets import preset
+
+    sources = (("--policy", args.policy), ("--from-pod", args.from_pod), ("--preset", args.preset))
+    given = [f"{flag} {value}" for flag, value in sources if value]
+    if len(given) > 1:
+        raise PolicyError("--policy/--from-pod/--preset", expected="at most one of them", got=", ".join(given))
+    if args.policy:
+        from meshredirect.frontends.policy_file import parse_policy
+
+        return parse_policy(read_input(args.policy, "--policy"), path=_shown(args.policy))
+    if args.from_pod:
+        from meshredirect.frontends.pod import read_pod
+
+        policy, warnings = read_pod(
+            read_input(args.from_pod, "--from-pod"),
+            path=_shown(args.from_pod),
+            inbound_default=args.pod_inbound_default,
+        )
+        for warning in warnings:
+            print(f"meshredirect: warning: {warning}", file=sys.stderr)
+        return policy
+    return preset(args.preset or "istio")
+
+
+def read_input(path: str, flag: str) -> str:
+    """The text of a file named on the command line ('-' for standard input); unreadable is bad input."""
+    import sys
+
+    from meshredirect.errors import PolicyError
+
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise PolicyError(flag, expected="a readable UTF-8 file", got=f"{path} ({reason})") from None
+
+
+def _shown(path: str) -> str:
+    return "<stdin>" if path == "-" else path
 
 
 def _system_group(name: str) -> int | None:

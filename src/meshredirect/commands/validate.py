@@ -13,7 +13,7 @@ from meshredirect.commands._policy_args import add_policy_arguments, policy_from
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from meshredirect.apply.validate import DEFAULT_PROBE_PORT, DEFAULT_TIMEOUT
+    from meshredirect.apply.validation import DEFAULT_PROBE_PORT, DEFAULT_TIMEOUT
 
     add_target_arguments(parser, dry_run=False)
     group = parser.add_argument_group("probe")
@@ -36,7 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import ipaddress
 
-    from meshredirect.apply.validate import validate
+    from meshredirect.apply.validation import validate
     from meshredirect.errors import PolicyError
     from meshredirect.ir import Family
 

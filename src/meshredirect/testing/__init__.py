@@ -28,7 +28,7 @@ Every name is importable from here (loaded on first use):
 ...     assert_loop_free(broken)
 ... except AssertionError as error:
 ...     print(error.headline.split(", e.g. ")[0])
-not loop-free on 1376 classes of connections
+not loop-free on 11 classes of connections
 """
 
 from __future__ import annotations

@@ -110,12 +110,19 @@ class VerdictError(RedirectAssertionError):
 # ----------------------------------------------------------------------------- inputs
 
 
-def as_ruleset(rules: Rules, *, family: str | None = None) -> Ruleset:
+def as_ruleset(
+    rules: Rules,
+    *,
+    family: str | None = None,
+    users: Mapping[str, int] | None = None,
+    groups: Mapping[str, int] | None = None,
+) -> Ruleset:
     """The IR of ``rules``: a Ruleset as is, a Policy compiled, text or a file read by the matching reader.
 
     Text that starts with ``{`` is ``nft -j`` JSON; any other text is iptables
     text (``iptables-save``, ``iptables -S`` or ``iptables-restore`` input;
-    ``family`` ``"ipv4"`` or ``"ipv6"`` when the text does not say).
+    ``family`` ``"ipv4"`` or ``"ipv6"`` when the text does not say; ``users``
+    and ``groups`` resolve owner names as the node would).
 
     >>> from meshredirect.policy import Policy
     >>> len(as_ruleset(Policy()).tables)
@@ -134,16 +141,23 @@ def as_ruleset(rules: Rules, *, family: str | None = None) -> Ruleset:
 
         return compile_policy(rules)
     if isinstance(rules, Path):
-        return _read(rules.read_text(), path=str(rules), family=family)
+        return _read(rules.read_text(), path=str(rules), family=family, users=users, groups=groups)
     if isinstance(rules, str):
-        return _read(rules, path="<rules>", family=family)
+        return _read(rules, path="<rules>", family=family, users=users, groups=groups)
     raise TypeError(
         "expected rules (a Ruleset, a Policy, iptables or nft JSON text, or a Path to such a file), "
         f"got {type(rules).__name__} {rules!r}"
     )
 
 
-def _read(text: str, *, path: str, family: str | None) -> Ruleset:
+def _read(
+    text: str,
+    *,
+    path: str,
+    family: str | None,
+    users: Mapping[str, int] | None,
+    groups: Mapping[str, int] | None,
+) -> Ruleset:
     import importlib
 
     json = text.lstrip().startswith("{")
@@ -157,7 +171,7 @@ def _read(text: str, *, path: str, family: str | None) -> Ruleset:
         ) from None
     if json:
         return reader(text, path=path)  # type: ignore[no-any-return]
-    return reader(text, path=path, family=family)  # type: ignore[no-any-return]
+    return reader(text, path=path, family=family, users=users, groups=groups)  # type: ignore[no-any-return]
 
 
 def environment_for(rules: Rules, env: Environment | None = None) -> Environment:
@@ -169,9 +183,12 @@ def environment_for(rules: Rules, env: Environment | None = None) -> Environment
     >>> environment_for(Policy(outbound_port=15101)).proxy.outbound_port
     15101
     """
+    return _environment(rules, as_ruleset(rules), env)
+
+
+def _environment(rules: Rules, ruleset: Ruleset, env: Environment | None) -> Environment:
     from meshredirect.policy import Policy
 
-    ruleset = as_ruleset(rules)
     if env is not None:
         return env.covering(ruleset)
     if isinstance(rules, Policy):
@@ -222,7 +239,7 @@ def assert_loop_free(rules: Rules, env: Environment | None = None) -> None:
     from meshredirect.testing import _proofs
 
     ruleset = as_ruleset(rules)
-    environment = environment_for(rules, env)
+    environment = _environment(rules, ruleset, env)
     findings = list(_proofs.loop_findings(ruleset, environment))
     if findings:
         findings.sort(key=lambda f: _plainest(f, environment))
@@ -339,7 +356,8 @@ def assert_verdict(
     if not (isinstance(expected, _VERDICT_TYPES) or (isinstance(expected, type) and expected in _VERDICT_TYPES)):
         names = ", ".join(t.__name__ for t in _VERDICT_TYPES)
         raise TypeError(f"expected a verdict or a verdict class ({names}), got {expected!r}")
-    evaluation = evaluate(as_ruleset(rules), connection, environment_for(rules, env))
+    ruleset = as_ruleset(rules)
+    evaluation = evaluate(ruleset, connection, _environment(rules, ruleset, env))
     verdict = evaluation.verdict
     if isinstance(expected, type):
         if isinstance(verdict, expected):

@@ -347,3 +347,33 @@ def test_bad_input_is_refused_with_what_was_expected() -> None:
 def test_as_ruleset_compiles_policies_and_keeps_rulesets() -> None:
     assert as_ruleset(DEFAULT) is DEFAULT
     assert as_ruleset(Policy()) == DEFAULT
+
+
+# ----------------------------------------------------------------------------- the downstream package
+
+
+def test_the_downstream_tests_use_only_the_public_api() -> None:
+    """``tests/downstream`` stands for another project: it imports meshredirect's public names only."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    allowed_roots = {"pytest", "hypothesis", "attrs", "meshredirect", *sys.stdlib_module_names}
+    downstream = Path(__file__).parent / "downstream"
+    files = sorted(downstream.glob("*.py"))
+    assert len(files) >= 5
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [(alias.name, []) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    assert node.module == "conftest", f"{path.name}: relative import of {node.module}"
+                    continue
+                modules = [(node.module or "", [alias.name for alias in node.names])]
+            else:
+                continue
+            for module, names in modules:
+                assert module.split(".")[0] in allowed_roots, f"{path.name}: imports {module}"
+                assert not any(part.startswith("_") for part in module.split(".")), f"{path.name}: {module}"
+                assert not any(name.startswith("_") for name in names), f"{path.name}: {module} {names}"

@@ -55,6 +55,7 @@ _EXPORTS = {
     "mutate": "meshredirect.testing.mutations",
     "NetNamespace": "meshredirect.testing.netns",
     "kernel_unavailable": "meshredirect.testing.netns",
+    "RuleLoader": "meshredirect.testing.pytest_plugin",
     "require_kernel": "meshredirect.testing.pytest_plugin",
     "RulesetCase": "meshredirect.testing.strategies",
     "connections": "meshredirect.testing.strategies",
@@ -81,6 +82,7 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers (the names load lazil
     from meshredirect.testing.mutations import mutate as mutate
     from meshredirect.testing.netns import NetNamespace as NetNamespace
     from meshredirect.testing.netns import kernel_unavailable as kernel_unavailable
+    from meshredirect.testing.pytest_plugin import RuleLoader as RuleLoader
     from meshredirect.testing.pytest_plugin import require_kernel as require_kernel
     from meshredirect.testing.strategies import RulesetCase as RulesetCase
     from meshredirect.testing.strategies import connections as connections

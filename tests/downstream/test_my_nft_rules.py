@@ -1,0 +1,39 @@
+"""Proving that a hand-written nftables ruleset (``data/mesh.nft.json``, as ``nft -j list ruleset``
+prints it) means exactly what a meshredirect policy means."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshredirect import Policy
+from meshredirect.testing import NotEquivalentError, assert_equivalent, assert_loop_free
+
+pytest.importorskip("meshredirect.readers.nftables", reason="the nftables reader is not in this build yet")
+
+# docs-start: nft
+MESH_NFT = Path(__file__).parent / "data" / "mesh.nft.json"
+
+
+def test_my_nft_rules_mean_the_default_policy() -> None:
+    assert_equivalent(MESH_NFT, Policy())  # Istio's defaults, IPv4
+    assert_loop_free(MESH_NFT)
+
+
+# docs-end: nft
+
+
+def test_the_same_rules_in_an_inet_table_also_capture_ipv6() -> None:
+    # docs-start: inet
+    inet = MESH_NFT.read_text().replace('"family": "ip"', '"family": "inet"')
+    with pytest.raises(NotEquivalentError) as caught:
+        assert_equivalent(inet, Policy())
+    # docs-end: inet
+    assert str(caught.value).splitlines()[:4] == [
+        "the rulesets differ on 11 classes of connections, e.g. tcp [fd00::5]:43210 -> [2001:db8:ffff::10]:8080 "
+        "local uid=1000 gid=1000 out eth0",
+        "  first:  redirected to [::1]:15001",
+        "  second: passed to [2001:db8:ffff::10]:8080 (sent out)",
+        "  differs in: verdict",
+    ]

@@ -379,3 +379,15 @@ def test_the_downstream_tests_use_only_the_public_api() -> None:
                 assert module.split(".")[0] in allowed_roots, f"{path.name}: imports {module}"
                 assert not any(part.startswith("_") for part in module.split(".")), f"{path.name}: {module}"
                 assert not any(name.startswith("_") for name in names), f"{path.name}: {module} {names}"
+
+
+def test_the_failure_shown_in_the_docs_is_the_real_one() -> None:
+    from pathlib import Path
+
+    page = (Path(__file__).parent.parent / "docs" / "testing.md").read_text()
+    with pytest.raises(LoopError) as caught:
+        assert_loop_free(mutate(DEFAULT, Mutation.DROP_PASSTHROUGH))
+    lines = str(caught.value).splitlines()
+    step2 = lines.index("trace of step 2: tcp 127.0.0.6:43210 -> 10.0.0.5:8080 local uid=1337 gid=1337 out lo")
+    for line in [*lines[:5], *lines[step2 : step2 + 5]]:
+        assert f"\n{line}\n" in page, line

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from meshredirect import Policy
-from meshredirect.testing import NotEquivalentError, assert_equivalent, assert_loop_free
+from meshredirect.testing import NetNamespace, NotEquivalentError, assert_equivalent, assert_loop_free
 
 pytest.importorskip("meshredirect.readers.nftables", reason="the nftables reader is not in this build yet")
 
@@ -37,3 +37,10 @@ def test_the_same_rules_in_an_inet_table_also_capture_ipv6() -> None:
         "  second: passed to [2001:db8:ffff::10]:8080 (sent out)",
         "  differs in: verdict",
     ]
+
+
+@pytest.mark.kernel
+def test_the_kernel_lists_rules_that_still_mean_the_policy(netns: NetNamespace) -> None:
+    netns.run(["nft", "-j", "-f", str(MESH_NFT)])
+    listed = netns.run(["nft", "-j", "list", "ruleset"]).stdout
+    assert_equivalent(listed, Policy())

@@ -42,14 +42,12 @@ from __future__ import annotations
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from meshredirect.ir import Ruleset
+from meshredirect.policy import Policy
 from meshredirect.semantics.interpreter import Dropped, Passed, Redirected, TProxied, Unknown, Verdict, evaluate
 from meshredirect.semantics.model import Connection, Environment, Origin
-
-if TYPE_CHECKING:
-    from meshredirect.policy import Policy
 
 __all__ = [
     "BypassError",
@@ -67,7 +65,7 @@ __all__ = [
 ]
 
 #: Anything the assertions accept as rules.
-Rules: TypeAlias = "Ruleset | Policy | str | Path"
+Rules: TypeAlias = Ruleset | Policy | str | Path
 #: How many counterexamples beyond the first a failure lists (one line each).
 MORE_EXAMPLES: Final = 4
 _VERDICT_TYPES: Final = typing.get_args(Verdict)
@@ -132,8 +130,6 @@ def as_ruleset(
     ...
     TypeError: expected rules (a Ruleset, a Policy, iptables or nft JSON text, or a Path to such a file), got int 42
     """
-    from meshredirect.policy import Policy
-
     if isinstance(rules, Ruleset):
         return rules
     if isinstance(rules, Policy):
@@ -187,8 +183,6 @@ def environment_for(rules: Rules, env: Environment | None = None) -> Environment
 
 
 def _environment(rules: Rules, ruleset: Ruleset, env: Environment | None) -> Environment:
-    from meshredirect.policy import Policy
-
     if env is not None:
         return env.covering(ruleset)
     if isinstance(rules, Policy):
@@ -198,8 +192,6 @@ def _environment(rules: Rules, ruleset: Ruleset, env: Environment | None) -> Env
 
 def _policy_of(policy_or_exclusions: Policy | Mapping[str, Any]) -> Policy:
     import attrs
-
-    from meshredirect.policy import Policy
 
     if isinstance(policy_or_exclusions, Policy):
         return policy_or_exclusions
@@ -302,8 +294,6 @@ def assert_equivalent(a: Rules, b: Rules, env: Environment | None = None) -> Non
     from meshredirect.semantics.equivalence import equivalent
 
     first, second = as_ruleset(a), as_ruleset(b)
-    from meshredirect.policy import Policy
-
     if env is None:
         policy = a if isinstance(a, Policy) else b if isinstance(b, Policy) else None
         env = Environment.for_policy(policy) if policy is not None else Environment.default()

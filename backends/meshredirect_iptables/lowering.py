@@ -222,8 +222,8 @@ class IptablesLowering:
         if isinstance(match, AddressMatch):
             networks = [n for n in match.addresses if family is Family.INET or n.version == family.version]
             if not networks:
-                # No address of this family: a positive match never holds, a negated one always does.
-                return [(match, None)] if match.negate else []
+                # No member of this family: the match never holds, negated or not (the IR's meaning).
+                return []
             if match.negate and len(networks) > 1:
                 raise UnsupportedError(
                     self.name, match, "iptables cannot negate a set of several addresses in one rule"
@@ -279,8 +279,6 @@ class IptablesLowering:
                 return
             case AddressMatch():
                 option = "-s" if node.direction is Direction.SOURCE else "-d"
-                if payload is None:
-                    return  # negated match of an address of the other family: always true
                 assert isinstance(payload, (ipaddress.IPv4Network, ipaddress.IPv6Network))
                 parts.set_basic(option, [*neg, option, _network(payload)], node, self.name)
             case InterfaceMatch():

@@ -210,7 +210,9 @@ class FamilyMatch:
 class AddressMatch:
     """The source or destination address is (not) inside ``addresses``.
 
-    An address of the other IP version never matches, negated or not.
+    Only the members of the packet's IP version count, and a set with no member of
+    that version never matches, negated or not (as nft's ``ip6 daddr != X`` never
+    matches an IPv4 packet).
     """
 
     direction: Direction

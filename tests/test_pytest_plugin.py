@@ -34,6 +34,11 @@ def test_tproxy_routing_comes_with_the_policy(load_rules):
     assert "-j TPROXY --on-port 15006" in ns.run(["iptables-legacy-save", "-t", "mangle"]).stdout
 
 
+def test_nftables_through_the_apply_layer(load_rules):
+    ns = load_rules(Policy(), backend="nftables")
+    assert "redirect to :15001" in ns.run(["nft", "list", "ruleset"]).stdout
+
+
 @pytest.fixture
 def redirect_rules():
     return Policy(outbound_ports_exclude="22")
@@ -89,10 +94,11 @@ def test_a_users_suite_runs_its_kernel_tests_with_the_fixtures(tmp_path: Path) -
     require_kernel()
     result = run_suite(tmp_path, test_suite=SUITE, test_undefined=UNDEFINED)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "3 passed, 1 error" in result.stdout
+    assert "4 passed, 1 error" in result.stdout
     assert "PASSED test_suite.py::test_three_lines" in result.stdout
     assert "PASSED test_suite.py::test_loaded_namespace" in result.stdout
     assert "PASSED test_suite.py::test_tproxy_routing_comes_with_the_policy" in result.stdout
+    assert "PASSED test_suite.py::test_nftables_through_the_apply_layer" in result.stdout
     # loaded_namespace without the rules to load: the message says which fixture to define
     assert "_ ERROR at setup of test_needs_rules _" in result.stdout
     assert (
@@ -104,15 +110,15 @@ def test_a_users_suite_runs_its_kernel_tests_with_the_fixtures(tmp_path: Path) -
 def test_without_the_kernel_the_fixtures_skip_with_the_reason(tmp_path: Path) -> None:
     result = run_suite(tmp_path, env=without_ip(), test_suite=SUITE)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 skipped" in result.stdout
+    assert "4 skipped" in result.stdout
     assert "test_suite.py:6: needs iproute2 ('ip'); install the Debian package iproute2" in result.stdout
-    assert "test_suite.py:22: needs iproute2 ('ip'); install the Debian package iproute2" in result.stdout
+    assert "test_suite.py:27: needs iproute2 ('ip'); install the Debian package iproute2" in result.stdout
 
 
 def test_with_require_kernel_set_the_fixtures_fail_instead(tmp_path: Path) -> None:
     result = run_suite(tmp_path, env=without_ip(MESHREDIRECT_REQUIRE_KERNEL="1"), test_suite=SUITE)
     assert result.returncode == 1
-    assert "3 errors" in result.stdout
+    assert "4 errors" in result.stdout
     assert "_ ERROR at setup of test_three_lines _" in result.stdout
     message = "_\nreal-kernel test cannot run: needs iproute2 ('ip'); install the Debian package iproute2\n"
-    assert result.stdout.count(message) == 3
+    assert result.stdout.count(message) == 4

@@ -12,20 +12,31 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from conftest import require_kernel
-
-SUITE = """
-import pytest
-from meshredirect.policy import Policy
+from meshredirect.testing import pytest_plugin
 
 
-def test_three_lines(load_rules):
-    ns = load_rules(Policy())
-    assert "-m owner --uid-owner 1337 -j RETURN" in ns.run(["iptables-save"]).stdout
+def docstring_example() -> str:
+    """The complete test module the plugin's docstring shows (the indented block after "A complete test module")."""
+    text = pytest_plugin.__doc__ or ""
+    block = text[text.index("A complete test module") :].split("::\n\n", 1)[1]
+    lines = []
+    for line in block.splitlines():
+        if line and not line.startswith("    "):
+            break
+        lines.append(line)
+    return textwrap.dedent("\n".join(lines)) + "\n"
+
+
+EXAMPLE = docstring_example()
+
+MORE = """
+from meshredirect import Policy
 
 
 def test_tproxy_routing_comes_with_the_policy(load_rules):
@@ -37,16 +48,6 @@ def test_tproxy_routing_comes_with_the_policy(load_rules):
 def test_nftables_through_the_apply_layer(load_rules):
     ns = load_rules(Policy(), backend="nftables")
     assert "redirect to :15001" in ns.run(["nft", "list", "ruleset"]).stdout
-
-
-@pytest.fixture
-def redirect_rules():
-    return Policy(outbound_ports_exclude="22")
-
-
-@pytest.mark.kernel
-def test_loaded_namespace(loaded_namespace):
-    assert "--dport 22 -j RETURN" in loaded_namespace.run(["iptables-save", "-t", "nat"]).stdout
 """
 
 UNDEFINED = """
@@ -92,13 +93,13 @@ def without_ip(**extra: str) -> dict[str, str]:
 @pytest.mark.kernel
 def test_a_users_suite_runs_its_kernel_tests_with_the_fixtures(tmp_path: Path) -> None:
     require_kernel()
-    result = run_suite(tmp_path, test_suite=SUITE, test_undefined=UNDEFINED)
+    result = run_suite(tmp_path, test_example=EXAMPLE, test_more=MORE, test_undefined=UNDEFINED)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "4 passed, 1 error" in result.stdout
-    assert "PASSED test_suite.py::test_three_lines" in result.stdout
-    assert "PASSED test_suite.py::test_loaded_namespace" in result.stdout
-    assert "PASSED test_suite.py::test_tproxy_routing_comes_with_the_policy" in result.stdout
-    assert "PASSED test_suite.py::test_nftables_through_the_apply_layer" in result.stdout
+    assert "PASSED test_example.py::test_the_proxy_is_exempt" in result.stdout
+    assert "PASSED test_example.py::test_the_exclusion_is_loaded" in result.stdout
+    assert "PASSED test_more.py::test_tproxy_routing_comes_with_the_policy" in result.stdout
+    assert "PASSED test_more.py::test_nftables_through_the_apply_layer" in result.stdout
     # loaded_namespace without the rules to load: the message says which fixture to define
     assert "_ ERROR at setup of test_needs_rules _" in result.stdout
     assert (
@@ -108,17 +109,16 @@ def test_a_users_suite_runs_its_kernel_tests_with_the_fixtures(tmp_path: Path) -
 
 
 def test_without_the_kernel_the_fixtures_skip_with_the_reason(tmp_path: Path) -> None:
-    result = run_suite(tmp_path, env=without_ip(), test_suite=SUITE)
+    result = run_suite(tmp_path, env=without_ip(), test_example=EXAMPLE, test_more=MORE)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 skipped" in result.stdout
-    assert "test_suite.py:6: needs iproute2 ('ip'); install the Debian package iproute2" in result.stdout
-    assert "test_suite.py:27: needs iproute2 ('ip'); install the Debian package iproute2" in result.stdout
+    assert result.stdout.count(": needs iproute2 ('ip'); install the Debian package iproute2") == 4
 
 
 def test_with_require_kernel_set_the_fixtures_fail_instead(tmp_path: Path) -> None:
-    result = run_suite(tmp_path, env=without_ip(MESHREDIRECT_REQUIRE_KERNEL="1"), test_suite=SUITE)
+    result = run_suite(tmp_path, env=without_ip(MESHREDIRECT_REQUIRE_KERNEL="1"), test_example=EXAMPLE, test_more=MORE)
     assert result.returncode == 1
     assert "4 errors" in result.stdout
-    assert "_ ERROR at setup of test_three_lines _" in result.stdout
+    assert "_ ERROR at setup of test_the_proxy_is_exempt _" in result.stdout
     message = "_\nreal-kernel test cannot run: needs iproute2 ('ip'); install the Debian package iproute2\n"
     assert result.stdout.count(message) == 4

@@ -3,11 +3,26 @@
 Installing meshredirect registers this module with pytest (entry point
 ``pytest11``, name ``meshredirect``): its fixtures are there in every test
 suite of the environment, without a ``conftest.py`` line. A real-kernel test
-then takes three lines::
+then takes three lines. A complete test module (``tests/test_pytest_plugin.py``
+runs this very example, as root and without the kernel)::
+
+    import pytest
+    from meshredirect import Policy
+
 
     def test_the_proxy_is_exempt(load_rules):
         ns = load_rules(Policy())
-        assert "--uid-owner 1337 -j RETURN" in ns.run(["iptables-save"]).stdout
+        assert "-m owner --uid-owner 1337 -j RETURN" in ns.run(["iptables-save"]).stdout
+
+
+    @pytest.fixture
+    def redirect_rules():
+        return Policy(outbound_ports_exclude="22")
+
+
+    @pytest.mark.kernel
+    def test_the_exclusion_is_loaded(loaded_namespace):
+        assert "--dport 22 -j RETURN" in loaded_namespace.run(["iptables-save", "-t", "nat"]).stdout
 
 Fixtures (each test gets its own namespace, deleted after it, also when it fails):
 
@@ -44,7 +59,7 @@ leaves them out).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 import pytest
@@ -176,6 +191,6 @@ def redirect_rules() -> Policy | Ruleset | str:
 
 
 @pytest.fixture
-def loaded_namespace(load_rules: Callable[..., NetNamespace], redirect_rules: Policy | Ruleset | str) -> NetNamespace:
+def loaded_namespace(load_rules: RuleLoader, redirect_rules: Policy | Ruleset | str) -> NetNamespace:
     """The test's namespace with ``redirect_rules`` loaded."""
     return load_rules(redirect_rules)

@@ -40,6 +40,11 @@ _EXPORTS = {
     "BackendNotFoundError": "meshredirect.errors",
     "SourceError": "meshredirect.errors",
     "EnvironmentProblem": "meshredirect.errors",
+    "evaluate": "meshredirect.semantics.interpreter",
+    "check": "meshredirect.semantics.check",
+    "equivalent": "meshredirect.semantics.equivalence",
+    "Connection": "meshredirect.semantics.model",
+    "Environment": "meshredirect.semantics.model",
     "ALL": "meshredirect.values",
     "PortSet": "meshredirect.values",
     "AddressSet": "meshredirect.values",
@@ -52,7 +57,9 @@ __all__ = [
     "PRESETS",
     "AddressSet",
     "BackendNotFoundError",
+    "Connection",
     "DnsCapture",
+    "Environment",
     "EnvironmentProblem",
     "Family",
     "IdSet",
@@ -68,7 +75,10 @@ __all__ = [
     "UnsafePolicyError",
     "UnsupportedError",
     "available_backends",
+    "check",
     "compile_policy",
+    "equivalent",
+    "evaluate",
     "get_backend",
     "preset",
     "render",
@@ -91,6 +101,10 @@ if TYPE_CHECKING:
     from meshredirect.ir import Family, Ruleset
     from meshredirect.policy import DEFAULT_POLICY, DnsCapture, InterceptionMode, LoopbackCapture, Policy
     from meshredirect.presets import PRESETS, preset
+    from meshredirect.semantics.check import check
+    from meshredirect.semantics.equivalence import equivalent
+    from meshredirect.semantics.interpreter import evaluate
+    from meshredirect.semantics.model import Connection, Environment
     from meshredirect.values import ALL, AddressSet, IdSet, PortSet
 
 

@@ -28,6 +28,8 @@ EXIT_ENVIRONMENT: Final = 3
 COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "compile": ("meshredirect.commands.compile", "compile a policy to rules for a backend"),
     "backends": ("meshredirect.commands.backends", "list the installed backends"),
+    "trace": ("meshredirect.commands.trace", "follow one connection through the rules and the proxy"),
+    "check": ("meshredirect.commands.check", "prove a policy's rules loop-free and complete"),
     "apply": ("meshredirect.commands.apply", "load a policy's rules into a network namespace"),
     "cleanup": ("meshredirect.commands.cleanup", "remove our rules and routing from a network namespace"),
     "validate": ("meshredirect.commands.validate", "check with real connections that capture works"),

@@ -267,7 +267,7 @@ class _FamilyCompiler:
                 out += self.port_rules(Return(), (), _ports(Protocol.UDP, p.outbound_ports_exclude))
         # The proxy's inbound passthrough connects to the app from this address over lo: never capture it.
         out.append(_rule(Return(), _src([self.passthrough]), _oif(LOOPBACK_INTERFACE)))
-        if p.inbound_mode is InterceptionMode.TPROXY and p.captures_inbound:
+        if p.inbound_mode is InterceptionMode.TPROXY:
             # In TPROXY mode the proxy connects to the app from the original source, with the TPROXY
             # mark on its socket: that is its passthrough, never to be captured (the hairpin below
             # would send it back to the inbound port, a loop).
@@ -312,12 +312,17 @@ class _FamilyCompiler:
             owners.append(_gid(self.p.proxy_gids))
         return owners
 
+    def hairpin_skip(self) -> list[int]:
+        """Ports of the proxy's own connections over lo that the hairpin leaves alone."""
+        skip: list[int] = [self.p.inbound_tunnel_port] if self.p.inbound_tunnel_port is not None else []
+        if self.dns:
+            skip.append(DNS_PORT)
+        return skip
+
     def hairpin(self, out: list[Rule]) -> None:
         """Local connections over lo to the pod's own address go to the inbound port."""
         p, n = self.p, self.names
-        skip: list[int] = [p.inbound_tunnel_port] if p.inbound_tunnel_port is not None else []
-        if self.dns:
-            skip.append(DNS_PORT)
+        skip = self.hairpin_skip()
         ports: Match = _ports(Protocol.TCP, PortSet.of(*skip), negate=True) if skip else TCP
         base: tuple[Match, ...] = (_dst([self.loopback], negate=True), _oif(LOOPBACK_INTERFACE))
         match p.loopback_capture:
@@ -325,6 +330,11 @@ class _FamilyCompiler:
                 pass
             case LoopbackCapture.ALL:
                 out.append(Rule(matches=base + ((ports,) if skip else ()), target=Jump(chain=n.in_redirect)))
+                if p.inbound_tunnel_port is not None:
+                    # The tunnel port is the proxy's own listener: connections to it over lo stay direct
+                    # (else an app's would fall through to the outbound capture).
+                    tunnel = _ports(Protocol.TCP, PortSet.of(p.inbound_tunnel_port))
+                    out.append(Rule(matches=(*base, tunnel), target=Return()))
             case LoopbackCapture.PROXY:
                 for owner in self.proxy_owners():
                     out.append(Rule(matches=(*base, ports, owner), target=Jump(chain=n.in_redirect)))
@@ -366,7 +376,10 @@ class _FamilyCompiler:
         for iface in p.exclude_interfaces:
             inbound.append(_rule(Return(), _iif(iface)))
         for iface in p.reroute_interfaces:
-            # Traffic arriving on a rerouted interface (a VM bridged into the pod) is treated as outbound.
+            # Traffic arriving on a rerouted interface (a VM bridged into the pod) is treated as outbound,
+            # outbound port exclusions included.
+            if p.outbound_ports_exclude:
+                inbound += self.port_rules(Return(), (_iif(iface),), _ports(Protocol.TCP, p.outbound_ports_exclude))
             inbound.append(_rule(Jump(chain=n.outbound), _iif(iface)))
             inbound.append(_rule(Return(), _iif(iface)))
         if redirect_inbound:
@@ -400,7 +413,9 @@ class _FamilyCompiler:
         hairpin_mark = mark + HAIRPIN_MARK_OFFSET
         self.mangle.hook(Hook.PREROUTING).append(_rule(Jump(chain=n.inbound), TCP))
         inbound = self.mangle.chain(n.inbound)
-        for iface in p.exclude_interfaces:
+        # Rerouted interfaces carry outbound traffic (nat PREROUTING sends it to the outbound port):
+        # never TPROXY it to the inbound port.
+        for iface in (*p.exclude_interfaces, *p.reroute_interfaces):
             inbound.append(_rule(Return(), _iif(iface)))
         # Packets the proxy marked (its transparent connections to the app) keep the mark on the
         # connection, so the app's replies can be routed back to the proxy; they are never captured.
@@ -421,7 +436,11 @@ class _FamilyCompiler:
         for iface in p.exclude_interfaces:
             out.append(_rule(Return(), _oif(iface)))
         out.append(_rule(Return(), _oif(LOOPBACK_INTERFACE), MarkMatch(value=mark)))
-        # Without a hairpin no local connection is marked for capture over lo.
+        # The same connections as the nat hairpin: the tunnel port and (with DNS capture) the proxy's
+        # own DNS queries to a resolver on the pod are not marked, so not captured inbound. Without a
+        # hairpin no local connection is marked for capture over lo.
+        skip = self.hairpin_skip()
+        ports: Match = _ports(Protocol.TCP, PortSet.of(*skip), negate=True) if skip else TCP
         hairpin_owners = [] if p.loopback_capture is LoopbackCapture.NONE else self.proxy_owners()
         for owner in hairpin_owners:
             out.append(
@@ -429,7 +448,7 @@ class _FamilyCompiler:
                     SetMark(value=hairpin_mark),
                     _dst([self.loopback], negate=True),
                     _oif(LOOPBACK_INTERFACE),
-                    TCP,
+                    ports,
                     owner,
                 )
             )

@@ -63,6 +63,8 @@ MAX_INTERFACE_NAME: Final = 15
 RESERVED_ROUTE_TABLES: Final = frozenset({0, 253, 254, 255})
 #: Istio's agent answers DNS on this port.
 DEFAULT_DNS_PORT: Final = 15053
+#: The port DNS queries go to (what DNS capture redirects).
+DNS_QUERY_PORT: Final = 53
 LOOPBACK_V4: Final = ipaddress.IPv4Network("127.0.0.0/8")
 LOOPBACK_V6: Final = ipaddress.IPv6Network("::1/128")
 
@@ -610,6 +612,12 @@ class Policy:
                     name, reason=f"the proxy's listeners need distinct ports; {seen[port]} is {port} too", got=port
                 )
             seen[port] = name
+        if self.dns.enabled and DNS_QUERY_PORT in seen and seen[DNS_QUERY_PORT] != "dns.port":
+            raise UnsafePolicyError(
+                seen[DNS_QUERY_PORT],
+                reason=f"DNS capture redirects connections to port {DNS_QUERY_PORT}, so no proxy listener can use it",
+                got=DNS_QUERY_PORT,
+            )
         if isinstance(self.inbound_ports, PortSet):
             overlap = _intersection(self.inbound_ports, self.inbound_ports_exclude)
             if overlap:

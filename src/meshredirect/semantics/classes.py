@@ -450,6 +450,7 @@ class ClassSpace:
         if protocols is None:
             protocols = list(dict.fromkeys([*BASE_PROTOCOLS, *found.protocols]))
         self.protocols = tuple(protocols)
+        self._classes: dict[tuple[Any, ...], tuple[ValueClass, ...]] = {}
         self.roots = tuple(
             self._root(family, origin, protocol)
             for family in self.families
@@ -467,26 +468,41 @@ class ClassSpace:
                 protocols.append(other)
         return tuple(protocols)
 
+    def _memo(self, key: tuple[Any, ...], make: Any) -> tuple[ValueClass, ...]:
+        """Classes shared by several roots, computed once."""
+        found = self._classes.get(key)
+        if found is None:
+            found = self._classes[key] = tuple(make())
+        return found
+
     def _root(self, family: Family, origin: Origin, protocol: Protocol) -> Root:
         k = self.constants
         env = self.env
         preferred = [a for a in k.preferred if a.version == family.version]
         pod = env.pod_address(family)
         src_preferred = [pod, env.proxy.passthrough_for(family), *preferred]
-        src = address_classes(family, k.networks.get((family, Direction.SOURCE), []), src_preferred)
-        dst = address_classes(
-            family, k.networks.get((family, Direction.DESTINATION), []), [*NICE_ADDRESSES(family), pod, *preferred]
+        src = self._memo(
+            ("src", family),
+            lambda: address_classes(family, k.networks.get((family, Direction.SOURCE), []), src_preferred),
+        )
+        dst = self._memo(
+            ("dst", family),
+            lambda: address_classes(
+                family, k.networks.get((family, Direction.DESTINATION), []), [*_nice_addresses(family), pod, *preferred]
+            ),
         )
         dims: dict[str, tuple[ValueClass, ...]] = {}
         if origin is Origin.REMOTE:
-            src = [c for c in src if not (env.is_local(c.value) or env.is_loopback(c.value))]
+            src = tuple(c for c in src if not (env.is_local(c.value) or env.is_loopback(c.value)))
         dims["src"] = tuple(src)
         dims["dst"] = tuple(dst)
         if protocol in PORTED:
             sports = [ps.intervals for ps in k.ports.get((protocol, Direction.SOURCE), [])]
             dports = [ps.intervals for ps in (*k.ports.get((protocol, Direction.DESTINATION), []), *k.any_ports)]
-            dims["sport"] = tuple(int_classes(1, MAX_PORT, sports, [DEFAULT_SOURCE_PORT]))
-            dims["dport"] = tuple(int_classes(1, MAX_PORT, dports, NICE_PORTS))
+            dims["sport"] = self._memo(
+                ("sport", protocol), lambda: int_classes(1, MAX_PORT, sports, [DEFAULT_SOURCE_PORT])
+            )
+            dims["dport"] = self._memo(("dport", protocol), lambda: int_classes(1, MAX_PORT, dports, NICE_PORTS))
         else:
             dims["sport"] = (ValueClass(value=NO_PORT),)
             dims["dport"] = (ValueClass(value=NO_PORT),)
@@ -495,9 +511,13 @@ class ClassSpace:
             proxy = env.proxy
             uids = [s.intervals for s in k.ids.get(OwnerKind.UID, [])]
             gids = [s.intervals for s in k.ids.get(OwnerKind.GID, [])]
-            dims["uid"] = tuple(int_classes(0, MAX_ID, uids, [DEFAULT_APP_UID, proxy.uid, 0, 65534]))
-            dims["gid"] = tuple(int_classes(0, MAX_ID, gids, [DEFAULT_APP_GID, proxy.gid, 0, 65534]))
-            dims["mark"] = tuple(ValueClass(value=m) for m in mark_classes(k.marks))
+            dims["uid"] = self._memo(
+                ("uid",), lambda: int_classes(0, MAX_ID, uids, [DEFAULT_APP_UID, proxy.uid, 0, 65534])
+            )
+            dims["gid"] = self._memo(
+                ("gid",), lambda: int_classes(0, MAX_ID, gids, [DEFAULT_APP_GID, proxy.gid, 0, 65534])
+            )
+            dims["mark"] = self._memo(("mark",), lambda: [ValueClass(value=m) for m in mark_classes(k.marks)])
         else:
             names = [n for n in env.interface_names if n != LOOPBACK_INTERFACE]
             names.sort(key=lambda n: n != env.default_interface)
@@ -562,7 +582,7 @@ class ClassSpace:
         return "; ".join(parts)
 
 
-def NICE_ADDRESSES(family: Family) -> tuple[IPAddress, ...]:
+def _nice_addresses(family: Family) -> tuple[IPAddress, ...]:
     return tuple(ipaddress.ip_address(a) for a in NICE_REMOTE[family.version])
 
 

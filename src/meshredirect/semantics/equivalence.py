@@ -18,7 +18,7 @@ is a difference too: equivalence that cannot be proven is not claimed.
 >>> equivalent(compile_policy(Policy()), compile_policy(Policy(one_rule_per_port=True)))
 ()
 >>> differences = equivalent(compile_policy(Policy()), compile_policy(Policy(inbound_ports_exclude="22")))
->>> to_pod = [d for d in differences if str(d.example.dst) == "10.0.0.5"]
+>>> to_pod = [d for d in differences if str(d.example.dst) == "10.0.0.5" and d.example.dport == 22]
 >>> print(to_pod[0].example)
 tcp 203.0.113.10:43210 -> 10.0.0.5:22 remote in eth0
 >>> print(to_pod[0].first.verdict, "|", to_pod[0].second.verdict)

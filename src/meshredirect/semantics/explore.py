@@ -4,28 +4,31 @@ The proof enumeration (:mod:`meshredirect.semantics.classes`) splits every
 dimension of a connection (source, destination, ports, uid, gid, mark,
 interface...) into classes such that every test the rules, the environment
 and the checks make is constant on each class. The product of the classes is
-large (often millions); most of it is never distinguished by any path through
+large (often millions); most of it is never told apart by any path through
 the rules. :class:`Explorer` therefore runs a program (an evaluation and the
-properties checked on it) once per *path*: every test the program makes on a
-dimension goes through :meth:`Run.decide`, which records the outcome and the
-set of classes giving the same outcome. After a run, every alternative
-outcome of every recorded test that is still possible opens a new run (depth
-first), restricted to the classes that lead there. Each run covers a
-*region* (a product of class subsets, one per dimension) on which the program
-behaves identically, and the regions partition the whole product: together
-they are a proof over every class combination, with far fewer runs.
+properties checked on it) once per *path*. Every test the program makes on a
+dimension goes through :meth:`Run.decide` (one test) or :meth:`Run.decide_all`
+(a conjunction of tests, such as the matches of one rule): the run follows the
+outcome of its representative connection, its *region* shrinks to the classes
+with that outcome, and the rest of the region (the other outcomes) is kept
+for later runs. A region is a union of disjoint *boxes* (a box picks a subset
+of classes in every dimension), so "the rule does not match" stays one region
+whichever of its matches fails. Each run covers a region on which the
+program behaves identically, and the regions partition the whole product:
+together they are a proof over every class combination, with far fewer runs.
 
 Soundness rests on one rule: the program branches on a dimension's value only
-through :meth:`Run.decide`. ``tests/test_explore.py`` checks it by comparing
-the explorer with brute-force enumeration of the full product.
+through :meth:`Run.decide` / :meth:`Run.decide_all`. ``tests/test_explore.py``
+checks it by comparing the explorer with brute-force enumeration of the full
+product.
 
 >>> explorer = Explorer({"x": [0, 1, 2, 3], "y": ["a", "b"]})
 >>> def program(run):
-...     if run.decide("x", lambda v: v >= 2):
-...         return "big"
-...     return "small-" + run.decide("y", str.upper)
+...     if run.decide_all([("x", lambda v: v >= 2, True), ("y", str.upper, "A")]):
+...         return "big A"
+...     return "other " + run.decide("y", str.upper)
 >>> sorted((leaf.result, leaf.size) for leaf in explorer.explore(program))
-[('big', 4), ('small-A', 2), ('small-B', 2)]
+[('big A', 2), ('other A', 2), ('other B', 4)]
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import attrs
 
 from meshredirect.values import MAX_MARK
 
-__all__ = ["Eq", "Explorer", "In", "Leaf", "MarkSym", "Run", "Sym", "Tracer"]
+__all__ = ["Eq", "Explorer", "In", "Leaf", "MarkSym", "Run", "Sym", "Tracer", "probe", "probe_all"]
 
 R = TypeVar("R")
 
@@ -91,73 +94,214 @@ class Tracer:
     def decide(self, sym: Sym, key: Callable[[Any], Hashable]) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def peek(self, sym: Sym, key: Callable[[Any], Hashable]) -> tuple[bool, Any]:  # pragma: no cover - interface
+        """(uniform, outcome): whether ``key`` has one outcome on the whole current region, without deciding."""
+        raise NotImplementedError
 
-@attrs.frozen
-class _Decision:
-    dim: str
-    mask: int
-    alternatives: tuple[int, ...]
+    def decide_all(self, atoms: Sequence[Atom]) -> bool:  # pragma: no cover - interface
+        """Whether every test of a conjunction gives its wanted outcome."""
+        raise NotImplementedError
+
+    def outcome(self, sym: Sym, key: Callable[[Any], Hashable]) -> Any:  # pragma: no cover - interface
+        """``key`` of the representative's value, without deciding anything."""
+        raise NotImplementedError
+
+    def resolve(
+        self, sym: Sym, key: Callable[[Any], Hashable]
+    ) -> tuple[int, Any, dict[Hashable, int]]:  # pragma: no cover
+        """(position of the dimension, the representative's outcome, every outcome's classes)."""
+        raise NotImplementedError
+
+    def decide_resolved(self, position: int, outcome: Any, outcomes: dict[Hashable, int]) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def decide_constraints(self, constraints: Mapping[int, int], holds: bool) -> bool:  # pragma: no cover
+        raise NotImplementedError
+
+
+def probe(tracer: Tracer | None, value: Any, sym: Sym | None, key: Callable[[Any], Hashable]) -> Any:
+    """``key(value)``; through ``tracer`` when the value stands for a dimension (``sym``)."""
+    if tracer is None or sym is None:
+        return key(value)
+    return tracer.decide(sym, key)
+
+
+def probe_all(
+    tracer: Tracer | None, tests: Sequence[tuple[Any, Sym | None, Callable[[Any], Hashable], Hashable]]
+) -> bool:
+    """Whether every ``key(value) == wanted``, decided as one conjunction (see :meth:`Run.decide_all`)."""
+    atoms: list[Atom] = []
+    for value, sym, key, wanted in tests:
+        if tracer is None or sym is None:
+            if key(value) != wanted:
+                return False
+        else:
+            atoms.append((sym, key, wanted))
+    return tracer.decide_all(atoms) if tracer is not None and atoms else True
+
+
+#: A box: for each dimension (in the explorer's order), a bit mask of the classes it holds.
+Box: TypeAlias = tuple[int, ...]
+#: One test of a conjunction: the symbolic value, the test, and the outcome wanted.
+Atom: TypeAlias = tuple["Sym", Callable[[Any], Hashable], Hashable]
 
 
 class Run(Tracer):
-    """One run of a program: the representative values of its region, and the tests it made."""
+    """One run of a program: the representative values of its region, and the regions it left for later."""
 
-    def __init__(self, explorer: Explorer, region: dict[str, int]) -> None:
+    def __init__(self, explorer: Explorer, region: list[Box]) -> None:
         self.explorer = explorer
         self.region = region
-        self.narrowed = dict(region)
-        self.decisions: list[_Decision] = []
-        self.index = {dim: _lowest_bit(mask) for dim, mask in region.items()}
+        self.alternatives: list[list[Box]] = []
+        self.index = tuple(_lowest_bit(mask) for mask in region[0])
 
     def value(self, dim: str) -> Any:
         """The representative value of ``dim`` in this run."""
-        return self.explorer.values[dim][self.index[dim]]
+        position = self.explorer.position[dim]
+        return self.explorer.values[dim][self.index[position]]
+
+    def resolve(self, sym: Sym, key: Callable[[Any], Hashable]) -> tuple[int, Any, dict[Hashable, int]]:
+        """(position of the dimension, the representative's outcome, every outcome's classes)."""
+        if isinstance(sym, str):
+            fast = self.explorer.fast.get(id(key))
+            if fast is not None:
+                entry = fast.get(sym)
+                if entry is not None and entry[0] is key:
+                    position = entry[1]
+                    return position, entry[3][self.index[position]], entry[2]
+            dim: str = sym
+            transform = None
+        else:
+            dim, transform = sym.dim, (sym.and_mask, sym.xor)
+        outcomes = self.explorer.partition(dim, key, transform)
+        position = self.explorer.position[dim]
+        bit = 1 << self.index[position]
+        for outcome, mask in outcomes.items():
+            if mask & bit:
+                return position, outcome, outcomes
+        raise AssertionError("every class has an outcome")
+
+    def outcome(self, sym: Sym, key: Callable[[Any], Hashable]) -> Any:
+        """``key`` of the representative's value, without deciding anything."""
+        return self.resolve(sym, key)[1]
+
+    def peek(self, sym: Sym, key: Callable[[Any], Hashable]) -> tuple[bool, Any]:
+        position, outcome, outcomes = self.resolve(sym, key)
+        mask = outcomes[outcome]
+        return all(not (box[position] & ~mask) for box in self.region), outcome
 
     def decide(self, sym: Sym, key: Callable[[Any], Hashable]) -> Any:
-        """``key`` of the symbolic value, recorded: every class with another outcome is explored too.
+        """``key`` of the symbolic value: the run follows its representative's outcome; the classes
+        with every other outcome are explored by other runs.
 
-        ``key`` must be a function whose identity is stable across runs (it indexes a cache).
+        ``key`` must be a function whose identity is stable across runs (it indexes a cache), or an
+        :class:`Eq` / :class:`In` (cached by value).
         """
-        if isinstance(sym, MarkSym):
-            dim, transform = sym.dim, (sym.and_mask, sym.xor)
-        else:
-            dim, transform = sym, None
-        outcomes = self.explorer.partition(dim, key, transform)
-        value = self.value(dim)
-        if transform is not None:
-            value = (value & transform[0]) ^ transform[1]
-        outcome = key(value)
+        return self.decide_resolved(*self.resolve(sym, key))
+
+    def decide_resolved(self, position: int, outcome: Any, outcomes: dict[Hashable, int]) -> Any:
+        """:meth:`decide` on what :meth:`resolve` found."""
         mask = outcomes[outcome]
-        current = self.narrowed[dim]
-        if current & ~mask:
-            alternatives = tuple(m & current for o, m in outcomes.items() if o != outcome and m & current)
-            self.decisions.append(_Decision(dim=dim, mask=mask, alternatives=alternatives))
-            self.narrowed[dim] = current & mask
+        region = self.region
+        if all(not (box[position] & ~mask) for box in region):
+            return outcome
+        kept: list[Box] = []
+        others: dict[Hashable, list[Box]] = {}
+        for box in region:
+            here = box[position]
+            for other, other_mask in outcomes.items():
+                part = here & other_mask
+                if part:
+                    split = (*box[:position], part, *box[position + 1 :])
+                    (kept if other == outcome else others.setdefault(other, [])).append(split)
+        self.region = kept
+        self.alternatives.extend(others.values())
         return outcome
+
+    def decide_all(self, atoms: Sequence[Atom]) -> bool:
+        """Whether every test gives its wanted outcome (for the representative); the run keeps the
+        part of its region where that is so as well, and leaves the rest, as one region, to another run."""
+        constraints: dict[int, int] = {}
+        holds = True
+        for sym, key, wanted in atoms:
+            position, outcome, outcomes = self.resolve(sym, key)
+            if outcome != wanted:
+                holds = False
+            constraints[position] = constraints.get(position, -1) & outcomes.get(wanted, 0)
+        return self.decide_constraints(constraints, holds)
+
+    def decide_constraints(self, constraints: Mapping[int, int], holds: bool) -> bool:
+        """:meth:`decide_all` on constraints (position -> classes wanted) and the representative's outcome."""
+        if not constraints:
+            return holds
+        matched: list[Box] = []
+        missed: list[Box] = []
+        for box in self.region:
+            current = box
+            inside = True
+            for position, mask in constraints.items():
+                here = current[position]
+                out = here & ~mask
+                if out:
+                    missed.append((*current[:position], out, *current[position + 1 :]))
+                here &= mask
+                if not here:
+                    inside = False
+                    break
+                if out:
+                    current = (*current[:position], here, *current[position + 1 :])
+            if inside:
+                matched.append(current)
+        kept, left = (matched, missed) if holds else (missed, matched)
+        if left:
+            self.alternatives.append(_merge(left))
+        self.region = kept
+        return holds
 
 
 @attrs.frozen
 class Leaf(Generic[R]):
-    """One run: its result, the region it covers (class indices per dimension) and its representative."""
+    """One run: its result, the region it covers and the values of its representative."""
 
     result: R
-    region: Mapping[str, frozenset[int]]
+    #: Disjoint boxes of class indices, as bit masks per dimension (see ``Explorer.dims``).
+    boxes: tuple[Box, ...]
     example: Mapping[str, Any]
+    dims: tuple[str, ...]
 
     @property
     def size(self) -> int:
         """How many class combinations the region holds."""
-        total = 1
-        for indices in self.region.values():
-            total *= len(indices)
+        total = 0
+        for box in self.boxes:
+            count = 1
+            for mask in box:
+                count *= mask.bit_count()
+            total += count
         return total
+
+    @property
+    def region(self) -> dict[str, frozenset[int]]:
+        """Per dimension, the classes some box of the region holds (an outline of the region)."""
+        outline: dict[str, frozenset[int]] = {}
+        for position, dim in enumerate(self.dims):
+            mask = 0
+            for box in self.boxes:
+                mask |= box[position]
+            outline[dim] = frozenset(_bits(mask))
+        return outline
+
+    def __contains__(self, indices: object) -> bool:
+        """Whether a combination of class indices (a mapping dimension -> index) lies in the region."""
+        assert isinstance(indices, Mapping)
+        return any(all(box[p] >> indices[d] & 1 for p, d in enumerate(self.dims)) for box in self.boxes)
 
 
 class Explorer:
     """Runs a program over every path through the classes of some dimensions (see the module docstring).
 
     ``dims`` maps each dimension to its classes' representative values, most
-    readable first (a run takes the first class its region allows).
+    readable first (a run takes the first classes its region allows).
     """
 
     def __init__(self, dims: Mapping[str, Sequence[Any]]) -> None:
@@ -165,7 +309,13 @@ class Explorer:
         for name, values in self.values.items():
             if not values:
                 raise ValueError(f"dimension {name!r} has no classes")
-        self._partitions: dict[tuple[str, object, tuple[int, int] | None], tuple[object, dict[Hashable, int]]] = {}
+        self.dims = tuple(self.values)
+        self.position = {dim: index for index, dim in enumerate(self.dims)}
+        self._partitions: dict[
+            str, dict[tuple[object, tuple[int, int] | None], tuple[object, dict[Hashable, int]]]
+        ] = {}
+        #: The partitions of tests of stable identity: id(test) -> dim -> (test, position, outcomes, per class).
+        self.fast: dict[int, dict[str, tuple[object, int, dict[Hashable, int], list[Hashable]]]] = {}
         self.runs = 0
 
     @property
@@ -180,9 +330,13 @@ class Explorer:
         self, dim: str, key: Callable[[Any], Hashable], transform: tuple[int, int] | None = None
     ) -> dict[Hashable, int]:
         """The classes of ``dim`` grouped by ``key`` (of the transformed value), as bit masks."""
-        cache_key = (dim, key if isinstance(key, (Eq, In)) else id(key), transform)
-        found = self._partitions.get(cache_key)
-        if found is not None and (found[0] is key or isinstance(key, (Eq, In))):
+        by_value = isinstance(key, (Eq, In))
+        cache = self._partitions.get(dim)
+        if cache is None:
+            cache = self._partitions[dim] = {}
+        cache_key = (key if by_value else id(key), transform)
+        found = cache.get(cache_key)
+        if found is not None and (by_value or found[0] is key):
             return found[1]
         outcomes: dict[Hashable, int] = {}
         for index, value in enumerate(self.values[dim]):
@@ -190,7 +344,11 @@ class Explorer:
                 value = (value & transform[0]) ^ transform[1]
             outcome = key(value)
             outcomes[outcome] = outcomes.get(outcome, 0) | (1 << index)
-        self._partitions[cache_key] = (key, outcomes)
+        cache[cache_key] = (key, outcomes)
+        if transform is None:
+            # The fast path of Run.resolve: by the test's identity, each class's outcome at hand.
+            per_class = [next(o for o, m in outcomes.items() if m >> i & 1) for i in range(len(self.values[dim]))]
+            self.fast.setdefault(id(key), {})[dim] = (key, self.position[dim], outcomes, per_class)
         return outcomes
 
     def explore(self, program: Callable[[Run], R], region: Mapping[str, Sequence[int]] | None = None) -> list[Leaf[R]]:
@@ -198,20 +356,19 @@ class Explorer:
 
         ``region`` restricts dimensions to some of their classes (indices).
         """
-        start = {dim: (1 << len(values)) - 1 for dim, values in self.values.items()}
+        start = [(1 << len(self.values[dim])) - 1 for dim in self.dims]
         if region is not None:
             for dim, indices in region.items():
                 mask = 0
                 for index in indices:
                     mask |= 1 << index
-                start[dim] &= mask
-                if not start[dim]:
-                    return []
+                start[self.position[dim]] &= mask
+        if not all(start):
+            return []
         leaves: list[Leaf[R]] = []
-        stack = [start]
+        stack: list[list[Box]] = [[tuple(start)]]
         while stack:
-            current = stack.pop()
-            run = Run(self, current)
+            run = Run(self, stack.pop())
             result = program(run)
             self.runs += 1
             if self.runs > MAX_RUNS:
@@ -219,20 +376,27 @@ class Explorer:
             leaves.append(
                 Leaf(
                     result=result,
-                    region={dim: frozenset(_bits(mask)) for dim, mask in run.narrowed.items()},
-                    example={dim: self.values[dim][run.index[dim]] for dim in self.values},
+                    boxes=tuple(run.region),
+                    example={dim: self.values[dim][run.index[p]] for p, dim in enumerate(self.dims)},
+                    dims=self.dims,
                 )
             )
-            # Branch on every alternative outcome of every recorded decision, keeping the earlier
-            # decisions' outcomes: the regions so opened are disjoint and cover the rest.
-            narrowed = dict(current)
-            for decision in run.decisions:
-                for alternative in decision.alternatives:
-                    branch = dict(narrowed)
-                    branch[decision.dim] = alternative
-                    stack.append(branch)
-                narrowed[decision.dim] &= decision.mask
+            stack.extend(reversed(run.alternatives))
         return leaves
+
+
+def _merge(boxes: list[Box]) -> list[Box]:
+    """Fewer boxes for the same region: boxes equal but in one dimension become one."""
+    if len(boxes) < 2:
+        return boxes
+    for position in range(len(boxes[0])):
+        merged: dict[Box, int] = {}
+        for box in boxes:
+            rest = box[:position] + box[position + 1 :]
+            merged[rest] = merged.get(rest, 0) | box[position]
+        if len(merged) < len(boxes):
+            boxes = [(*rest[:position], mask, *rest[position:]) for rest, mask in merged.items()]
+    return boxes
 
 
 def _lowest_bit(mask: int) -> int:

@@ -134,7 +134,7 @@ from meshredirect.ir import (
 from meshredirect.semantics.describe import describe_rule
 from meshredirect.semantics.explore import Eq, In, MarkSym, Sym, Tracer
 from meshredirect.semantics.model import LOOPBACK_INTERFACE, Connection, Environment, Origin, Socket
-from meshredirect.values import MAX_MARK, IPAddress
+from meshredirect.values import MAX_MARK, AddressSet, IdSet, IPAddress, PortSet
 
 __all__ = [
     "ROUTED",
@@ -169,6 +169,36 @@ LOOPBACK_V4: Final = ipaddress.IPv4Address("127.0.0.1")
 LOOPBACK_V6: Final = ipaddress.IPv6Address("::1")
 _BROADCAST_V4: Final = ipaddress.IPv4Address("255.255.255.255")
 _ZERONET_V4: Final = ipaddress.IPv4Network("0.0.0.0/8")
+
+# A prepared match: (kind, ...) with the kinds below (see Interpreter._plan).
+_Plan: TypeAlias = tuple[Any, ...]
+_PROTOCOL: Final = "protocol"
+_FAMILY: Final = "family"
+_ADDRESS: Final = "address"
+_PORT: Final = "port"
+_IIF: Final = "iif"
+_OIF: Final = "oif"
+_OWNER: Final = "owner"
+_MARK: Final = "mark"
+_CTMARK: Final = "ctmark"
+_CTSTATE: Final = "ctstate"
+_ADDRTYPE: Final = "addrtype"
+_UNKNOWN: Final = "unknown"
+
+
+def _member_test(members: Any) -> Callable[[Any], Hashable]:
+    """``value in members``, as fast as the members allow."""
+    if isinstance(members, PortSet | IdSet) and len(members) <= _SMALL_SET:
+        flat = frozenset(members)
+        return flat.__contains__
+    if isinstance(members, AddressSet) and all(n.num_addresses == 1 for n in members):
+        hosts = frozenset(n.network_address for n in members)
+        return hosts.__contains__
+    return members.__contains__  # type: ignore[no-any-return]
+
+
+#: Port and id sets up to this size are tested as hash sets.
+_SMALL_SET: Final = 4096
 
 # ----------------------------------------------------------------------------- verdicts
 
@@ -306,6 +336,8 @@ class Evaluation:
     #: During proof enumeration: which fields of ``connection`` (and ``verdict.address``,
     #: ``verdict.port``, ``verdict.mark``) still stand for a dimension of the enumeration.
     symbols: Mapping[str, Sym] = attrs.field(factory=dict, eq=False, repr=False)
+    #: A local connection's outgoing interface as first routed (before any NAT or mark rerouted it).
+    first_oif: str | None = None
 
     @property
     def rewritten(self) -> Connection:
@@ -362,8 +394,8 @@ class Interpreter:
     def __init__(self, ruleset: Ruleset, env: Environment | None = None) -> None:
         self.ruleset = ruleset
         self.env = env if env is not None else Environment.default()
-        self._stages: dict[tuple[Family, Hook], tuple[_Stage, ...]] = {}
-        self._keys: dict[int, tuple[Match, Callable[[Any], Hashable]]] = {}
+        self._stages: dict[tuple[str, str], tuple[_Stage, ...]] = {}
+        self._plans: dict[int, tuple[Rule, tuple[_Plan, ...]]] = {}
         env = self.env
         # Tests on symbolic values need functions of stable identity (see explore.Run.decide).
         self.is_local: Callable[[Any], Hashable] = env.is_local
@@ -377,40 +409,61 @@ class Interpreter:
         self.addr_type: Callable[[Any], Hashable] = lambda address: _addr_type(env, address)
 
     def stages(self, family: Family, hook: Hook) -> tuple[_Stage, ...]:
-        key = (family, hook)
+        key = (family._value_, hook._value_)  # (enum members hash slowly)
         found = self._stages.get(key)
         if found is None:
             found = self._stages[key] = _build_stages(self.ruleset, family, hook)
         return found
 
-    def key(self, match: Match) -> Callable[[Any], Hashable]:
-        """The test a match makes on its field's value (without negation), of stable identity."""
-        found = self._keys.get(id(match))
-        if found is not None and found[0] is match:
+    def plans(self, rule: Rule) -> tuple[_Plan, ...]:
+        """A rule's matches, prepared: what each tests, with tests of stable identity (see explore)."""
+        found = self._plans.get(id(rule))
+        if found is not None and found[0] is rule:
             return found[1]
-        fn: Callable[[Any], Hashable]
-        if isinstance(match, AddressMatch):
-            addresses = match.addresses
-            fn = lambda value: value in addresses  # noqa: E731
-        elif isinstance(match, PortMatch):
-            ports = match.ports
-            fn = lambda value: value in ports  # noqa: E731
-        elif isinstance(match, OwnerMatch):
-            ids = match.ids
-            fn = lambda value: value in ids  # noqa: E731
-        elif isinstance(match, (MarkMatch, ConnmarkMatch)):
-            mask, value = match.mask, match.value
-            fn = lambda mark: (mark & mask) == value  # noqa: E731
-        elif isinstance(match, InterfaceMatch):
-            fn = match.matches
-        elif isinstance(match, AddrTypeMatch):
-            types = match.types
-            addr_type = self.addr_type
-            fn = lambda address: addr_type(address) in types  # noqa: E731
-        else:
-            raise TypeError(f"no value test for {type(match).__name__}")
-        self._keys[id(match)] = (match, fn)
-        return fn
+        plans = tuple(self._plan(match) for match in rule.matches)
+        self._plans[id(rule)] = (rule, plans)
+        return plans
+
+    def _plan(self, match: Match) -> _Plan:
+        match match:
+            case ProtocolMatch():
+                return (_PROTOCOL, match.protocol, match.negate)
+            case FamilyMatch():
+                return (_FAMILY, match.family)
+            case AddressMatch():
+                addresses = match.addresses
+                field = "src" if match.direction is Direction.SOURCE else "dst"
+                versions = frozenset(n.version for n in addresses)
+                return (_ADDRESS, field, _member_test(addresses), match.negate, versions)
+            case PortMatch():
+                field = "sport" if match.direction is Direction.SOURCE else "dport"
+                return (_PORT, field, _member_test(match.ports), match.negate, match.protocol)
+            case InterfaceMatch():
+                return (_IIF if match.direction is Direction.SOURCE else _OIF, match.matches)
+            case OwnerMatch():
+                field = "uid" if match.kind is OwnerKind.UID else "gid"
+                return (_OWNER, field, _member_test(match.ids), match.negate, match.socketless)
+            case MarkMatch() | ConnmarkMatch():
+                mask, value = match.mask, match.value
+                test: Callable[[Any], Hashable] = lambda mark: (mark & mask) == value  # noqa: E731
+                return (_MARK if isinstance(match, MarkMatch) else _CTMARK, test, match.negate)
+            case CtStateMatch():
+                return (_CTSTATE, match.states, match.negate)
+            case AddrTypeMatch():
+                if match.limit_interface:
+                    return (_UNKNOWN, "addrtype limited to an interface is not modelled")
+                types = match.types
+                addr_type = self.addr_type
+                field = "src" if match.direction is Direction.SOURCE else "dst"
+                return (_ADDRTYPE, field, lambda address: addr_type(address) in types, match.negate)
+            case IpSetMatch():
+                return (_UNKNOWN, f"the contents of ipset {match.name!r} are not known")
+            case StatisticMatch():
+                return (_UNKNOWN, "a statistic match is random or counts packets")
+            case UnknownMatch():
+                return (_UNKNOWN, f"match [{match.dialect}: {' '.join(match.tokens)}] is not modelled")
+            case _:
+                assert_never(match)
 
     def evaluate(
         self,
@@ -548,6 +601,7 @@ class _Run:
         self.tproxy_syms: dict[str, Sym | None] = {}
         self.visits = 0
         self.out_interface: str | None = connection.oif
+        self.first_oif: str | None = None
         # the packet's view at the current hook
         self.hook = Hook.OUTPUT
         self.iif: str | None = None
@@ -599,16 +653,29 @@ class _Run:
             verdict = self._local() if self.c.origin is Origin.LOCAL else self._remote()
         except _Stop as stop:
             verdict = stop.verdict
-        rewritten = attrs.evolve(
-            self.c,
-            src=self.src,
-            sport=self.sport,
-            dst=self.dst,
-            dport=self.dport,
-            mark=self.mark.value,
-            ctmark=self.ctmark.value,
-            oif=self.out_interface if self.c.origin is Origin.LOCAL else self.c.oif,
-        )
+        c = self.c
+        oif = self.out_interface if c.origin is Origin.LOCAL else c.oif
+        if (
+            self.src is c.src
+            and self.dst is c.dst
+            and self.sport == c.sport
+            and self.dport == c.dport
+            and self.mark.value == c.mark
+            and self.ctmark.value == c.ctmark
+            and oif == c.oif
+        ):
+            rewritten = c
+        else:
+            rewritten = attrs.evolve(
+                c,
+                src=self.src,
+                sport=self.sport,
+                dst=self.dst,
+                dport=self.dport,
+                mark=self.mark.value,
+                ctmark=self.ctmark.value,
+                oif=oif,
+            )
         symbols: dict[str, Sym] = {}
         if self.tracer is not None:
             for field in ("src", "sport", "dst", "dport"):
@@ -633,10 +700,12 @@ class _Run:
             trace=tuple(self.trace),
             zone=self.zone,
             symbols=symbols,
+            first_oif=self.first_oif,
         )
 
     def _local(self) -> Verdict:
         oif = self._route() if self.routed or self.c.oif is None else self.c.oif
+        self.first_oif = oif
         self._hook(Hook.OUTPUT, iif=None, oif=oif, socket=self.c.socket)
         self._hook(Hook.POSTROUTING, iif=None, oif=self.oif, socket=self.c.socket)
         self.out_interface = self.oif
@@ -730,7 +799,7 @@ class _Run:
             self.oif = oif
 
     def _nat_stage(self, hook: Hook, stage: _Stage) -> None:
-        destination = hook in DESTINATION_NAT_HOOKS
+        destination = hook is Hook.PREROUTING or hook is Hook.OUTPUT
         kind = "destination" if destination else "source"
         if destination in self.decided:
             if self.record:
@@ -787,7 +856,8 @@ class _Run:
             result, why = self._rule_matches(rule)
             target = rule.target
             if result is MatchResult.NOT_MATCHED:
-                self._visit((hook, table, chain), index, rule, result)
+                if self.record:
+                    self._visit((hook, table, chain), index, rule, result)
                 index += 1
                 continue
             if result is MatchResult.UNKNOWN:
@@ -797,6 +867,13 @@ class _Run:
                     continue
                 raise _Stop(Unknown(reason=f"{table.name} {chain.name} #{index + 1}: {why}"))
             match target:
+                case Return():
+                    if self.record:
+                        self._visit((hook, table, chain), index, rule, result)
+                    if stack:
+                        chain, index = stack.pop()
+                        continue
+                    return self._policy(hook, table, chain, base, "RETURN from the base chain")
                 case Accept():
                     self._visit((hook, table, chain), index, rule, result)
                     return _Outcome.ACCEPT
@@ -806,12 +883,6 @@ class _Run:
                 case Reject():
                     self._visit((hook, table, chain), index, rule, result)
                     return _Outcome.REJECT
-                case Return():
-                    self._visit((hook, table, chain), index, rule, result)
-                    if stack:
-                        chain, index = stack.pop()
-                        continue
-                    return self._policy(hook, table, chain, base, "RETURN from the base chain")
                 case Continue() | Log():
                     self._visit((hook, table, chain), index, rule, result)
                     index += 1
@@ -1007,73 +1078,95 @@ class _Run:
     # ------------------------------------------------------------------ matches
 
     def _rule_matches(self, rule: Rule) -> tuple[MatchResult, str | None]:
+        """Whether a rule's matches all hold. During proof enumeration they are one conjunction,
+        decided at once, so that "the rule does not match" stays one region whichever match fails."""
+        tracer = self.tracer
+        constraints: dict[int, int] = {}
+        holds = True
         unknown: str | None = None
-        for match in rule.matches:
-            result = self._match(match)
-            if result is False:
+        for plan in self.interpreter.plans(rule):
+            kind = plan[0]
+            field: str
+            value: Any
+            if kind is _ADDRESS or kind is _PORT or kind is _ADDRTYPE:
+                if kind is _ADDRESS and self.family.version not in plan[4]:
+                    # Only the other family's members: iptables would not load it; nft does not match.
+                    return MatchResult.NOT_MATCHED, None
+                if kind is _PORT and self.c.protocol is not plan[4]:
+                    return MatchResult.NOT_MATCHED, None
+                field = plan[1]
+                value = getattr(self, field)
+                sym = self.sym[field]
+            elif kind is _PROTOCOL:
+                if (self.c.protocol is plan[1]) == plan[2]:
+                    return MatchResult.NOT_MATCHED, None
+                continue
+            elif kind is _FAMILY:
+                if self.family is not plan[1]:
+                    return MatchResult.NOT_MATCHED, None
+                continue
+            elif kind is _OIF:
+                if not plan[1](self.oif or ""):
+                    return MatchResult.NOT_MATCHED, None
+                continue
+            elif kind is _IIF:
+                if self.iif is None or not self.own_iif:
+                    if not plan[1](self.iif or ""):
+                        return MatchResult.NOT_MATCHED, None
+                    continue
+                field, value, sym = "iif", self.iif, self.sym["iif"]
+                plan = (_IIF, "iif", plan[1], False)
+            elif kind is _OWNER:
+                if (
+                    (self.hook is not Hook.OUTPUT and self.hook is not Hook.POSTROUTING)
+                    or self.socket is None
+                    or not self._has_socket()
+                ):
+                    if not plan[4]:
+                        return MatchResult.NOT_MATCHED, None
+                    continue
+                field = plan[1]
+                value = self.socket.uid if field == "uid" else self.socket.gid
+                sym = self.sym[field]
+            elif kind is _MARK or kind is _CTMARK:
+                mark = self.mark if kind is _MARK else self.ctmark
+                value = mark.value
+                if mark.sym is None or mark.sym.constant or tracer is None:
+                    sym = None
+                elif mark.sym.and_mask != MAX_MARK or mark.sym.xor:
+                    # The mark classes are the atoms of the tests the rules make on the connection's own
+                    # mark; a test on a partly rewritten mark is a new test that could split them.
+                    raise _Stop(
+                        Unknown(reason="a mark partly rewritten by MARK/CONNMARK is tested: beyond the proof's classes")
+                    )
+                else:
+                    sym = mark.sym.dim
+                plan = (kind, "", plan[1], plan[2])
+            elif kind is _CTSTATE:
+                if bool(self._ct_states() & plan[1]) == plan[2]:
+                    return MatchResult.NOT_MATCHED, None
+                continue
+            else:
+                assert kind is _UNKNOWN
+                unknown = unknown or plan[1]
+                continue
+            test, negate = plan[2], plan[3]
+            if sym is None or tracer is None:
+                if bool(test(value)) == negate:
+                    return MatchResult.NOT_MATCHED, None
+                continue
+            position, outcome, outcomes = tracer.resolve(sym, test)
+            wanted = not negate
+            constraints[position] = constraints.get(position, -1) & outcomes.get(wanted, 0)
+            if outcome != wanted:
+                holds = False
+        if constraints:
+            assert tracer is not None
+            if not tracer.decide_constraints(constraints, holds):
                 return MatchResult.NOT_MATCHED, None
-            if result is not True and unknown is None:
-                unknown = result
         if unknown is not None:
             return MatchResult.UNKNOWN, unknown
         return MatchResult.MATCHED, None
-
-    def _match(self, match: Match) -> bool | str:
-        """True or False, or a string saying why the result is unknown."""
-        c = self.c
-        match match:
-            case ProtocolMatch():
-                return (c.protocol is match.protocol) != match.negate
-            case FamilyMatch():
-                return self.family is match.family
-            case AddressMatch():
-                if not any(n.version == self.family.version for n in match.addresses):
-                    # Only the other family's members: iptables would not load it; nft does not match.
-                    return False
-                key = self.interpreter.key(match)
-                if match.direction is Direction.SOURCE:
-                    return bool(self._test("src", self.src, key)) != match.negate
-                return bool(self._dst_test(key)) != match.negate
-            case PortMatch():
-                if c.protocol is not match.protocol:
-                    return False
-                key = self.interpreter.key(match)
-                if match.direction is Direction.SOURCE:
-                    return bool(self._test("sport", self.sport, key)) != match.negate
-                return bool(self._test("dport", self.dport, key)) != match.negate
-            case InterfaceMatch():
-                key = self.interpreter.key(match)
-                if match.direction is Direction.SOURCE:
-                    return bool(self._iif_test(key)) if self.iif is not None else match.matches("")
-                return match.matches(self.oif or "")
-            case OwnerMatch():
-                if self.hook not in SOCKET_HOOKS or self.socket is None or not self._has_socket():
-                    return match.socketless
-                key = self.interpreter.key(match)
-                if match.kind is OwnerKind.UID:
-                    return bool(self._test("uid", self.socket.uid, key)) != match.negate
-                return bool(self._test("gid", self.socket.gid, key)) != match.negate
-            case MarkMatch():
-                return bool(self._test_mark(self.mark, self.interpreter.key(match))) != match.negate
-            case ConnmarkMatch():
-                return bool(self._test_mark(self.ctmark, self.interpreter.key(match))) != match.negate
-            case CtStateMatch():
-                return bool(self._ct_states() & match.states) != match.negate
-            case AddrTypeMatch():
-                if match.limit_interface:
-                    return "addrtype limited to an interface is not modelled"
-                key = self.interpreter.key(match)
-                if match.direction is Direction.SOURCE:
-                    return bool(self._test("src", self.src, key)) != match.negate
-                return bool(self._dst_test(key)) != match.negate
-            case IpSetMatch():
-                return f"the contents of ipset {match.name!r} are not known"
-            case StatisticMatch():
-                return "a statistic match is random or counts packets"
-            case UnknownMatch():
-                return f"match [{match.dialect}: {' '.join(match.tokens)}] is not modelled"
-            case _:
-                assert_never(match)
 
     def _ct_states(self) -> frozenset[CtState]:
         if not self.tracked:

@@ -41,6 +41,7 @@ tcp 10.0.0.5:43210 -> 93.184.216.34:80 local uid=1000 gid=1000 out eth0
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections.abc import Iterable
 from typing import Final, TypeAlias
@@ -283,6 +284,8 @@ class Proxy:
     inbound_port: int = 15006
     tunnel_port: int | None = 15008
     dns_port: int | None = None
+    #: The families whose DNS queries the proxy's resolver takes (and forwards upstream itself).
+    dns_families: frozenset[Family] = frozenset({Family.IPV4, Family.IPV6})
     #: The source of the proxy's connections to the app after an inbound capture (REDIRECT mode).
     passthrough_ipv4: ipaddress.IPv4Address = PASSTHROUGH_IPV4
     passthrough_ipv6: ipaddress.IPv6Address = PASSTHROUGH_IPV6
@@ -309,6 +312,11 @@ class Proxy:
     def socket(self) -> Socket:
         return Socket(uid=self.uid, gid=self.gid)
 
+    @property
+    def marks(self) -> tuple[int, ...]:
+        """The marks the proxy puts on its own sockets: none, or (TPROXY) the TPROXY mark."""
+        return (0, self.tproxy_mark) if self.transparent else (0,)
+
 
 def _default_interfaces() -> tuple[Interface, ...]:
     return (
@@ -332,8 +340,11 @@ class Environment:
     default_interface: str = POD_INTERFACE
     #: Marks routed locally whatever the destination (TPROXY's policy routing).
     local_marks: tuple[MarkRoute, ...] = ()
-    #: Whether packets for other hosts are forwarded (a pod does not).
+    #: Whether packets for other hosts are forwarded (a pod does not, unless it routes for a VM).
     forwarding: bool = False
+    #: Interfaces whose incoming traffic is the pod's own outbound traffic (a VM bridged into the
+    #: pod): the facts about inbound connections do not apply to it.
+    rerouted_interfaces: tuple[str, ...] = ()
     proxy: Proxy = attrs.field(factory=Proxy)
 
     def __attrs_post_init__(self) -> None:
@@ -376,6 +387,7 @@ class Environment:
             inbound_port=policy.inbound_port,
             tunnel_port=policy.inbound_tunnel_port,
             dns_port=policy.dns.port if policy.dns.enabled else None,
+            dns_families=frozenset(f for f in (Family.IPV4, Family.IPV6) if policy.dns.active_for(f)),
             passthrough_ipv4=policy.passthrough_ipv4,
             passthrough_ipv6=policy.passthrough_ipv6,
             transparent=transparent,
@@ -391,6 +403,8 @@ class Environment:
             interfaces=tuple(interfaces),
             local_marks=(MarkRoute(value=policy.tproxy_mark),) if transparent else (),
             proxy=proxy,
+            forwarding=bool(policy.reroute_interfaces),
+            rerouted_interfaces=policy.reroute_interfaces,
         )
         return env.with_interfaces((*policy.exclude_interfaces, *policy.reroute_interfaces)).covering(*rulesets)
 
@@ -458,15 +472,21 @@ class Environment:
                 )
         return tuple(out)
 
+    @functools.cached_property
+    def _local_addresses(self) -> frozenset[IPAddress]:
+        return frozenset(own.ip for interface in self.interfaces for own in interface.addresses)
+
+    @functools.cached_property
+    def _loopback_networks(self) -> tuple[IPNetwork, ...]:
+        lo = self.interface(LOOPBACK_INTERFACE)
+        assert lo is not None
+        return tuple(own.network for own in lo.addresses)
+
     def is_local(self, address: IPAddress) -> bool:
         """Whether the kernel delivers packets for ``address`` locally."""
-        for interface in self.interfaces:
-            for own in interface.addresses:
-                if own.version != address.version:
-                    continue
-                if address == own.ip or (interface.name == LOOPBACK_INTERFACE and address in own.network):
-                    return True
-        return False
+        if address in self._local_addresses:
+            return True
+        return any(n.version == address.version and address in n for n in self._loopback_networks)
 
     def is_loopback(self, address: IPAddress) -> bool:
         """127.0.0.0/8 or ::1: addresses that never appear on the wire."""

@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 from meshredirect.compiler import compile_policy
 from meshredirect.errors import PolicyError
 from meshredirect.ir import Family, Protocol, Ruleset
-from meshredirect.policy import DnsCapture, InterceptionMode, LoopbackCapture, Policy
+from meshredirect.policy import DNS_QUERY_PORT, DnsCapture, InterceptionMode, LoopbackCapture, Policy
 from meshredirect.semantics.model import DEFAULT_APP_GID, DEFAULT_APP_UID, LOOPBACK_INTERFACE, Connection, Environment
 from meshredirect.testing.mutations import Mutation, applicable, mutate
 from meshredirect.values import ALL, AddressSet, IdSet, IPAddress, PortSet
@@ -196,6 +196,8 @@ def _policy_fields(draw: st.DrawFn) -> dict[str, Any]:
     ifaces = draw(st.lists(interface_names(), max_size=3, unique=True))
     split = draw(st.integers(0, len(ifaces)))
     dns_mode = draw(st.sampled_from(["off", "all", "servers"]))
+    if DNS_QUERY_PORT in (outbound_port, inbound_port, tunnel_port):
+        dns_mode = "off"  # DNS capture takes port 53: the policy refuses a listener there
     if dns_mode == "off":
         dns = DnsCapture()
     elif dns_mode == "all":
@@ -275,20 +277,25 @@ SPECIAL_ADDRESSES: Final[dict[int, tuple[str, ...]]] = {
         "169.254.169.254",
         "203.0.113.10",
     ),
-    6: ("::1", "::6", "fd00::5", "fd00::1", "fd00:10:96::a", "2001:db8::10"),
+    6: ("::1", "::6", "fd00::5", "fd00::1", "fd00:10:96::a", "2001:db8::1", "2001:db8::10"),
 }
 _APP_IDS: Final = (DEFAULT_APP_UID, 0, 65534)
 
 
 def _addresses(env: Environment, family: Family) -> st.SearchStrategy[IPAddress]:
+    """The pod's own addresses, the special ones, addresses inside typical networks, or any."""
     version = family.version
     own = [a.ip for i in env.interfaces for a in i.addresses if a.version == version]
     passthrough = env.proxy.passthrough_for(family)
     special = [ipaddress.ip_address(a) for a in SPECIAL_ADDRESSES[version]]
     top = 2**32 - 1 if version == 4 else 2**128 - 1
     make = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    inside = (_v4_networks if version == 4 else _v6_networks).map(
+        lambda text: ipaddress.ip_network(text, strict=False).network_address + 1
+    )
     return st.one_of(
         st.sampled_from(list(dict.fromkeys([*own, passthrough, *special]))),
+        inside,
         st.integers(1, top).map(make),
     )
 
@@ -379,9 +386,10 @@ def _local(
     elif who == "no socket":
         uid = gid = None
     else:
-        uid = draw(st.one_of(st.sampled_from(_APP_IDS), st.integers(0, 2**31)))
-        gid = draw(st.one_of(st.sampled_from(_APP_IDS), st.integers(0, 2**31)))
-    marks = [0, 0, 0, proxy.tproxy_mark, *(route.value for route in env.local_marks)]
+        ids = st.one_of(st.sampled_from((proxy.uid, proxy.gid, *_APP_IDS)), st.integers(0, 2**31))
+        uid, gid = draw(ids), draw(ids)
+    # the TPROXY mark, the lo hairpin's mark after it, and the marks the routes send to lo
+    marks = [0, 0, 0, proxy.tproxy_mark, proxy.tproxy_mark + 1, *(route.value for route in env.local_marks)]
     mark = draw(st.one_of(st.sampled_from(marks), st.integers(0, 2**32 - 1)))
     src: IPAddress | None = None
     if draw(st.integers(0, 4)) == 0:

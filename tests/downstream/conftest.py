@@ -18,6 +18,7 @@ from typing import Any, Final
 import attrs
 import pytest
 
+from meshredirect import preset
 from meshredirect.frontends.istio import policy_from_istio_config
 from meshredirect.ir import Ruleset
 from meshredirect.policy import Policy
@@ -79,10 +80,7 @@ def rule_files() -> list[RuleFile]:
         )
         for path in ISTIO_RULES
     ]
-    seed = policy_from_istio_config(
-        {"inbound_ports_include": "*", "inbound_ports_exclude": "22,15020", "outbound_ip_ranges_include": "*"}
-    )
-    return [*files, RuleFile(path=SEED_RULES, family="ipv4", policy=seed)]
+    return [*files, RuleFile(path=SEED_RULES, family="ipv4", policy=preset("istio-1.4"))]
 
 
 @pytest.fixture(params=rule_files(), ids=lambda f: f.name)

@@ -31,10 +31,10 @@ def test_the_same_rules_in_an_inet_table_also_capture_ipv6() -> None:
         assert_equivalent(inet, Policy())
     # docs-end: inet
     assert str(caught.value).splitlines()[:4] == [
-        "the rulesets differ on 11 classes of connections, e.g. tcp [fd00::5]:43210 -> [2001:db8:ffff::10]:8080 "
-        "local uid=1000 gid=1000 out eth0",
-        "  first:  redirected to [::1]:15001",
-        "  second: passed to [2001:db8:ffff::10]:8080 (sent out)",
+        "the rulesets differ on 11 classes of connections, e.g. tcp [2001:db8:ffff::10]:43210 -> [fd00::5]:8080 "
+        "remote in eth0",
+        "  first:  redirected to [fd00::5]:15006",
+        "  second: passed to [fd00::5]:8080 (delivered locally)",
         "  differs in: verdict",
     ]
 

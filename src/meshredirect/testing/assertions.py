@@ -35,6 +35,7 @@ The exception hierarchy::
           +-- BypassError           assert_no_bypass
           +-- NotEquivalentError    assert_equivalent
           +-- VerdictError          assert_verdict
+          +-- UnsoundError          assert_sound
 """
 
 from __future__ import annotations
@@ -42,12 +43,15 @@ from __future__ import annotations
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from meshredirect.ir import Ruleset
 from meshredirect.policy import Policy
 from meshredirect.semantics.interpreter import Dropped, Passed, Redirected, TProxied, Unknown, Verdict, evaluate
 from meshredirect.semantics.model import Connection, Environment, Origin
+
+if TYPE_CHECKING:
+    from meshredirect.semantics.check import Violation
 
 __all__ = [
     "BypassError",
@@ -55,17 +59,24 @@ __all__ = [
     "NotEquivalentError",
     "RedirectAssertionError",
     "Rules",
+    "UnsoundError",
     "VerdictError",
     "as_ruleset",
     "assert_equivalent",
     "assert_loop_free",
     "assert_no_bypass",
+    "assert_sound",
     "assert_verdict",
     "environment_for",
 ]
 
 #: Anything the assertions accept as rules.
 Rules: TypeAlias = Ruleset | Policy | str | Path
+#: The engine's properties (:class:`~meshredirect.semantics.check.Property`) each assertion proves.
+LOOP_PROPERTIES: Final = ("LOOP", "CAPTURE_BOUND", "DECIDED")
+BYPASS_PROPERTIES: Final = ("OUTBOUND_COMPLETE", "INBOUND_COMPLETE")
+#: How many steps of a chain a failure shows the trace of.
+TRACED_STEPS: Final = 3
 #: How many counterexamples beyond the first a failure lists (one line each).
 MORE_EXAMPLES: Final = 4
 _VERDICT_TYPES: Final = typing.get_args(Verdict)
@@ -103,6 +114,15 @@ class NotEquivalentError(RedirectAssertionError):
 
 class VerdictError(RedirectAssertionError):
     """The rules do not do to a connection what was expected."""
+
+
+class UnsoundError(RedirectAssertionError):
+    """Some property the engine proves does not hold (``properties`` names every one that fails)."""
+
+    def __init__(self, headline: str, *, properties: tuple[str, ...], **kwargs: Any) -> None:
+        super().__init__(headline, **kwargs)
+        #: The names of the failing :class:`~meshredirect.semantics.check.Property` members, in order.
+        self.properties = properties
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -225,17 +245,17 @@ def assert_loop_free(rules: Rules, env: Environment | None = None) -> None:
     ... except LoopError as error:
     ...     print(error.headline)
     ...     print(error.connection)
-    not loop-free on 7 classes of connections, e.g. traffic loop: tcp 10.0.0.5:43210 -> 203.0.113.10:8080 local uid=1000 gid=1000 out eth0 is intercepted again and again (6 steps and on)
+    not loop-free on 12 classes of connections, e.g. traffic loop: tcp 10.0.0.5:43210 -> 203.0.113.10:8080 local uid=1000 gid=1000 out eth0 is intercepted again and again (6 steps and on)
     tcp 10.0.0.5:43210 -> 203.0.113.10:8080 local uid=1000 gid=1000 out eth0
     """
-    from meshredirect.testing import _proofs
+    from meshredirect.semantics.check import check
 
     ruleset = as_ruleset(rules)
     environment = _environment(rules, ruleset, env)
-    findings = list(_proofs.loop_findings(ruleset, environment))
-    if findings:
-        findings.sort(key=lambda f: _plainest(f, environment))
-        raise _failure(LoopError, "not loop-free", findings)
+    violations = [v for v in check(ruleset, environment).violations if v.property.name in LOOP_PROPERTIES]
+    if violations:
+        violations.sort(key=lambda v: _plainest(v, environment))
+        raise _failure(LoopError, "not loop-free", violations)
 
 
 def assert_no_bypass(
@@ -256,10 +276,10 @@ def assert_no_bypass(
     >>> assert_no_bypass(Policy(outbound_ports_exclude="22,5432"), {"outbound_ports_exclude": "22"})
     Traceback (most recent call last):
     ...
-    meshredirect.testing.assertions.BypassError: the proxy is bypassed on 1 class of connections, e.g. mesh bypass: tcp 10.0.0.5:43210 -> 203.0.113.10:5432 local uid=1000 gid=1000 out eth0 should reach the proxy's outbound listener (the policy captures it outbound; port 15001), but: passed to 203.0.113.10:5432 (sent out)
+    meshredirect.testing.assertions.BypassError: the proxy is bypassed on 1 class of connections, e.g. mesh bypass: tcp 10.0.0.5:43210 -> 203.0.113.10:5432 local uid=1000 gid=1000 out eth0 should reach the proxy's outbound listener (outbound_cidrs is '*'), but: passed to 203.0.113.10:5432 (sent out)
     ...
     """
-    from meshredirect.testing import _proofs
+    from meshredirect.semantics.check import check
 
     policy = _policy_of(policy_or_exclusions)
     if policy.unresolved_groups():
@@ -269,9 +289,62 @@ def assert_no_bypass(
         )
     ruleset = as_ruleset(rules)
     environment = env.covering(ruleset) if env is not None else Environment.for_policy(policy, ruleset)
-    findings = list(_proofs.bypass_findings(ruleset, policy, environment))
-    if findings:
-        raise _failure(BypassError, "the proxy is bypassed", findings)
+    report = check(policy, environment, ruleset=ruleset)
+    violations = [v for v in report.violations if v.property.name in BYPASS_PROPERTIES]
+    if violations:
+        violations.sort(key=lambda v: _plainest(v, environment))
+        raise _failure(BypassError, "the proxy is bypassed", violations)
+
+
+def assert_sound(rules: Rules, policy: Policy | None = None, env: Environment | None = None) -> None:
+    """Prove every property the engine knows (:func:`meshredirect.semantics.check.check`); raise
+    :class:`UnsoundError` with the first violation of each failing property otherwise.
+
+    Without ``policy``: loop-freedom, the proxy's own traffic never sent to its
+    outbound port, the passthrough always passing, the proxy's ports and DNS
+    queries never captured, every verdict decided. With ``policy`` (or when
+    ``rules`` is a Policy): also that everything it captures reaches the proxy
+    and every exclusion is honoured.
+
+    >>> from meshredirect.compiler import compile_policy
+    >>> from meshredirect.policy import Policy
+    >>> from meshredirect.testing.mutations import Mutation, mutate
+    >>> assert_sound(Policy())
+    >>> try:
+    ...     assert_sound(mutate(compile_policy(Policy()), Mutation.CAPTURE_LOOPBACK))
+    ... except UnsoundError as error:
+    ...     print(error.properties)
+    ...     print(error.headline)
+    ('PROXY_PORTS',)
+    the proxy's own ports and its DNS queries are never captured: fails on 2 classes of connections, e.g. tcp 10.0.0.5:43210 -> 127.0.0.1:15001 local uid=1337 gid=1000 out lo to the proxy's own listener is captured (redirected to 127.0.0.1:15006)
+    """
+    from meshredirect.semantics.check import check
+
+    ruleset = as_ruleset(rules)
+    if policy is None and isinstance(rules, Policy):
+        policy = rules
+    if policy is not None and policy.unresolved_groups():
+        raise ValueError(
+            f"expected a policy with numeric owner groups, got group names {', '.join(policy.unresolved_groups())}: "
+            "resolve them first (meshredirect.resolve_groups)"
+        )
+    if policy is not None:
+        environment = env.covering(ruleset) if env is not None else Environment.for_policy(policy, ruleset)
+        report = check(policy, environment, ruleset=ruleset)
+    else:
+        environment = _environment(rules, ruleset, env)
+        report = check(ruleset, environment)
+    if report.ok:
+        return
+    failing = [p for p in report.properties if report.of(p)]
+    first = sorted(report.of(failing[0]), key=lambda v: _plain(v.connection, environment))
+    failure = _failure(UnsoundError, failing[0].value, first, properties=tuple(p.name for p in failing))
+    if len(failing) > 1:
+        failure.explanation += "\nalso failing:\n" + "\n".join(
+            f"  {p.value} ({len(report.of(p))} classes)" for p in failing[1:]
+        )
+        failure.args = (failure.headline + "\n" + failure.explanation,)
+    raise failure
 
 
 def assert_equivalent(a: Rules, b: Rules, env: Environment | None = None) -> None:
@@ -286,7 +359,7 @@ def assert_equivalent(a: Rules, b: Rules, env: Environment | None = None) -> Non
     >>> assert_equivalent(Policy(), Policy(outbound_ports_exclude="5432"))
     Traceback (most recent call last):
     ...
-    meshredirect.testing.assertions.NotEquivalentError: the rulesets differ on 6 classes of connections, e.g. tcp 10.0.0.5:43210 -> 203.0.113.10:5432 local uid=1000 gid=1000 out eth0
+    meshredirect.testing.assertions.NotEquivalentError: the rulesets differ on 4 classes of connections, e.g. tcp 10.0.0.5:43210 -> 203.0.113.10:5432 local uid=1000 gid=1000 out eth0
       first:  redirected to 127.0.0.1:15001
       second: passed to 203.0.113.10:5432 (sent out)
     ...
@@ -297,7 +370,8 @@ def assert_equivalent(a: Rules, b: Rules, env: Environment | None = None) -> Non
     if env is None:
         policy = a if isinstance(a, Policy) else b if isinstance(b, Policy) else None
         env = Environment.for_policy(policy) if policy is not None else Environment.default()
-    differences = equivalent(first, second, env)
+    environment = env.covering(first, second)
+    differences = sorted(equivalent(first, second, environment), key=lambda d: _plain(d.example, environment))
     if not differences:
         return
     d = differences[0]
@@ -361,27 +435,47 @@ def assert_verdict(
     raise VerdictError(f"{connection}: expected {want}, got {verdict}", connection=connection, explanation=trace)
 
 
-#: The order loop failures are shown in: loops, then too many captures, then what cannot be decided.
-_KIND_ORDER: Final = {"loop": 0, "captures": 1, "undecided": 2}
+def _plainest(violation: Violation, env: Environment) -> tuple[int, tuple[bool, ...]]:
+    """Sort key: the property's order (a loop first), then the plainest counterexample."""
+    order = list(type(violation.property)).index(violation.property)
+    return order, _plain(violation.connection, env)
 
 
-def _plainest(finding: Any, env: Environment) -> tuple[int, bool, bool, bool, bool, bool]:
-    """Sort key: the plainest counterexample first: no mark, a socket when local, not to loopback, not a
-    peer's connection to another host, a peer's rather than a local one."""
-    c: Connection = finding.connection
+def _plain(c: Connection, env: Environment) -> tuple[bool, ...]:
+    """Sort key of connections, plainest first: no mark, a socket when local, an app's rather than the
+    proxy's, not to loopback, not a peer's connection to another host, a peer's rather than a local one."""
     local = c.origin is Origin.LOCAL
     elsewhere = not local and not env.is_local(c.dst)
-    return _KIND_ORDER[finding.kind], c.mark != 0, local and c.socket is None, c.dst.is_loopback, elsewhere, local
+    proxy = local and env.proxy.owns(c.socket)
+    return c.mark != 0, local and c.socket is None, proxy, c.dst.is_loopback, elsewhere, local
 
 
-def _failure(kind: type[RedirectAssertionError], what: str, findings: list[Any]) -> RedirectAssertionError:
-    first = findings[0]
-    count = len(findings)
-    headline = f"{what} on {count} class{'es' if count != 1 else ''} of connections, e.g. {first.message}"
-    lines = [first.explain()]
+def _explain(violation: Violation) -> str:
+    """The class, the chain of interceptions, and the traces of its first steps."""
+    chain = violation.chain
+    lines = [f"class: {violation.description}", "chain:"]
+    lines += [f"  {line}" for line in chain.describe().splitlines()]
+    for index, step in enumerate(chain.steps[:TRACED_STEPS], 1):
+        lines.append(f"trace of step {index}: {step.connection}")
+        lines += [f"  {line}" for line in step.evaluation.explain().splitlines()]
+    if len(chain.steps) > TRACED_STEPS:
+        lines.append(f"(the traces of steps {TRACED_STEPS + 1} to {len(chain.steps)} are left out)")
+    return "\n".join(lines)
+
+
+def _failure(
+    kind: type[RedirectAssertionError], what: str, violations: list[Violation], **extra: Any
+) -> RedirectAssertionError:
+    first = violations[0]
+    count = len(violations)
+    classes = f"{count} class{'es' if count != 1 else ''} of connections"
+    headline = (
+        f"{what}: fails on {classes}, e.g. {first.message}" if extra else f"{what} on {classes}, e.g. {first.message}"
+    )
+    lines = [_explain(first)]
     if count > 1:
         lines.append("other counterexamples:")
-        lines += [f"  {f.message}" for f in findings[1 : 1 + MORE_EXAMPLES]]
+        lines += [f"  {v.message}" for v in violations[1 : 1 + MORE_EXAMPLES]]
         if count > 1 + MORE_EXAMPLES:
             lines.append(f"  ... and {count - 1 - MORE_EXAMPLES} more")
-    return kind(headline, connection=first.connection, explanation="\n".join(lines), counterexamples=count)
+    return kind(headline, connection=first.connection, explanation="\n".join(lines), counterexamples=count, **extra)

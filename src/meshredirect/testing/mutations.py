@@ -79,7 +79,7 @@ class Mutation(enum.Enum):
     DROP_PASSTHROUGH = "remove the rules that let the passthrough source 127.0.0.6 / ::6 pass"
     #: Include loopback destinations for capture: remove the rules that let 127.0.0.0/8 and ::1
     #: pass, and the "not to loopback" conditions of the others: the proxy's own connections to
-    #: localhost are captured (to its inbound listener by the lo hairpin), exclusions are not honoured.
+    #: localhost (its own listeners included) are captured by the lo hairpin.
     CAPTURE_LOOPBACK = "include 127.0.0.0/8 and ::1 for capture"
     #: Swap the outbound and the inbound listener in every REDIRECT and TPROXY: inbound traffic
     #: reaches the outbound side, whose upstream hairpins back to it (a loop).

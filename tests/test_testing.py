@@ -280,7 +280,14 @@ def test_looping_mutations_of_istio_like_policies_are_always_caught(case: object
 
 
 #: The fields a cheaper policy strategy varies (a proof of a fully random policy can take seconds).
-VARIED = ["inbound_mode", "families", "outbound_ports_exclude", "inbound_ports_exclude", "outbound_cidrs_exclude", "dns"]
+VARIED = [
+    "inbound_mode",
+    "families",
+    "outbound_ports_exclude",
+    "inbound_ports_exclude",
+    "outbound_cidrs_exclude",
+    "dns",
+]
 
 
 @settings(max_examples=10, deadline=None)

@@ -20,6 +20,9 @@ this test; they are reported, not copied):
 - ``tunnel port in TPROXY``: with ``-m TPROXY -b '*'``, Istio's mangle chain has no
   exception for the tunnel port (15008), so tunnel connections are TPROXYed to 15006;
   meshredirect never captures the tunnel port.
+- ``marked passthrough in TPROXY``: in TPROXY mode the proxy's transparent connections to
+  the app carry its mark over lo; Istio returns them in mangle but not in nat, where its
+  uid hairpin sends them back to the inbound port (a loop); meshredirect returns them.
 - ``rerouted excluded CIDR``: traffic arriving on a ``-k`` interface is redirected by
   Istio's ``PREROUTING -i IF -d CIDR -j ISTIO_REDIRECT`` even when ``-x`` excludes the
   CIDR; meshredirect lets the exclusion win.
@@ -146,8 +149,24 @@ def _gid_hairpin_dns(policy: Policy, d: Difference) -> bool:
     )
 
 
+def _tproxy_marked(policy: Policy, d: Difference) -> bool:
+    """TPROXY: the proxy's transparent connections to the app carry its mark over lo; meshredirect's nat
+    returns them, Istio's nat uid hairpin sends them back to the inbound port (a loop)."""
+    c = d.example
+    return (
+        policy.inbound_mode is InterceptionMode.TPROXY
+        and c.origin is Origin.LOCAL
+        and c.oif == "lo"
+        and c.mark == policy.tproxy_mark
+        and isinstance(d.first.verdict, Passed)
+        and isinstance(d.second.verdict, Redirected)
+        and d.second.verdict.port == policy.inbound_port
+    )
+
+
 KNOWN: dict[str, Callable[[Policy, Difference], bool]] = {
     "owner order": _owner_order,
+    "marked passthrough in TPROXY": _tproxy_marked,
     "gid hairpin takes DNS": _gid_hairpin_dns,
     "tunnel port in TPROXY": _tunnel_tproxy,
     "rerouted excluded CIDR": _rerouted_excluded,

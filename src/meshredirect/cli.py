@@ -37,6 +37,11 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "istio-iptables": ("meshredirect.commands.istio_iptables", "program what istio-iptables would, from its flags"),
     "fmt": ("meshredirect.commands.fmt", "print a policy file in canonical form"),
     "policy": ("meshredirect.commands.policy", "write the policy file for a set of flags, a pod or a preset"),
+    "verify": ("meshredirect.commands.verify", "prove a node's rules loop-free, with the mesh found in them"),
+    "diff": (
+        "meshredirect.commands.diff",
+        "prove where two rule sets (or rules and a policy) treat connections differently",
+    ),
 }
 
 

@@ -89,33 +89,35 @@ def test_each_looping_mutation_is_caught_with_a_connection_that_loops(mutation: 
 
 
 def test_a_loop_failure_reads_as_the_chain_and_its_traces() -> None:
+    """The failure's layout and the chain's meaning are pinned; which representative the engine picks is not."""
     with pytest.raises(LoopError) as caught:
         assert_loop_free(mutate(DEFAULT, Mutation.DROP_PASSTHROUGH))
     text = str(caught.value)
-    assert text.splitlines()[:6] == [
-        "not loop-free on 6 classes of connections, e.g. traffic loop: tcp 203.0.113.10:43210 -> 10.0.0.5:8080 "
-        "remote in eth0 is intercepted again and again (6 steps and on)",
-        "class: ipv4 tcp remote; dst 10.0.0.5; dport like 8080 (1-52,54-15000,15002-15005,...) or 53",
-        "chain:",
-        "  1. tcp 203.0.113.10:43210 -> 10.0.0.5:8080 remote in eth0  captured to the inbound listener",
-        "  2. tcp 127.0.0.6:43210 -> 10.0.0.5:8080 local uid=1337 gid=1337 out lo  captured to the inbound listener",
-        "  3. tcp 127.0.0.6:43210 -> 10.0.0.5:8080 local uid=1337 gid=1337 out lo  captured to the inbound listener",
-    ]
-    assert "  ... connection 3 is connection 2 again: a loop" in text
+    lines = text.splitlines()
+    assert re.fullmatch(
+        r"not loop-free on \d+ classes of connections, e\.g\. traffic loop: tcp (\S+) -> (\S+) (remote in|local) .+ "
+        r"is intercepted again and again \(6 steps and on\)",
+        lines[0],
+    ), lines[0]
+    assert lines[1].startswith("class: ipv4 tcp ")
+    assert lines[2] == "chain:"
+    assert re.fullmatch(r"  1\. tcp .+  captured to the inbound listener", lines[3]), lines[3]
+    # the proxy's connection to the app, from the passthrough source over lo, captured again and again
+    passthrough = r"tcp 127\.0\.0\.6:43210 -> (\S+) local uid=1337 gid=1337 out lo  captured to the inbound listener"
+    assert re.fullmatch(rf"  2\. {passthrough}", lines[4]), lines[4]
+    assert re.fullmatch(rf"  3\. {passthrough}", lines[5]), lines[5]
+    assert "  ... connection 3 is connection 2 again: a loop" in lines
+    assert "trace of step 1: " in text and "trace of step 3: " in text and "trace of step 4: " not in text
     assert "    nat ISTIO_OUTPUT #1: -s 127.0.0.6/32 -o lo -j RETURN  [no match]" not in text  # the rule is gone
-    assert "(the traces of steps 4 to 6 are left out)" in text
-    assert text.endswith(
-        "other counterexamples:\n"
-        "  traffic loop: tcp 203.0.113.10:43210 -> 127.0.0.6:8080 remote in eth0 is intercepted again and again "
-        "(6 steps and on)\n"
-        "  traffic loop: tcp 10.0.0.5:43210 -> 10.0.0.5:8080 local uid=1337 gid=1000 out lo is intercepted again "
-        "and again (6 steps and on)\n"
-        "  traffic loop: tcp 127.0.0.6:43210 -> 10.0.0.5:8080 local uid=1337 gid=1000 out lo is intercepted again "
-        "and again (6 steps and on)\n"
-        "  traffic loop: tcp 10.0.0.5:43210 -> 10.0.0.5:8080 local uid=1000 gid=1337 out lo is intercepted again "
-        "and again (6 steps and on)\n"
-        "  ... and 1 more"
+    assert (
+        "    nat ISTIO_OUTPUT #1: ! -d 127.0.0.1/32 -o lo -p tcp ! --dport 15008 -m owner --uid-owner 1337 "
+        "-j ISTIO_IN_REDIRECT  [matched]" in lines
     )
+    assert "(the traces of steps 4 to 6 are left out)" in lines
+    others = lines[lines.index("other counterexamples:") + 1 :]
+    assert 1 <= len(others) <= 5
+    assert all(line.startswith("  traffic loop: tcp ") for line in others[:4])
+    assert re.fullmatch(r"  \.\.\. and \d+ more", others[-1]) or len(others) < 5
 
 
 @pytest.mark.parametrize("mode", ["REDIRECT", "TPROXY"])
@@ -172,11 +174,12 @@ def test_the_bypass_check_catches_rules_that_capture_nothing_outbound() -> None:
     assert_loop_free(no_outbound)
     with pytest.raises(BypassError) as caught:
         assert_no_bypass(no_outbound, Policy())
-    assert caught.value.headline.startswith(
-        "the proxy is bypassed on 2 classes of connections, e.g. mesh bypass: tcp 10.0.0.5:43210 -> "
-        "203.0.113.10:8080 local uid=1000 gid=1000 out eth0 should reach the proxy's outbound listener "
-        "(outbound_cidrs is '*'), but: passed to 203.0.113.10:8080 (sent out)"
-    )
+    assert re.fullmatch(
+        r"the proxy is bypassed on \d+ class(?:es)? of connections, e\.g\. mesh bypass: tcp 10\.0\.0\.5:\d+ -> "
+        r"(\S+):(\d+) local uid=1000 gid=1000 out eth0 should reach the proxy's outbound listener "
+        r"\(outbound_cidrs is '\*'\), but: passed to \1:\2 \(sent out\)",
+        caught.value.headline,
+    ), caught.value.headline
 
 
 def test_the_bypass_check_catches_swapped_listeners_inbound() -> None:
@@ -190,13 +193,11 @@ def test_equivalence_failures_show_both_traces() -> None:
     with pytest.raises(NotEquivalentError) as caught:
         assert_equivalent(Policy(), Policy(outbound_ports_exclude="5432"))
     error = caught.value
-    assert error.counterexamples == 4
+    assert error.counterexamples >= 1 and error.connection is not None
     lines = str(error).splitlines()
-    assert lines[1:4] == [
-        "  first:  redirected to 127.0.0.1:15001",
-        "  second: passed to 203.0.113.10:5432 (sent out)",
-        "  differs in: verdict",
-    ]
+    assert lines[1] == "  first:  redirected to 127.0.0.1:15001"
+    assert lines[2] == f"  second: passed to {error.connection.dst}:5432 (sent out)"
+    assert lines[3] == "  differs in: verdict"
     assert "trace in the first:" in lines and "trace in the second:" in lines
     assert "    nat ISTIO_OUTPUT #1: -p tcp --dport 5432 -j RETURN  [matched]" in lines
 
@@ -421,12 +422,16 @@ def test_the_downstream_tests_use_only_the_public_api() -> None:
 
 
 def test_the_failure_shown_in_the_docs_is_the_real_one() -> None:
+    """docs/testing.md shows a real failure (the class count aside: it is how the engine partitions)."""
     from pathlib import Path
 
-    page = (Path(__file__).parent.parent / "docs" / "testing.md").read_text()
+    def counted(text: str) -> str:
+        return re.sub(r" on \d+ class(?:es)? of connections", " on N classes of connections", text)
+
+    page = counted((Path(__file__).parent.parent / "docs" / "testing.md").read_text())
     with pytest.raises(LoopError) as caught:
         assert_loop_free(mutate(DEFAULT, Mutation.DROP_PASSTHROUGH))
-    lines = str(caught.value).splitlines()
-    step2 = lines.index("trace of step 2: tcp 127.0.0.6:43210 -> 10.0.0.5:8080 local uid=1337 gid=1337 out lo")
-    for line in [*lines[:5], *lines[step2 : step2 + 5]]:
+    lines = counted(str(caught.value)).splitlines()
+    step2 = next(i for i, line in enumerate(lines) if line.startswith("trace of step 2: "))
+    for line in [*lines[:6], *lines[step2 : step2 + 5]]:
         assert f"\n{line}\n" in page, line

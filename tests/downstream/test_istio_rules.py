@@ -106,13 +106,14 @@ def test_the_seed_rules_are_sound_against_the_policy_they_mean() -> None:
 
 
 def test_the_seed_rules_without_the_proxy_exemption_loop_readably() -> None:
+    """The one failure pinned as text (the engine's choice of example included; its class count is not)."""
     (seed,) = [f for f in rule_files() if f.path.name == "istio-1.4-nat.rules"]
     broken = mutate(seed.ruleset(), Mutation.DROP_PROXY_EXEMPTIONS, seed.env.proxy)
     with pytest.raises(LoopError) as caught:
         assert_loop_free(broken, seed.env)
     lines = str(caught.value).splitlines()
-    assert lines[0] == (
-        "not loop-free on 9 classes of connections, e.g. traffic loop: tcp 10.0.0.5:43210 -> 203.0.113.10:8080 "
+    assert re.sub(r" on \d+ classes", " on N classes", lines[0]) == (
+        "not loop-free on N classes of connections, e.g. traffic loop: tcp 10.0.0.5:43210 -> 203.0.113.10:8080 "
         "local uid=1000 gid=1000 out eth0 is intercepted again and again (6 steps and on)"
     )
     assert lines[1].startswith("class: ipv4 tcp local; ")

@@ -28,8 +28,8 @@ Every name is importable from here (loaded on first use):
 >>> try:
 ...     assert_loop_free(broken)
 ... except AssertionError as error:
-...     print(error.headline.split(", e.g. ")[0])
-not loop-free on 51 classes of connections
+...     print(error.headline.split(", e.g. ")[0])  # doctest: +ELLIPSIS
+not loop-free on ... of connections
 """
 
 from __future__ import annotations

@@ -435,3 +435,25 @@ def test_the_failure_shown_in_the_docs_is_the_real_one() -> None:
     step2 = next(i for i, line in enumerate(lines) if line.startswith("trace of step 2: "))
     for line in [*lines[:6], *lines[step2 : step2 + 5]]:
         assert f"\n{line}\n" in page, line
+
+
+def test_rules_text_that_cannot_be_read_fails_with_the_readers_message(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from meshredirect.errors import SourceError
+
+    assert isinstance(tmp_path, Path)
+    bad = tmp_path / "node.rules"
+    bad.write_text("*nat\n-A OUTPUT -p tcp -j REDIRECT --to-ports 15001\n")
+    with pytest.raises(SourceError) as caught:
+        assert_loop_free(bad)
+    assert str(caught.value).startswith(f"{bad}:2:")
+    assert "expected COMMIT before the end of the input (table nat opened at line 1)" in str(caught.value)
+    dump = tmp_path / "dump.json"
+    dump.write_text('{"nftables": [{"rule": {"family": "ip", "table": "t", "chain": "c", "expr": []}}]}\n')
+    with pytest.raises(SourceError) as caught:
+        assert_equivalent(dump, Policy())
+    assert str(caught.value).startswith(f"{dump}:1:")
+    with pytest.raises(SourceError) as caught:
+        as_ruleset("*nat\n-A OUTPUT -j\n")
+    assert str(caught.value).startswith("<rules>:2:")

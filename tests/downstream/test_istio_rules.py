@@ -27,8 +27,6 @@ from meshredirect.testing import LoopError, Mutation, assert_loop_free, assert_s
 
 from .conftest import RuleFile, rule_files
 
-pytest.importorskip("meshredirect.readers.iptables", reason="the iptables reader is not in this build yet")
-
 #: Istio's TPROXY cases: the marked passthrough over lo is captured again by nat OUTPUT's lo hairpin.
 TPROXY_FINDINGS = {"inbound-ports-tproxy", "inbound-ports-wildcard-tproxy"}
 

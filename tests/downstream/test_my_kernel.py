@@ -30,7 +30,6 @@ def redirect_rules() -> Policy:
 
 
 def test_what_the_kernel_holds_means_the_policy(loaded_namespace: NetNamespace, redirect_rules: Policy) -> None:
-    pytest.importorskip("meshredirect.readers.iptables", reason="the iptables reader is not in this build yet")
     saved = loaded_namespace.run(["iptables-save"]).stdout
     assert_equivalent(saved, redirect_rules)
 

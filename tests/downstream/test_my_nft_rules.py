@@ -10,8 +10,6 @@ import pytest
 from meshredirect import Policy
 from meshredirect.testing import NetNamespace, NotEquivalentError, assert_equivalent, assert_loop_free
 
-pytest.importorskip("meshredirect.readers.nftables", reason="the nftables reader is not in this build yet")
-
 # docs-start: nft
 MESH_NFT = Path(__file__).parent / "data" / "mesh.nft.json"
 

@@ -22,8 +22,6 @@ from meshredirect.testing import (
     connections,
 )
 
-pytest.importorskip("meshredirect.readers.iptables", reason="the iptables reader is not in this build yet")
-
 # docs-start: node
 NODE_RULES = Path(__file__).parent / "data" / "node.rules"  # iptables-save output from a pod
 ENV = Environment.default()  # Istio's proxy: uid/gid 1337, ports 15001 and 15006

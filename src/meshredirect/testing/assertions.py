@@ -174,20 +174,13 @@ def _read(
     users: Mapping[str, int] | None,
     groups: Mapping[str, int] | None,
 ) -> Ruleset:
-    import importlib
+    if text.lstrip().startswith("{"):
+        from meshredirect.readers.nftables import read_nft_json
 
-    json = text.lstrip().startswith("{")
-    module, function = ("nftables", "read_nft_json") if json else ("iptables", "read_iptables")
-    try:
-        reader = getattr(importlib.import_module(f"meshredirect.readers.{module}"), function)
-    except (ImportError, AttributeError):
-        kind = "nft JSON" if json else "iptables text"
-        raise NotImplementedError(
-            f"reading {kind} needs meshredirect.readers.{module}, which this version of meshredirect does not have"
-        ) from None
-    if json:
-        return reader(text, path=path)  # type: ignore[no-any-return]
-    return reader(text, path=path, family=family, users=users, groups=groups)  # type: ignore[no-any-return]
+        return read_nft_json(text, path=path)
+    from meshredirect.readers.iptables import read_iptables
+
+    return read_iptables(text, path=path, family=family, users=users, groups=groups)
 
 
 def environment_for(rules: Rules, env: Environment | None = None) -> Environment:

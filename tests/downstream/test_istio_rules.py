@@ -70,7 +70,7 @@ def test_istio_tproxy_rules_loop(case: str) -> None:
     ]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_the_proxy_never_reaches_its_outbound_port_and_its_passthrough_is_never_captured(data: st.DataObject) -> None:
     rule_file = data.draw(st.sampled_from(rule_files()), label="rule file")

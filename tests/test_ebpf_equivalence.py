@@ -19,6 +19,7 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 
+from meshredirect import semantics
 from meshredirect.compiler import compile_policy
 from meshredirect.ir import OwnerMatch, Return, Ruleset
 from meshredirect.policy import DnsCapture, Policy
@@ -28,8 +29,6 @@ from meshredirect_ebpf.lowering import lower
 from meshredirect_ebpf.plan import IntegerSet
 from meshredirect_ebpf.proof import environment_of, prove
 from strategies import policies
-
-semantics = pytest.importorskip("meshredirect.semantics", reason="the semantics engine is not in this build yet")
 
 #: At least 300 generated policies per run (the issue's acceptance); each proof takes ~0.1 s.
 EXAMPLES: Final = 300

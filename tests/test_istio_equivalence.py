@@ -37,6 +37,7 @@ from typing import Any
 
 import pytest
 
+import meshredirect.readers.iptables as readers
 from conformance import istio_cases, istio_restore
 from meshredirect.api import resolve_groups
 from meshredirect.compiler import compile_policy
@@ -46,8 +47,6 @@ from meshredirect.policy import InterceptionMode, Policy
 from meshredirect.semantics.equivalence import Difference, equivalent
 from meshredirect.semantics.interpreter import Passed, Redirected, TProxied
 from meshredirect.semantics.model import Origin
-
-readers = pytest.importorskip("meshredirect.readers.iptables", reason="needs the iptables reader (branch reader)")
 
 DNS_PORT = 53
 #: Fixed ids for the group names the cases use, on both sides.

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Final
 
 from meshredirect.backend import Artifact, Rendering
-from meshredirect.errors import EnvironmentProblem, PolicyError
+from meshredirect.errors import PolicyError
 from meshredirect.ir import Ruleset
 from meshredirect_ebpf.csource import c_source
 from meshredirect_ebpf.environment import Environment
@@ -84,15 +84,9 @@ class EbpfBackend:
         (``environment=`` a ``meshredirect.semantics`` ``Environment``), else in its default one; the
         backend's own environment must be that environment's routing.
         """
+        from meshredirect.semantics.model import Environment as SemanticsEnvironment
         from meshredirect_ebpf.proof import environment_of, prove
 
-        try:
-            from meshredirect.semantics.model import Environment as SemanticsEnvironment
-        except ImportError:
-            raise EnvironmentProblem(
-                "proving the eBPF program needs the semantics engine (meshredirect.semantics), which this "
-                "installation lacks"
-            ) from None
         env = self.semantics_environment or SemanticsEnvironment.default().covering(ruleset)
         if environment_of(env) != self.environment:
             raise PolicyError(

@@ -15,6 +15,7 @@ import json
 
 import pytest
 
+import meshredirect.readers.iptables as iptables_reader
 from conformance import ISTIO, istio_cases
 from conftest import require_kernel
 from meshredirect.api import render, resolve_groups
@@ -25,8 +26,6 @@ from meshredirect.readers.nftables import read_nft_json
 from meshredirect.semantics.equivalence import Difference, equivalence_report
 from meshredirect.semantics.model import Environment
 from meshredirect.testing.netns import NetNamespace
-
-iptables_reader = pytest.importorskip("meshredirect.readers.iptables", reason="the iptables reader is not merged yet")
 
 CASES = istio_cases()
 GROUPS = {"java": 1001, "ftp": 1002}

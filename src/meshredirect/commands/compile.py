@@ -97,12 +97,8 @@ def run(args: argparse.Namespace) -> int:
                 expected="the semantics engine's environment of the policy (leave out --local-address and --route)",
                 got=" ".join([*args.local_address, *args.route]),
             )
-        try:
-            from meshredirect.semantics.model import Environment
-        except ImportError:
-            raise EnvironmentProblem(
-                "--check needs the semantics engine (meshredirect.semantics), which this installation lacks"
-            ) from None
+        from meshredirect.semantics.model import Environment
+
         options["environment"] = Environment.for_policy(policy, ruleset)
     backend = create_backend(args.backend, options)
     rendering = backend.render(ruleset)

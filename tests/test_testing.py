@@ -48,6 +48,15 @@ from meshredirect.testing.strategies import SPECIAL_ADDRESSES
 DEFAULT = compile_policy(Policy())
 #: The mutations that make the default (REDIRECT) rules loop.
 LOOPING = (Mutation.DROP_PROXY_EXEMPTIONS, Mutation.DROP_PASSTHROUGH, Mutation.SWAP_LISTENERS, Mutation.REDIRECT_ALL)
+#: The fields a cheaper policy strategy varies (a proof of a fully random policy can take seconds).
+VARIED = [
+    "inbound_mode",
+    "families",
+    "outbound_ports_exclude",
+    "inbound_ports_exclude",
+    "outbound_cidrs_exclude",
+    "dns",
+]
 SLOW = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ----------------------------------------------------------------------------- assertions on sound rules
@@ -138,6 +147,106 @@ def test_every_mutation_makes_the_full_check_fail(mutation: Mutation, mode: str)
     assert set(caught.value.properties) == expected
     if len(expected) > 1:
         assert "\nalso failing:\n  " in str(caught.value)
+
+
+#: What the full check reports first for each mutation of the default (REDIRECT) rules, and the rest.
+SOUND_FAILURES = {
+    Mutation.DROP_PROXY_EXEMPTIONS: ("LOOP", ("PROXY_TO_OUTBOUND",)),
+    Mutation.DROP_PASSTHROUGH: ("LOOP", ("PASSTHROUGH",)),
+    Mutation.CAPTURE_LOOPBACK: ("PROXY_PORTS", ()),
+    Mutation.SWAP_LISTENERS: ("LOOP", ("PROXY_TO_OUTBOUND", "OUTBOUND_COMPLETE", "INBOUND_COMPLETE")),
+    Mutation.REDIRECT_ALL: ("LOOP", ("PROXY_TO_OUTBOUND", "PASSTHROUGH", "PROXY_PORTS", "EXCLUSIONS")),
+}
+
+
+def test_assert_sound_passes_on_sound_rules_in_every_form() -> None:
+    """A policy, its compiled rules, their iptables text and the rules of both modes and families pass."""
+    from meshredirect.api import render
+
+    text = render(DEFAULT, "iptables-save").text()
+    assert_sound(Policy())
+    assert_sound(DEFAULT)
+    assert_sound(DEFAULT, Policy())
+    assert_sound(text, Policy())
+    for mode in ("REDIRECT", "TPROXY"):
+        policy = Policy(inbound_mode=mode, families={Family.IPV4, Family.IPV6}, outbound_ports_exclude="22")
+        assert_sound(policy)
+        assert_sound(compile_policy(policy), policy)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(policies(base=Policy(), vary=VARIED))
+def test_assert_sound_passes_on_the_rules_of_istio_like_policies(policy: Policy) -> None:
+    assert_sound(compile_policy(policy), policy)
+
+
+@pytest.mark.parametrize("mutation", list(Mutation), ids=lambda m: m.name)
+def test_assert_sound_fails_on_each_mutation_with_a_readable_counterexample(mutation: Mutation) -> None:
+    """The failure names the first failing property, a concrete connection, its class, its chain of
+    interceptions and its trace (ending in the verdict), then every other failing property with its count."""
+    from meshredirect.semantics.check import Property
+
+    first, others = SOUND_FAILURES[mutation]
+    with pytest.raises(UnsoundError) as caught:
+        assert_sound(mutate(DEFAULT, mutation), Policy())
+    error = caught.value
+    assert error.properties == (first, *others)
+    assert isinstance(error, AssertionError) and error.connection is not None and error.counterexamples >= 1
+    lines = str(error).splitlines()
+    assert lines[0] == error.headline
+    count = "1 class" if error.counterexamples == 1 else f"{error.counterexamples} classes"
+    assert error.headline.startswith(f"{Property[first].value}: fails on {count} of connections, e.g. ")
+    assert str(error.connection) in error.headline
+    assert lines[1].startswith("class: ipv4 tcp ")
+    assert lines[2] == "chain:" and lines[3].startswith(f"  1. {error.connection}  ")
+    step1 = lines.index(f"trace of step 1: {error.connection}")
+    assert lines[step1 + 1] in ("  == OUTPUT (out eth0)", "  == OUTPUT (out lo)", "  == PREROUTING (in eth0)")
+    assert any(line.startswith("  verdict: ") for line in lines[step1:])
+    if others:
+        also = lines[lines.index("also failing:") + 1 :]
+        assert [re.sub(r" \(\d+ class(?:es)?\)$", "", line) for line in also] == [
+            f"  {Property[name].value}" for name in others
+        ]
+    else:
+        assert "also failing:" not in lines
+
+
+def test_an_unsound_failure_reads_as_the_connection_its_chain_and_its_trace() -> None:
+    """One failure pinned as text (the class count and the class's description aside: they are how the engine
+    partitions): including 127.0.0.0/8 for capture sends the proxy's connection to its own listener to the
+    inbound listener."""
+    with pytest.raises(UnsoundError) as caught:
+        assert_sound(mutate(DEFAULT, Mutation.CAPTURE_LOOPBACK), Policy())
+    lines = re.sub(r" on \d+ class(?:es)? of", " on N classes of", str(caught.value)).splitlines()
+    proxy = "tcp 10.0.0.5:43210 -> 127.0.0.1:15001 local uid=1337 gid=1000 out lo"
+    assert lines[0] == (
+        "the proxy's own ports and its DNS queries are never captured: fails on N classes of connections, "
+        f"e.g. {proxy} to the proxy's own listener is captured (redirected to 127.0.0.1:15006)"
+    )
+    assert lines[1].startswith("class: ipv4 tcp local; ") and "dst 127.0.0.1; dport 15001; " in lines[1]
+    assert lines[2:6] == [
+        "chain:",
+        f"  1. {proxy}  captured to the inbound listener "
+        "(the proxy refuses it: its original destination is the proxy's own listener)",
+        f"trace of step 1: {proxy}",
+        "  == OUTPUT (out lo)",
+    ]
+    assert lines[lines.index("  verdict: redirected to 127.0.0.1:15006") + 1 :] == [
+        "other counterexamples:",
+        "  tcp 10.0.0.5:43210 -> 127.0.0.1:15001 local uid=1000 gid=1337 out lo to the proxy's own listener "
+        "is captured (redirected to 127.0.0.1:15006)",
+    ]
+
+
+def test_assert_sound_without_a_policy_proves_no_completeness() -> None:
+    """Rules that capture nothing are sound on their own, and fail once the policy says what to capture."""
+    nothing = Ruleset()
+    assert_sound(nothing)
+    with pytest.raises(UnsoundError) as caught:
+        assert_sound(nothing, Policy())
+    assert caught.value.properties == ("OUTBOUND_COMPLETE", "INBOUND_COMPLETE")
+    with pytest.raises(ValueError, match=r"^expected a policy with numeric owner groups, got group names java: "):
+        assert_sound(DEFAULT, Policy(owner_groups_exclude="java"))
 
 
 def test_capturing_loopback_captures_the_proxys_own_connections_to_localhost() -> None:
@@ -278,17 +387,6 @@ def test_looping_mutations_of_istio_like_policies_are_always_caught(case: object
     assert isinstance(case, RulesetCase) and case.mutation in LOOPING
     with pytest.raises(LoopError):
         assert_loop_free(case.ruleset, case.env)
-
-
-#: The fields a cheaper policy strategy varies (a proof of a fully random policy can take seconds).
-VARIED = [
-    "inbound_mode",
-    "families",
-    "outbound_ports_exclude",
-    "inbound_ports_exclude",
-    "outbound_cidrs_exclude",
-    "dns",
-]
 
 
 @settings(max_examples=10, deadline=None)

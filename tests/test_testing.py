@@ -555,3 +555,45 @@ def test_rules_text_that_cannot_be_read_fails_with_the_readers_message(tmp_path:
     with pytest.raises(SourceError) as caught:
         as_ruleset("*nat\n-A OUTPUT -j\n")
     assert str(caught.value).startswith("<rules>:2:")
+
+
+# ----------------------------------------------------------------------------- documentation
+
+#: The toolkit's modules: every name they export is in the API reference with a runnable example.
+TOOLKIT_MODULES = ("assertions", "strategies", "mutations", "pytest_plugin", "netns")
+
+
+def test_every_public_name_of_the_toolkit_is_in_the_api_reference_with_an_example() -> None:
+    """Functions, classes and fixtures teach with a doctest (run by --doctest-modules); constants carry a ``#:``
+    comment (what autodoc shows); every module is in the API reference, and every name of the package is one
+    of theirs."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("sphinx", reason="the docs extra is not installed (pip install -e '.[docs]')")
+    from sphinx.pycode import ModuleAnalyzer
+
+    import meshredirect.testing as package
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs" / "_ext"))
+    import meshredirect_docs
+
+    reference = meshredirect_docs.api_modules()
+    exported: set[str] = set()
+    for short in TOOLKIT_MODULES:
+        name = f"meshredirect.testing.{short}"
+        module = importlib.import_module(name)
+        assert f"\n.. automodule:: {name}\n" in reference, name
+        assert ">>>" in (module.__doc__ or ""), name
+        documented = ModuleAnalyzer.for_module(name).find_attr_docs()
+        for public in module.__all__:
+            value = getattr(module, public)
+            exported.add(public)
+            if isinstance(value, type) or callable(value):
+                doc = vars(value).get("__doc__") if isinstance(value, type) else value.__doc__
+                assert doc and ">>>" in doc, f"{name}.{public} has no example"
+            else:
+                assert ("", public) in documented, f"{name}.{public} is not documented (a #: comment)"
+    assert set(package._EXPORTS) <= exported
+    assert all(package._EXPORTS[n] in {f"meshredirect.testing.{m}" for m in TOOLKIT_MODULES} for n in package._EXPORTS)

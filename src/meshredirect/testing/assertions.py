@@ -86,7 +86,21 @@ class RedirectAssertionError(AssertionError):
     """A property of redirect rules does not hold; ``connection`` shows it, ``explanation`` says how.
 
     ``str(error)`` is the headline (the first line) and the explanation: the
-    chain of interceptions and every step's trace.
+    chain of interceptions and every step's trace. Catch this class to handle
+    any of the assertions' failures alike:
+
+    >>> from meshredirect.policy import Policy
+    >>> from meshredirect.semantics import Connection, Environment, Passed
+    >>> app = Connection.local(Environment.default(), dst="93.184.216.34", dport=443)
+    >>> try:
+    ...     assert_verdict(Policy(), app, Passed)
+    ... except RedirectAssertionError as error:
+    ...     print(error.connection.dport, error.counterexamples)
+    ...     print(error.headline)
+    ...     print(error.explanation.splitlines()[0])
+    443 1
+    tcp 10.0.0.5:43210 -> 93.184.216.34:443 local uid=1000 gid=1000 out eth0: expected passed, got redirected to 127.0.0.1:15001
+      == OUTPUT (out eth0)
     """
 
     def __init__(
@@ -101,23 +115,90 @@ class RedirectAssertionError(AssertionError):
 
 
 class LoopError(RedirectAssertionError):
-    """Some connection is intercepted again and again (or more often than a sound chain is, or undecidably)."""
+    """Some connection is intercepted again and again (or more often than a sound chain is, or undecidably).
+
+    Raised by :func:`assert_loop_free`; here the proxy's own connections are
+    no longer exempt, so its upstream connection is captured again:
+
+    >>> from meshredirect.policy import Policy
+    >>> from meshredirect.testing.mutations import Mutation, mutate
+    >>> try:
+    ...     assert_loop_free(mutate(as_ruleset(Policy()), Mutation.DROP_PROXY_EXEMPTIONS))
+    ... except LoopError as error:
+    ...     print(error.explanation.splitlines()[2:4])
+    ['  1. tcp 10.0.0.5:43210 -> 203.0.113.10:8080 local uid=1000 gid=1000 out eth0  captured to the outbound listener', '  2. tcp 10.0.0.5:43210 -> 203.0.113.10:8080 local uid=1337 gid=1337 out eth0  captured to the outbound listener']
+    """
 
 
 class BypassError(RedirectAssertionError):
-    """Some connection the policy captures does not reach the proxy."""
+    """Some connection the policy captures does not reach the proxy.
+
+    Raised by :func:`assert_no_bypass`; rules that exclude a port the policy
+    captures let that port's connections bypass the proxy:
+
+    >>> from meshredirect.policy import Policy
+    >>> try:
+    ...     assert_no_bypass(Policy(outbound_ports_exclude="5432"), Policy())
+    ... except BypassError as error:
+    ...     print(error.connection.dport)
+    5432
+    """
 
 
 class NotEquivalentError(RedirectAssertionError):
-    """Two rulesets treat some connection differently."""
+    """Two rulesets treat some connection differently.
+
+    Raised by :func:`assert_equivalent`; the explanation shows both verdicts first:
+
+    >>> from meshredirect.policy import Policy
+    >>> try:
+    ...     assert_equivalent(Policy(), Policy(inbound_ports_exclude="8080,15020-15021,15090"))
+    ... except NotEquivalentError as error:
+    ...     print(error.connection.dport)
+    ...     for line in error.explanation.splitlines()[:2]:
+    ...         print(line)
+    8080
+      first:  redirected to 10.0.0.5:15006
+      second: passed to 10.0.0.5:8080 (delivered locally)
+    """
 
 
 class VerdictError(RedirectAssertionError):
-    """The rules do not do to a connection what was expected."""
+    """The rules do not do to a connection what was expected.
+
+    Raised by :func:`assert_verdict`; the explanation is the connection's trace:
+
+    >>> from meshredirect.policy import Policy
+    >>> from meshredirect.semantics import Connection, Dropped
+    >>> peer = Connection.remote(src="203.0.113.10", dst="10.0.0.5", dport=22)
+    >>> try:
+    ...     assert_verdict(Policy(inbound_ports_exclude="22"), peer, Dropped)
+    ... except VerdictError as error:
+    ...     print(error.headline)
+    ...     print(error.explanation.splitlines()[-1])
+    tcp 203.0.113.10:43210 -> 10.0.0.5:22 remote in eth0: expected dropped, got passed to 10.0.0.5:22 (delivered locally)
+      verdict: passed to 10.0.0.5:22 (delivered locally)
+    """
 
 
 class UnsoundError(RedirectAssertionError):
-    """Some property the engine proves does not hold (``properties`` names every one that fails)."""
+    """Some property the engine proves does not hold (``properties`` names every one that fails).
+
+    Raised by :func:`assert_sound`; the headline names the first failing
+    property, the explanation ends with the others:
+
+    >>> from meshredirect.policy import Policy
+    >>> from meshredirect.testing.mutations import Mutation, mutate
+    >>> try:
+    ...     assert_sound(mutate(as_ruleset(Policy()), Mutation.DROP_PASSTHROUGH), Policy())
+    ... except UnsoundError as error:
+    ...     print(error.properties)
+    ...     print(error.headline.split(":")[0])
+    ...     print(error.explanation.splitlines()[-2])
+    ('LOOP', 'PASSTHROUGH')
+    no loop
+    also failing:
+    """
 
     def __init__(self, headline: str, *, properties: tuple[str, ...], **kwargs: Any) -> None:
         super().__init__(headline, **kwargs)

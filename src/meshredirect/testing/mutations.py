@@ -68,7 +68,13 @@ LOOPBACK: Final = AddressSet.of("127.0.0.0/8", "::1/128")
 
 
 class Mutation(enum.Enum):
-    """One mistake, and what it should make a checker report."""
+    """One mistake, and what it should make a checker report; the value says it in words.
+
+    >>> Mutation.DROP_PASSTHROUGH.value
+    'remove the rules that let the passthrough source 127.0.0.6 / ::6 pass'
+    >>> [m.name for m in Mutation]
+    ['DROP_PROXY_EXEMPTIONS', 'DROP_PASSTHROUGH', 'CAPTURE_LOOPBACK', 'SWAP_LISTENERS', 'REDIRECT_ALL']
+    """
 
     #: Remove the rules that let the proxy's own uids and gids pass: the proxy's upstream
     #: connections are captured again (a loop wherever outbound traffic is captured).
@@ -90,11 +96,34 @@ class Mutation(enum.Enum):
 
 
 class NotApplicable(ValueError):
-    """The mutation would not change this ruleset."""
+    """The mutation would not change this ruleset (a :class:`ValueError`).
+
+    >>> try:
+    ...     mutate(Ruleset(), Mutation.DROP_PROXY_EXEMPTIONS)
+    ... except NotApplicable as error:
+    ...     print(error)
+    DROP_PROXY_EXEMPTIONS changes nothing in this ruleset: it has no rule that lets the proxy's uid/gid pass
+    """
 
 
 def mutate(ruleset: Ruleset, mutation: Mutation, proxy: Proxy | None = None) -> Ruleset:
-    """``ruleset`` with ``mutation`` applied for ``proxy`` (default: Istio's); :class:`NotApplicable` when unchanged."""
+    """``ruleset`` with ``mutation`` applied for ``proxy`` (default: Istio's); :class:`NotApplicable` when unchanged.
+
+    ``proxy`` names the uids, gids, listener ports and passthrough source the
+    mutation is about (:attr:`Environment.proxy <meshredirect.semantics.model.Environment.proxy>`
+    of the pod the rules run in):
+
+    >>> from meshredirect.compiler import compile_policy
+    >>> from meshredirect.policy import Policy
+    >>> from meshredirect.semantics import Environment
+    >>> policy = Policy(outbound_port=15101, inbound_port=15106)
+    >>> broken = mutate(compile_policy(policy), Mutation.SWAP_LISTENERS, Environment.for_policy(policy).proxy)
+    >>> [(chain.name, rule.target) for _, chain, rule in broken.rules() if isinstance(rule.target, Redirect)]
+    [('ISTIO_REDIRECT', Redirect(ports=PortSet('15106'))), ('ISTIO_IN_REDIRECT', Redirect(ports=PortSet('15101')))]
+    >>> nat = mutate(compile_policy(policy), Mutation.REDIRECT_ALL).tables[0]
+    >>> nat.chain("OUTPUT").rules[0].comment
+    'mutation: redirect everything'
+    """
     proxy = proxy if proxy is not None else Proxy()
     result = _MUTATORS[mutation](ruleset, proxy)
     if result == ruleset:
@@ -105,7 +134,15 @@ def mutate(ruleset: Ruleset, mutation: Mutation, proxy: Proxy | None = None) -> 
 
 
 def applicable(ruleset: Ruleset, proxy: Proxy | None = None) -> tuple[Mutation, ...]:
-    """The mutations that change ``ruleset``."""
+    """The mutations that change ``ruleset`` (for ``proxy``, default: Istio's), in :class:`Mutation` order.
+
+    >>> from meshredirect.compiler import compile_policy
+    >>> from meshredirect.policy import Policy
+    >>> [m.name for m in applicable(compile_policy(Policy(inbound_ports="", outbound_cidrs="")))]
+    ['DROP_PROXY_EXEMPTIONS', 'DROP_PASSTHROUGH', 'CAPTURE_LOOPBACK', 'SWAP_LISTENERS', 'REDIRECT_ALL']
+    >>> [m.name for m in applicable(Ruleset())]
+    ['REDIRECT_ALL']
+    """
     proxy = proxy if proxy is not None else Proxy()
     return tuple(m for m in Mutation if _MUTATORS[m](ruleset, proxy) != ruleset)
 

@@ -49,6 +49,10 @@ The same gate is :func:`require_kernel`, for tests that make their own
 namespaces. The marker ``kernel`` labels such tests (``pytest -m "not kernel"``
 leaves them out).
 
+The examples of the fixtures below define a test that asks for the fixture,
+then call it with what pytest would give it; they touch a kernel only as
+root (in a namespace of their own), and do nothing elsewhere.
+
 >>> kernel_gate(None, {})
 >>> kernel_gate("needs root", {})
 ('skip', 'needs root')
@@ -92,7 +96,17 @@ KERNEL_MARKER: Final = "kernel: loads rules into a real kernel inside throwaway 
 
 
 def kernel_gate(reason: str | None, environ: Mapping[str, str]) -> tuple[Literal["skip", "fail"], str] | None:
-    """What a real-kernel test does when the kernel is unavailable for ``reason`` (None: it runs)."""
+    """What a real-kernel test does when the kernel is unavailable for ``reason`` (None: it runs).
+
+    ``reason`` is :func:`~meshredirect.testing.netns.kernel_unavailable`'s
+    answer, ``environ`` the process environment; the answer is ``"skip"`` or
+    ``"fail"`` (with ``MESHREDIRECT_REQUIRE_KERNEL=1``) and the message.
+
+    >>> kernel_gate("needs root (network namespaces and netfilter rules)", {"MESHREDIRECT_REQUIRE_KERNEL": "1"})
+    ('fail', 'real-kernel test cannot run: needs root (network namespaces and netfilter rules)')
+    >>> kernel_gate("needs root", {"MESHREDIRECT_REQUIRE_KERNEL": "0"})
+    ('skip', 'needs root')
+    """
     if reason is None:
         return None
     if environ.get(REQUIRE_KERNEL_VARIABLE) == "1":
@@ -101,7 +115,20 @@ def kernel_gate(reason: str | None, environ: Mapping[str, str]) -> tuple[Literal
 
 
 def require_kernel() -> None:
-    """Skip the calling test when real-kernel tests cannot run here (fail with ``MESHREDIRECT_REQUIRE_KERNEL=1``)."""
+    """Skip the calling test when real-kernel tests cannot run here (fail with ``MESHREDIRECT_REQUIRE_KERNEL=1``).
+
+    Call it first in a test that makes namespaces of its own (the fixtures
+    call it for you). It returns when the test can run, and otherwise stops
+    the test the way pytest does (``pytest.skip`` or ``pytest.fail``):
+
+    >>> try:
+    ...     require_kernel()
+    ...     outcome = "runs"
+    ... except (pytest.skip.Exception, pytest.fail.Exception) as stopped:
+    ...     outcome = str(stopped)
+    >>> outcome == "runs" or outcome.startswith(("needs ", "real-kernel test cannot run: "))
+    True
+    """
     gate = kernel_gate(kernel_unavailable(), os.environ)
     if gate is None:
         return
@@ -112,7 +139,17 @@ def require_kernel() -> None:
 
 
 class RuleLoader(Protocol):
-    """The ``load_rules`` fixture's type."""
+    """The ``load_rules`` fixture's type: annotate the fixture's parameter with it.
+
+    >>> import functools
+    >>> from meshredirect.policy import Policy
+    >>> def test_the_exclusion(load_rules: RuleLoader) -> None:
+    ...     ns = load_rules(Policy(outbound_ports_exclude="22"), backend="nftables")
+    ...     assert "tcp dport 22 return" in ns.run(["nft", "list", "ruleset"]).stdout
+    >>> if kernel_unavailable() is None:
+    ...     with NetNamespace() as ns:
+    ...         test_the_exclusion(functools.partial(load_into, ns))
+    """
 
     def __call__(
         self, rules: Policy | Ruleset | str, *, backend: str = "iptables", variant: str | None = None, family: int = 4
@@ -137,6 +174,16 @@ def load_into(
     A load the kernel refuses raises :class:`~meshredirect.apply.ApplyFailed`
     (a Policy or Ruleset) or :class:`~meshredirect.testing.netns.CommandFailed`
     (text), with the tool's message.
+
+    >>> text = "*nat\\n-A OUTPUT -p tcp --dport 22 -j RETURN\\nCOMMIT\\n"
+    >>> if kernel_unavailable() is None:
+    ...     with NetNamespace() as ns:
+    ...         rules = load_into(ns, text).run(["iptables", "-t", "nat", "-S", "OUTPUT"]).stdout
+    ...         assert "-A OUTPUT -p tcp -m tcp --dport 22 -j RETURN" in rules.splitlines()
+    >>> load_into(None, text, family=5)  # type: ignore[arg-type]
+    Traceback (most recent call last):
+    ...
+    ValueError: expected family 4 or 6, got 5
     """
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"expected an iptables variant, one of {', '.join(VARIANTS)}; got {variant!r}")
@@ -162,7 +209,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture
 def netns() -> Iterator[NetNamespace]:
-    """A fresh network namespace (``lo`` up), deleted after the test; needs root (see :func:`require_kernel`)."""
+    """A fresh network namespace (``lo`` up), deleted after the test; needs root (see :func:`require_kernel`).
+
+    >>> def test_lo_is_up(netns: NetNamespace) -> None:
+    ...     assert "<LOOPBACK,UP," in netns.run(["ip", "link", "show", "lo"]).stdout
+    >>> if kernel_unavailable() is None:
+    ...     with NetNamespace() as ns:  # what the fixture gives the test
+    ...         test_lo_is_up(ns)
+    """
     require_kernel()
     with NetNamespace() as ns:
         yield ns
@@ -170,7 +224,17 @@ def netns() -> Iterator[NetNamespace]:
 
 @pytest.fixture
 def load_rules(netns: NetNamespace) -> RuleLoader:
-    """A function that loads rules into the test's namespace and returns the namespace (see :func:`load_into`)."""
+    """A function that loads rules into the test's namespace and returns the namespace (see :func:`load_into`).
+
+    >>> import functools
+    >>> from meshredirect.policy import Policy
+    >>> def test_the_proxy_is_exempt(load_rules: RuleLoader) -> None:
+    ...     ns = load_rules(Policy())
+    ...     assert "-m owner --uid-owner 1337 -j RETURN" in ns.run(["iptables-save", "-t", "nat"]).stdout
+    >>> if kernel_unavailable() is None:
+    ...     with NetNamespace() as ns:  # what the fixture gives the test
+    ...         test_the_proxy_is_exempt(functools.partial(load_into, ns))
+    """
 
     def load(
         rules: Policy | Ruleset | str, *, backend: str = "iptables", variant: str | None = None, family: int = 4
@@ -182,7 +246,16 @@ def load_rules(netns: NetNamespace) -> RuleLoader:
 
 @pytest.fixture
 def redirect_rules() -> Policy | Ruleset | str:
-    """The rules ``loaded_namespace`` loads: override this fixture (a Policy, a Ruleset or iptables-restore text)."""
+    """The rules ``loaded_namespace`` loads: override this fixture (a Policy, a Ruleset or iptables-restore text).
+
+    In your ``conftest.py`` or test module (a test that asks for
+    ``loaded_namespace`` without it fails, saying so):
+
+    >>> from meshredirect.policy import Policy
+    >>> @pytest.fixture
+    ... def redirect_rules() -> Policy:
+    ...     return Policy(outbound_ports_exclude="22")
+    """
     pytest.fail(
         "the loaded_namespace fixture needs the rules to load: define a fixture named redirect_rules "
         "that returns a Policy, a Ruleset or iptables-restore text",
@@ -192,5 +265,13 @@ def redirect_rules() -> Policy | Ruleset | str:
 
 @pytest.fixture
 def loaded_namespace(load_rules: RuleLoader, redirect_rules: Policy | Ruleset | str) -> NetNamespace:
-    """The test's namespace with ``redirect_rules`` loaded."""
+    """The test's namespace with ``redirect_rules`` loaded.
+
+    >>> from meshredirect.policy import Policy
+    >>> def test_the_exclusion_is_loaded(loaded_namespace: NetNamespace) -> None:
+    ...     assert "--dport 22 -j RETURN" in loaded_namespace.run(["iptables-save", "-t", "nat"]).stdout
+    >>> if kernel_unavailable() is None:
+    ...     with NetNamespace() as ns:  # what the fixture gives the test, with redirect_rules as above
+    ...         test_the_exclusion_is_loaded(load_into(ns, Policy(outbound_ports_exclude="22")))
+    """
     return load_rules(redirect_rules)

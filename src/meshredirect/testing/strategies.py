@@ -86,12 +86,28 @@ _v6_networks = st.one_of(
 
 
 def ports() -> st.SearchStrategy[int]:
-    """Ports 1-65535, often one of :data:`SPECIAL_PORTS`."""
+    """Ports 1-65535, often one of :data:`SPECIAL_PORTS`.
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=20, database=None)
+    ... @given(ports())
+    ... def test(port):
+    ...     assert 1 <= port <= 65535
+    >>> test()
+    """
     return st.one_of(st.sampled_from(SPECIAL_PORTS), st.integers(1, 65535))
 
 
 def port_sets(*, min_size: int = 0, max_size: int = 5, ranges: bool = True) -> st.SearchStrategy[PortSet]:
-    """Port sets of a few ports and (optionally) ranges."""
+    """Port sets of a few ports and (optionally) ranges.
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=20, database=None)
+    ... @given(port_sets(min_size=1, ranges=False))
+    ... def test(ports):
+    ...     assert 1 <= len(tuple(ports)) <= 5
+    >>> test()
+    """
     member = st.one_of(
         ports(), st.tuples(st.integers(1, 65000), st.integers(0, 500)).map(lambda t: (t[0], t[0] + t[1]))
     )
@@ -99,7 +115,15 @@ def port_sets(*, min_size: int = 0, max_size: int = 5, ranges: bool = True) -> s
 
 
 def id_sets(*, min_size: int = 0, max_size: int = 3) -> st.SearchStrategy[IdSet]:
-    """Sets of uids or gids, often the proxy's (1337) or other well-known ones."""
+    """Sets of uids or gids, often the proxy's (1337) or other well-known ones.
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=20, database=None)
+    ... @given(id_sets(min_size=1))
+    ... def test(ids):
+    ...     assert ids and all(0 < i <= 2**31 for i in ids)
+    >>> test()
+    """
     ids = st.one_of(st.sampled_from(SPECIAL_IDS), st.integers(1, 2**31))
     return st.lists(ids, min_size=min_size, max_size=max_size).map(lambda m: IdSet.of(*m))
 
@@ -107,7 +131,16 @@ def id_sets(*, min_size: int = 0, max_size: int = 3) -> st.SearchStrategy[IdSet]
 def address_sets(
     *, families: frozenset[Family] = frozenset({Family.IPV4, Family.IPV6}), max_size: int = 4
 ) -> st.SearchStrategy[AddressSet]:
-    """Address sets that never touch loopback."""
+    """Address sets that never touch loopback (of the given families).
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=20, database=None)
+    ... @given(address_sets(families=frozenset({Family.IPV4})))
+    ... def test(addresses):
+    ...     assert not addresses.overlaps(ipaddress.ip_network("127.0.0.0/8"))
+    ...     assert all(network.version == 4 for network in addresses)
+    >>> test()
+    """
     choices = []
     if Family.IPV4 in families:
         choices.append(_v4_networks)
@@ -124,7 +157,15 @@ def _not_loopback(text: str) -> bool:
 
 
 def interface_names() -> st.SearchStrategy[str]:
-    """Interface names, some with a trailing ``+`` (a prefix)."""
+    """Interface names, some with a trailing ``+`` (a prefix), never ``lo``.
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=10, database=None)
+    ... @given(interface_names())
+    ... def test(name):
+    ...     assert name != "lo" and len(name) <= 15
+    >>> test()
+    """
     return st.sampled_from(INTERFACES)
 
 
@@ -404,7 +445,18 @@ def _local(
 
 @attrs.frozen(kw_only=True)
 class RulesetCase:
-    """A drawn ruleset, the policy it was compiled from, the pod it runs in, and how it was broken (if it was)."""
+    """A drawn ruleset, the policy it was compiled from, the pod it runs in, and how it was broken (if it was).
+
+    What :func:`rulesets` yields:
+
+    >>> from hypothesis import given, settings
+    >>> @settings(max_examples=5, database=None)
+    ... @given(rulesets(policies(base=Policy(), vary=["inbound_mode"])))
+    ... def test(case):
+    ...     assert case.mutation is None and case.ruleset == compile_policy(case.policy)
+    ...     assert case.env.proxy.outbound_port == case.policy.outbound_port
+    >>> test()
+    """
 
     policy: Policy
     ruleset: Ruleset

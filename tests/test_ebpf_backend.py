@@ -53,13 +53,13 @@ from meshredirect.ir import (
 from meshredirect.policy import DnsCapture, Policy
 from meshredirect.presets import preset
 from meshredirect.testing.samples import SAMPLE_MATCHES, SAMPLE_TARGETS
+from meshredirect.testing.strategies import policies
 from meshredirect.values import AddressSet, IdSet, PortSet
 from meshredirect_ebpf import ConnectCall, EbpfBackend, Environment, Refused, Rewritten, Route, Unchanged, decide
 from meshredirect_ebpf.environment import MarkRoute
 from meshredirect_ebpf.limits import HASH_ENTRIES_MAX, MAPS_PER_PROGRAM_MAX, OBJECT_NAME_MAX
 from meshredirect_ebpf.lowering import lower
 from meshredirect_ebpf.maps import lpm_key, map_definitions, maps_document, read_entries
-from strategies import policies
 
 GOLDEN: Final = Path(__file__).parent / "golden" / "ebpf"
 ENV: Final = Environment.pod("10.0.0.5", "fd00::5")

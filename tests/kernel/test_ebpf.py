@@ -33,8 +33,8 @@ from meshredirect.ir import Family, OwnerMatch, Return, Ruleset
 from meshredirect.policy import Policy
 from meshredirect.testing.cgroup import Cgroup
 from meshredirect.testing.netns import NetNamespace
+from meshredirect.testing.strategies import policies
 from meshredirect_ebpf import ConnectCall, EbpfBackend, Environment, Rewritten, Unchanged, decide
-from strategies import policies
 
 pytestmark = pytest.mark.kernel
 

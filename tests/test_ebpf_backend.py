@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -52,6 +51,7 @@ from meshredirect.ir import (
 )
 from meshredirect.policy import DnsCapture, Policy
 from meshredirect.presets import preset
+from meshredirect.testing.pytest_plugin import require
 from meshredirect.testing.samples import SAMPLE_MATCHES, SAMPLE_TARGETS
 from meshredirect.testing.strategies import policies
 from meshredirect.values import AddressSet, IdSet, PortSet
@@ -459,10 +459,8 @@ def test_rendering_matches_golden(name: str, update_goldens: bool) -> None:
 
 def _clang() -> str:
     found = shutil.which("clang")
-    if found is None:
-        if os.environ.get("MESHREDIRECT_REQUIRE_KERNEL") == "1":
-            pytest.fail("clang is not installed (Debian package clang)")
-        pytest.skip("clang is not installed (Debian package clang)")
+    require(None if found is not None else "clang is not installed (Debian package clang)")
+    assert found is not None
     return found
 
 

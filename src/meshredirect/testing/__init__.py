@@ -59,6 +59,7 @@ _EXPORTS = {
     "NetNamespace": "meshredirect.testing.netns",
     "kernel_unavailable": "meshredirect.testing.netns",
     "RuleLoader": "meshredirect.testing.pytest_plugin",
+    "require": "meshredirect.testing.pytest_plugin",
     "require_kernel": "meshredirect.testing.pytest_plugin",
     "RulesetCase": "meshredirect.testing.strategies",
     "connections": "meshredirect.testing.strategies",
@@ -88,6 +89,7 @@ if TYPE_CHECKING:  # explicit re-exports for type checkers (the names load lazil
     from meshredirect.testing.netns import NetNamespace as NetNamespace
     from meshredirect.testing.netns import kernel_unavailable as kernel_unavailable
     from meshredirect.testing.pytest_plugin import RuleLoader as RuleLoader
+    from meshredirect.testing.pytest_plugin import require as require
     from meshredirect.testing.pytest_plugin import require_kernel as require_kernel
     from meshredirect.testing.strategies import RulesetCase as RulesetCase
     from meshredirect.testing.strategies import connections as connections

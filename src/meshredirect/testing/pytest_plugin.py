@@ -84,6 +84,7 @@ __all__ = [
     "loaded_namespace",
     "netns",
     "redirect_rules",
+    "require",
     "require_kernel",
 ]
 
@@ -129,7 +130,27 @@ def require_kernel() -> None:
     >>> outcome == "runs" or outcome.startswith(("needs ", "real-kernel test cannot run: "))
     True
     """
-    gate = kernel_gate(kernel_unavailable(), os.environ)
+    require(kernel_unavailable())
+
+
+def require(reason: str | None) -> None:
+    """Stop the calling test for ``reason`` (something it needs is missing), as real-kernel tests stop.
+
+    None lets the test run; otherwise it is skipped with the reason, or fails
+    with ``MESHREDIRECT_REQUIRE_KERNEL=1`` (see :func:`kernel_gate`). For a
+    tool or a kernel feature a test needs besides root and iproute2:
+
+    >>> import shutil
+    >>> require(None)
+    >>> def test_the_rules_compile_to_bpf() -> None:
+    ...     require(None if shutil.which("clang") else "needs clang (Debian package clang)")
+    >>> try:
+    ...     require("needs clang (Debian package clang)")
+    ... except (pytest.skip.Exception, pytest.fail.Exception) as stopped:
+    ...     print(str(stopped).endswith("needs clang (Debian package clang)"))
+    True
+    """
+    gate = kernel_gate(reason, os.environ)
     if gate is None:
         return
     action, message = gate

@@ -597,3 +597,22 @@ def test_every_public_name_of_the_toolkit_is_in_the_api_reference_with_an_exampl
                 assert ("", public) in documented, f"{name}.{public} is not documented (a #: comment)"
     assert set(package._EXPORTS) <= exported
     assert all(package._EXPORTS[n] in {f"meshredirect.testing.{m}" for m in TOOLKIT_MODULES} for n in package._EXPORTS)
+
+
+def test_the_code_on_the_testing_page_runs() -> None:
+    """The page's inline examples run (the longer ones are included from tests/downstream, which run as tests)."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "docs/testing.md", "exec"), {})
+    included = re.findall(r"```\{literalinclude\} \.\./(\S+)\n", page)
+    assert sorted(set(included)) == [
+        "tests/downstream/test_my_kernel.py",
+        "tests/downstream/test_my_nft_rules.py",
+        "tests/downstream/test_my_node.py",
+    ]
+    for path in set(included):
+        assert (Path(__file__).resolve().parent.parent / path).is_file()

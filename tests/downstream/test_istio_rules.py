@@ -84,18 +84,38 @@ def test_the_proxy_never_reaches_its_outbound_port_and_its_passthrough_is_never_
         assert not isinstance(verdict, Redirected), rule_file.name
 
 
+#: The proxy's connection to the app captured again: from the passthrough source (127.0.0.6 / ::6), or in
+#: TPROXY mode from the original source with the TPROXY mark, over lo.
+RECAPTURED = re.compile(
+    r"^  \d\. tcp (?:127\.0\.0\.6|\[::6\]):43210 -> \S+ local uid=\d+ gid=\d+ out lo  captured to the inbound listener$"
+    r"|^  \d\. tcp \S+ -> \S+ local uid=1337 gid=1337 mark=0x539 out lo  captured to the inbound listener$",
+    re.MULTILINE,
+)
+
+
 def test_each_rule_set_broken_loops(rule_file: RuleFile) -> None:
-    """Without the nat rule that lets the inbound passthrough pass, every rule set loops."""
+    """Without the nat rule that lets the inbound passthrough pass, every rule set loops, and the failure shows
+    the proxy's connection to the app captured again and again (its layout pinned for every rule set)."""
     env = rule_file.env
     broken = mutate(rule_file.ruleset(), Mutation.DROP_PASSTHROUGH, env.proxy)
     with pytest.raises(LoopError) as caught:
         assert_loop_free(broken, env)
+    error = caught.value
+    text = str(error)
+    assert re.fullmatch(
+        r"not loop-free on \d+ class(?:es)? of connections, e\.g\. traffic loop: tcp \S+ -> \S+ "
+        r"(?:remote in \S+|local uid=\d+ gid=\d+ out lo) is intercepted again and again \(6 steps and on\)",
+        error.headline,
+    ), error.headline
+    lines = text.splitlines()
+    assert lines[2] == "chain:" and lines[3].startswith(f"  1. {error.connection}  captured to the "), lines[2:4]
+    assert len(RECAPTURED.findall(text)) >= 4, text
+    assert re.search(r"^  \.\.\. connection (\d) is connection (\d) again: a loop$", text, re.MULTILINE), text
+    assert f"\ntrace of step 1: {error.connection}\n" in text
     if rule_file.case in TPROXY_FINDINGS:
         with pytest.raises(LoopError) as before:
             assert_loop_free(rule_file.ruleset(), env)
-        assert caught.value.counterexamples > before.value.counterexamples
-    else:
-        assert "traffic loop: " in caught.value.headline
+        assert error.counterexamples > before.value.counterexamples
 
 
 def test_the_seed_rules_are_sound_against_the_policy_they_mean() -> None:

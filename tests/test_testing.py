@@ -13,7 +13,7 @@ import re
 
 import attrs
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from meshredirect.compiler import compile_policy
@@ -429,21 +429,20 @@ def test_drawn_connections_are_valid_and_the_compiled_rules_decide_them(data: st
 
 
 def test_connections_reach_the_special_addresses_and_ports() -> None:
-    seen: set[str] = set()
-    ports: set[int] = set()
-    origins: set[bool] = set()
+    """Each special case is drawn, and soon (a search per case, not a sample that may miss one)."""
+    from hypothesis import find
 
-    @settings(max_examples=250, database=None, deadline=None, derandomize=True)
-    @given(connections(protocols=[Protocol.TCP]))
-    def collect(connection: Connection) -> None:
-        seen.add(str(connection.dst))
-        ports.add(connection.dport)
-        origins.add(connection.socket is None)
-
-    collect()
-    assert {"127.0.0.1", "127.0.0.6", "::1", "::6", "10.0.0.5", "fd00::5"} <= seen
-    assert {15001, 15006, 15008, 53} <= ports
-    assert origins == {True, False}
+    search = settings(max_examples=2000, database=None, deadline=None, derandomize=True, phases=[Phase.generate])
+    tcp = connections(protocols=[Protocol.TCP])
+    for address in ("127.0.0.1", "127.0.0.6", "::1", "::6", "10.0.0.5", "fd00::5"):
+        find(tcp, lambda c, a=address: str(c.dst) == a, settings=search)  # type: ignore[misc]
+    for passthrough in ("127.0.0.6", "::6"):
+        find(tcp, lambda c, a=passthrough: str(c.src) == a and c.oif == "lo", settings=search)  # type: ignore[misc]
+    for port in (15001, 15006, 15008, 15020, 15090, 53):
+        find(tcp, lambda c, p=port: c.dport == p, settings=search)  # type: ignore[misc]
+    find(tcp, lambda c: c.socket is None and c.iif is None, settings=search)  # local without a socket
+    find(tcp, lambda c: c.socket is not None and c.socket.uid == 1337, settings=search)  # as the proxy
+    find(tcp, lambda c: c.iif is not None, settings=search)  # from a peer
     assert set(SPECIAL_ADDRESSES) == {4, 6}
 
 

@@ -435,6 +435,11 @@ def _local(
     src: IPAddress | None = None
     if draw(st.integers(0, 4)) == 0:
         src = proxy.passthrough_for(family) if draw(st.booleans()) else draw(_addresses(env, family))
+        own = [
+            a.ip for i in env.interfaces for a in i.addresses if a.version == family.version and not a.ip.is_loopback
+        ]
+        if src == proxy.passthrough_for(family) and own and draw(st.booleans()):
+            dst = draw(st.sampled_from(own))  # the proxy's inbound passthrough to the app, over lo
     return Connection.local(
         env, dst=dst, dport=dport, src=src, sport=sport, uid=uid, gid=gid, protocol=protocol, mark=mark
     )

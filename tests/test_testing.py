@@ -311,6 +311,27 @@ def test_equivalence_failures_show_both_traces() -> None:
     assert "    nat ISTIO_OUTPUT #1: -p tcp --dport 5432 -j RETURN  [matched]" in lines
 
 
+@pytest.mark.parametrize("mode", ["REDIRECT", "TPROXY"])
+def test_equivalence_takes_any_mix_of_ir_iptables_text_nft_json_policies_and_files(mode: str, tmp_path: object) -> None:
+    from pathlib import Path
+
+    from meshredirect.api import render
+
+    assert isinstance(tmp_path, Path)
+    policy = Policy(inbound_mode=mode, outbound_ports_exclude="22")
+    ruleset = compile_policy(policy)
+    saved = render(ruleset, "iptables-save").text()
+    nft = render(ruleset, "nftables-json").text()
+    (tmp_path / "rules.json").write_text(nft)
+    forms = [policy, ruleset, saved, nft, tmp_path / "rules.json"]
+    for first, second in zip(forms, forms[1:] + forms[:1], strict=True):
+        assert_equivalent(first, second)
+    broken = mutate(ruleset, Mutation.DROP_PASSTHROUGH, Environment.for_policy(policy).proxy)
+    with pytest.raises(NotEquivalentError) as caught:
+        assert_equivalent(nft, broken)
+    assert caught.value.connection is not None and "  differs in: " in str(caught.value)
+
+
 def test_verdict_failures_name_the_connection_both_verdicts_and_the_trace() -> None:
     env = Environment.default()
     app = Connection.local(env, dst="93.184.216.34", dport=80)

@@ -16,7 +16,8 @@ the engine meshredirect proves its own rules with:
   a checker fail (``Mutation``, ``mutate``);
 - :mod:`~meshredirect.testing.pytest_plugin`: fixtures for real-kernel tests in
   throwaway network namespaces (``netns``, ``load_rules``, ``loaded_namespace``),
-  registered with pytest when meshredirect is installed;
+  registered with pytest when meshredirect is installed, and the gate that
+  skips real-kernel tests where they cannot run (``require_kernel``, ``require``);
 - :mod:`~meshredirect.testing.netns`: the namespaces themselves.
 
 Every name is importable from here (loaded on first use):

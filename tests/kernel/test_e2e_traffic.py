@@ -22,7 +22,6 @@ import pytest
 from conftest import require_kernel
 from meshredirect.apply.actions import apply
 from meshredirect.apply.routing import routes_for
-from meshredirect.backend import available_backends
 from meshredirect.compiler import compile_policy
 from meshredirect.ir import (
     Family,
@@ -37,10 +36,8 @@ from meshredirect.testing.proxy import ProxyProcess, Reply, Server, hops_of, pro
 
 pytestmark = pytest.mark.kernel
 
-#: (backend, iptables variant): both iptables variants, and nftables where this build has its backend.
-BACKENDS: Final = (("iptables", "nft"), ("iptables", "legacy")) + (
-    (("nftables", None),) if "nftables-json" in available_backends() else ()
-)
+#: (backend, iptables variant): both iptables variants, and nftables.
+BACKENDS: Final = (("iptables", "nft"), ("iptables", "legacy"), ("nftables", None))
 MODES: Final = ("REDIRECT", "TPROXY")
 FAMILIES: Final = (4, 6)
 APP_PORT: Final = 8080

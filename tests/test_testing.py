@@ -410,7 +410,7 @@ def test_looping_mutations_of_istio_like_policies_are_always_caught(case: object
         assert_loop_free(case.ruleset, case.env)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=4, deadline=None)  # a full proof of a broken TPROXY dual-stack policy takes ~2 s
 @given(rulesets(policies(base=Policy(), vary=VARIED), mutations=[Mutation.REDIRECT_ALL]))
 def test_redirecting_everything_loops_whatever_the_policy(case: object) -> None:
     from meshredirect.testing import RulesetCase

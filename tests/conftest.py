@@ -1,8 +1,11 @@
-"""Shared test set-up: hypothesis profiles, golden-file updates, and the real-kernel gate.
+"""Shared test set-up: hypothesis profiles and golden-file updates.
 
 - ``HYPOTHESIS_PROFILE=ci`` (what CI uses), ``dev`` (default, quick) or ``long``.
 - ``pytest --update-goldens`` rewrites golden files instead of comparing them.
-- Real-kernel tests need root; they are skipped with the reason elsewhere, and
+- Real-kernel tests need root: the public pytest plugin
+  (:mod:`meshredirect.testing.pytest_plugin`, loaded through its entry point)
+  gives the ``netns``, ``load_rules`` and ``loaded_namespace`` fixtures and
+  :func:`require_kernel`: skipped with the reason elsewhere, and
   ``MESHREDIRECT_REQUIRE_KERNEL=1`` (set by CI) turns that skip into a failure.
 """
 
@@ -10,11 +13,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from meshredirect.testing.pytest_plugin import require_kernel
+
+__all__ = ["require_kernel"]
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -34,24 +40,3 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture
 def update_goldens(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-goldens"))
-
-
-def require_kernel() -> None:
-    from meshredirect.testing.netns import kernel_unavailable
-
-    reason = kernel_unavailable()
-    if reason is None:
-        return
-    if os.environ.get("MESHREDIRECT_REQUIRE_KERNEL") == "1":
-        pytest.fail(f"real-kernel test cannot run: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture
-def netns() -> Iterator[object]:
-    """A fresh network namespace, deleted after the test."""
-    require_kernel()
-    from meshredirect.testing.netns import NetNamespace
-
-    with NetNamespace() as ns:
-        yield ns

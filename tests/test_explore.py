@@ -25,7 +25,7 @@ from meshredirect.semantics.classes import ClassSpace, Root, mark_classes
 from meshredirect.semantics.explore import Explorer, Leaf, Run
 from meshredirect.semantics.interpreter import Interpreter
 from meshredirect.semantics.model import Environment
-from strategies import policies
+from meshredirect.testing.strategies import policies
 
 #: Above this many class combinations a root is checked on a random sample of them.
 EXHAUSTIVE_LIMIT = 1500

@@ -43,7 +43,7 @@ from meshredirect.ir import (
 )
 from meshredirect.notation import describe_rule
 from meshredirect.policy import Policy
-from strategies import policies
+from meshredirect.testing.strategies import policies
 
 GOLDEN = Path(__file__).parent / "golden" / "graph"
 

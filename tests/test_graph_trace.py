@@ -31,7 +31,7 @@ from meshredirect.policy import Policy
 from meshredirect.semantics.interpreter import ChainEnd, Evaluation, Interpreter, MatchResult, RuleVisit
 from meshredirect.semantics.model import Environment
 from meshredirect.semantics.proxy import follow
-from strategies import connections, policies
+from meshredirect.testing.strategies import connections, policies
 
 GOLDEN = Path(__file__).parent / "golden" / "graph"
 

@@ -21,8 +21,8 @@ from meshredirect.policy import Policy
 from meshredirect.semantics.interpreter import RuleVisit, evaluate
 from meshredirect.semantics.model import Connection, Environment
 from meshredirect.testing.samples import SAMPLE_MATCHES, SAMPLE_TARGETS
+from meshredirect.testing.strategies import policies
 from meshredirect.values import AddressSet
-from strategies import policies
 
 
 def test_every_sample_node_has_its_own_description() -> None:

@@ -5,8 +5,8 @@ on 127.0.0.1:15001 that accepts and resets. A C client (benchmarks/connbench.c, 
 N connections to 10.0.0.9:8080 as uid 1000, which the rules redirect to the sink; "no rules" connects
 to the sink directly. "exempt" rows connect to the sink directly as uid 1337: the rules or programs
 run but change nothing. The eBPF rows run the client in a fresh cgroup v2 with the program attached;
-the iptables rows load the compiled default policy with ``iptables-restore``; the nftables rows (when
-the build has the nftables backend) load it through the apply layer. Rows with 1,000 CIDRs add 1,000
+the iptables rows load the compiled default policy with ``iptables-restore``; the nftables rows load
+it through the apply layer. Rows with 1,000 CIDRs add 1,000
 excluded /30 networks to the policy (iptables: one rule each; nftables: one set; eBPF: one LPM trie).
 
 Configurations are interleaved in short slices within one run; a slice's figure is its fastest of 4
@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +50,21 @@ def excluded_cidrs(count: int) -> list[str]:
 class Config:
     """One namespace with its rules; the client runs there behind ``prefix`` (ip netns exec, the cgroup)."""
 
-    def __init__(self, name: str, dst: str, uid: int) -> None:
+    def __init__(self, name: str, dst: str, uid: int, *, backend: str = "none", cidrs: int = 0) -> None:
         self.name, self.dst, self.uid = name, dst, uid
         self.port = SINK_PORT if dst == "127.0.0.1" else APP_PORT
         self.prefix: list[str] = []
         self.retries = 0
+        #: iptables-nft, iptables-legacy, nftables, ebpf or none; the namespace it runs in.
+        self.backend = backend
+        self.cidrs = cidrs
+        self.ns: Any = None
+        #: Connections made through the rules' redirect (warm-up included), for the counter checks.
+        self.connections = 0
+
+    @property
+    def redirected(self) -> bool:
+        return self.dst == REMOTE
 
 
 @contextlib.contextmanager
@@ -86,50 +96,58 @@ def build(work: Path) -> Path:
     return binary
 
 
-def configurations(stack: contextlib.ExitStack, work: Path, binary: Path) -> list[Config]:
+def configurations(
+    stack: contextlib.ExitStack,
+    work: Path,
+    binary: Path,
+    *,
+    cidr_counts: Sequence[int] = (0, 1000),
+    exempt_counts: Sequence[int] = (0,),
+) -> list[Config]:
+    """ "no rules", then for each backend and each of ``cidr_counts``: a namespace with the default policy
+    plus that many excluded CIDRs, with a "redirected" row (an app's connection) and, for ``exempt_counts``,
+    an "exempt" row (the proxy's own connection, which the rules leave alone). Everything is undone by
+    ``stack``."""
     from meshredirect.apply.ebpf import BpfFilesystem, load
     from meshredirect.apply.iptables import IptablesApplier, NamespaceRunner
-    from meshredirect.backend import available_backends
     from meshredirect.compiler import compile_policy
     from meshredirect.policy import Policy
     from meshredirect.testing.cgroup import Cgroup
     from meshredirect_ebpf import EbpfBackend, Environment
 
     configs: list[Config] = []
-    plain = Policy()
-    many = Policy(outbound_cidrs_exclude=excluded_cidrs(1000))
+    policies = {count: Policy(outbound_cidrs_exclude=excluded_cidrs(count)) for count in cidr_counts}
 
     ns = stack.enter_context(namespace(stack, binary))
     config = Config("no rules", "127.0.0.1", APP_UID)
     config.prefix = ["ip", "netns", "exec", ns.name]
+    config.ns = ns
     configs.append(config)
 
+    def rows(backend: str, count: int, ns: Any, prefix: list[str]) -> None:
+        for row, dst, uid in (("redirected", REMOTE, APP_UID), ("exempt", "127.0.0.1", PROXY_UID)):
+            if row == "exempt" and count not in exempt_counts:
+                continue
+            config = Config(f"{backend}, {count:,} CIDRs: {row}", dst, uid, backend=backend, cidrs=count)
+            config.prefix = prefix
+            config.ns = ns
+            configs.append(config)
+
     for variant in ("nft", "legacy"):
-        for label, policy in (("", plain), (", 1,000 CIDRs", many)):
+        for count, policy in policies.items():
             ns = stack.enter_context(namespace(stack, binary))
             IptablesApplier(NamespaceRunner(ns.name), variant=variant).apply(compile_policy(policy))
-            for row, dst, uid in (("redirected", REMOTE, APP_UID), ("exempt", "127.0.0.1", PROXY_UID)):
-                if label and row == "exempt":
-                    continue
-                config = Config(f"iptables-{variant}{label}: {row}", dst, uid)
-                config.prefix = ["ip", "netns", "exec", ns.name]
-                configs.append(config)
+            rows(f"iptables-{variant}", count, ns, ["ip", "netns", "exec", ns.name])
 
-    if "nftables-json" in available_backends():
-        from meshredirect.apply import apply
+    from meshredirect.apply import apply
 
-        for label, policy in (("", plain), (", 1,000 CIDRs", many)):
-            ns = stack.enter_context(namespace(stack, binary))
-            apply(compile_policy(policy), backend="nftables", netns=ns.name)
-            for row, dst, uid in (("redirected", REMOTE, APP_UID), ("exempt", "127.0.0.1", PROXY_UID)):
-                if label and row == "exempt":
-                    continue
-                config = Config(f"nftables{label}: {row}", dst, uid)
-                config.prefix = ["ip", "netns", "exec", ns.name]
-                configs.append(config)
+    for count, policy in policies.items():
+        ns = stack.enter_context(namespace(stack, binary))
+        apply(compile_policy(policy), backend="nftables", netns=ns.name)
+        rows("nftables", count, ns, ["ip", "netns", "exec", ns.name])
 
     bpffs = stack.enter_context(BpfFilesystem())
-    for index, (label, policy) in enumerate((("", plain), (", 1,000 CIDRs", many))):
+    for index, (count, policy) in enumerate(policies.items()):
         ns = stack.enter_context(namespace(stack, binary))
         cgroup = stack.enter_context(Cgroup())
         rendering = EbpfBackend(environment=Environment.pod(POD), local_only=True).render(compile_policy(policy))
@@ -137,23 +155,33 @@ def configurations(stack: contextlib.ExitStack, work: Path, binary: Path) -> lis
         stack.callback(loaded.remove)
         loaded.attach(cgroup.path)
         stack.callback(loaded.detach, cgroup.path)
-        for row, dst, uid in (("redirected", REMOTE, APP_UID), ("exempt", "127.0.0.1", PROXY_UID)):
-            if label and row == "exempt":
-                continue
-            config = Config(f"ebpf{label}: {row}", dst, uid)
-            config.prefix = cgroup.enter(["ip", "netns", "exec", ns.name])
-            configs.append(config)
+        rows("ebpf", count, ns, cgroup.enter(["ip", "netns", "exec", ns.name]))
     return configs
 
 
 def measure(config: Config, binary: Path, connections: int) -> float:
+    """Nanoseconds per connection of the fastest of the client's batches of ``connections`` in all."""
     argv = [*config.prefix, str(binary), "connect", config.dst, str(config.port), str(connections), str(config.uid)]
     result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300)
     if result.returncode != 0:
-        raise SystemExit(f"{config.name}: {result.stderr.strip()}")
+        raise RuntimeError(f"{config.name}: {result.stderr.strip()}")
     nanoseconds, retries = result.stdout.split()
     config.retries += int(retries)
+    config.connections += connections
     return float(nanoseconds)
+
+
+def unreachable_without_rules(config: Config, binary: Path) -> str:
+    """The error a connection to REMOTE meets where no rule redirects it (``config``: the "no rules" one).
+
+    The destination is on the pod's subnet but nothing answers for it, so a connection only succeeds
+    when the rules (or the program) send it to the sink: every measured connection crossed them.
+    """
+    argv = [*config.prefix, str(binary), "connect", REMOTE, str(APP_PORT), "4", str(APP_UID)]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    if result.returncode == 0:
+        raise RuntimeError(f"{REMOTE}:{APP_PORT} answered without rules: the benchmark would not measure them")
+    return result.stderr.strip()
 
 
 def summarise(samples: dict[str, list[float]]) -> list[dict[str, Any]]:

@@ -42,7 +42,20 @@ BENCHMARKS: dict[str, Callable[[Context], Section]] = {
 #: The whole run must stay under this (the issue's budget).
 BUDGET_SECONDS = 600
 #: Modules of this folder that are not benchmark scripts of their own.
-NOT_SCRIPTS = frozenset({"run", "harness", "compile_time", "kernel_bench", "proofs"})
+#: (check_default is called by proofs.proof_time; ebpf_connection_cost's configurations by
+#: kernel_bench.connection_rate, which measures every backend side by side, nft_connection_rate's too.)
+NOT_SCRIPTS = frozenset(
+    {
+        "run",
+        "harness",
+        "compile_time",
+        "kernel_bench",
+        "proofs",
+        "check_default",
+        "ebpf_connection_cost",
+        "nft_connection_rate",
+    }
+)
 #: A script found in this folder (one a part of the project added) may take this long.
 SCRIPT_TIMEOUT_SECONDS = 240
 
@@ -76,17 +89,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (to try the runner)")
     parser.add_argument("--only", help="comma separated keys: " + ", ".join(BENCHMARKS))
+    parser.add_argument("--note", default="", help="a sentence for the page about this run (what else ran)")
     parser.add_argument("--output", default=str(DOCS / "benchmarks.md"), help="the page to write")
     args = parser.parse_args()
-    functions: dict[str, Callable[[Context], Section]] = dict(BENCHMARKS)
-    for path in scripts():
-        functions[path.stem] = lambda _ctx, p=path: script_section(p)  # type: ignore[misc]
+    functions = all_benchmarks(scripts())
     keys = list(functions) if not args.only else [k.strip() for k in args.only.split(",")]
     unknown = [k for k in keys if k not in functions]
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)} (expected some of: {', '.join(functions)})")
     ctx = Context(quick=args.quick)
-    load_before = os.getloadavg()[0]
+    load_before = os.getloadavg()
+    sampler = LoadSampler()
+    sampler.start()
     sections: list[Section] = []
     failed = False
     started = time.perf_counter()
@@ -112,15 +126,15 @@ def main() -> int:
         json.dumps({**previous, **{s.key: s.data for s in sections}}, indent=1, sort_keys=True) + "\n"
     )
 
-    load_after = os.getloadavg()[0]
-    load = f" Load average (1 min) {load_before:.1f} before the run and {load_after:.1f} after it" + (
-        ": other work shared the CPUs, so absolute times are inflated; the side-by-side ratios hold better."
-        if max(load_before, load_after) > (os.cpu_count() or 1)
-        else "."
-    )
+    sampler.stop()
+    load = load_note(load_before, os.getloadavg(), sampler.samples)
     body = [
         HEADER,
-        machine() + f" The whole run took {total:.0f} s" + (" (--quick)." if args.quick else ".") + load,
+        machine()
+        + f" The whole run took {total:.0f} s"
+        + (" (--quick)." if args.quick else ".")
+        + load
+        + (f" {args.note.strip()}" if args.note.strip() else ""),
         "",
     ]
     body += [section.markdown() for section in sections]
@@ -140,13 +154,69 @@ def main() -> int:
     return 1 if failed else 0
 
 
+class LoadSampler:
+    """The 1-minute load average every few seconds while the benchmarks run (a daemon thread)."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        import threading
+
+        self.every = every
+        self.samples: list[float] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._done.wait(self.every):
+            self.samples.append(os.getloadavg()[0])
+
+
+def load_note(before: tuple[float, float, float], after: tuple[float, float, float], during: list[float]) -> str:
+    """How loaded the machine was, as ``uptime`` shows it, before, during and after the run.
+
+    >>> load_note((0.5, 0.4, 0.3), (0.6, 0.5, 0.4), [0.7])[:66]
+    ' Load average (1, 5, 15 min, as uptime shows it): 0.50, 0.40, 0.30'
+    """
+    cpus = os.cpu_count() or 1
+    peak = max([before[0], after[0], *during])
+    text = (
+        " Load average (1, 5, 15 min, as uptime shows it): "
+        + ", ".join(f"{x:.2f}" for x in before)
+        + " before the run, "
+        + ", ".join(f"{x:.2f}" for x in after)
+        + f" after it, 1-minute peak {peak:.1f} during it on {cpus} CPUs"
+    )
+    if peak > cpus:
+        return text + (
+            ": other work shared the CPUs, so absolute times are inflated and spread; the side-by-side "
+            "ratios hold better."
+        )
+    return text + "."
+
+
+def all_benchmarks(paths: list[Path]) -> dict[str, Callable[[Context], Section]]:
+    """The runner's functions, then a section per script; a script named like a function
+    (``apply_time.py``) gets its file name as key, so both run."""
+    functions: dict[str, Callable[[Context], Section]] = dict(BENCHMARKS)
+    for path in paths:
+        key = path.stem if path.stem not in functions else path.name
+        functions[key] = lambda _ctx, p=path, k=key: script_section(p, k)  # type: ignore[misc]
+    return functions
+
+
 def scripts() -> list[Path]:
     """Benchmark scripts other parts of the project added to this folder, run as they are."""
     here = Path(__file__).resolve().parent
     return sorted(p for p in here.glob("*.py") if p.stem not in NOT_SCRIPTS and not p.stem.startswith("_"))
 
 
-def script_section(path: Path) -> Section:
+def script_section(path: Path, key: str | None = None) -> Section:
     """Run a benchmark script as a process and take the Markdown it prints; its docstring says what it measures."""
     import ast
     import subprocess
@@ -154,7 +224,7 @@ def script_section(path: Path) -> Section:
     doc = ast.get_docstring(ast.parse(path.read_text())) or path.stem
     paragraphs = [p.strip() for p in doc.split("\n\n") if p.strip()]
     title = paragraphs[0].splitlines()[0].rstrip(".")
-    section = Section(key=path.stem, title=title)
+    section = Section(key=key or path.stem, title=title)
     section.text = "\n\n".join(p for p in paragraphs[1:] if not p.startswith((".venv", "./", "python")))
     section.text += f"\n\nMeasured by `benchmarks/{path.name}`, run as it is by the runner."
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from harness import Section, Stats, growth_exponent, md_table, ratios
-from run import BENCHMARKS, _replace_section
+from run import BENCHMARKS, _replace_section, all_benchmarks, scripts
 
 
 def test_stats_and_ratios_are_per_round() -> None:
@@ -63,3 +63,14 @@ def test_a_failing_script_is_reported(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError) as info:
         script_section(script)
     assert str(info.value) == "benchmarks/broken.py exited 1:\nno kernel here"
+
+
+def test_a_script_named_like_a_function_runs_beside_it() -> None:
+    functions = all_benchmarks([Path("benchmarks/apply_time.py"), Path("benchmarks/cni_add.py")])
+    assert functions["apply_time"] is BENCHMARKS["apply_time"]
+    assert list(functions)[len(BENCHMARKS) :] == ["apply_time.py", "cni_add"]
+
+
+def test_scripts_called_as_functions_are_not_run_again() -> None:
+    names = {path.stem for path in scripts()}
+    assert not names & {"check_default", "ebpf_connection_cost", "nft_connection_rate", "proofs", "kernel_bench"}

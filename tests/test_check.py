@@ -237,6 +237,5 @@ def test_a_violation_explains_itself_for_an_operator() -> None:
     assert "  chain:" in lines
     assert "  trace of step 1: " + str(violation.connection) in lines
     assert any(
-        "nat ISTIO_OUTPUT #1: ! -d 127.0.0.1/32 -o lo -p tcp ! --dport 15008 -m owner --uid-owner 1337" in line
-        for line in lines
+        "nat ISTIO_OUTPUT #1: dst != 127.0.0.1/32, oif lo, tcp dport != 15008, uid 1337 -> " in line for line in lines
     )

@@ -21,11 +21,11 @@ def test_trace_follows_an_app_connection_through_the_proxy(capsys: pytest.Captur
     assert status == 0 and err == ""
     lines = out.splitlines()
     assert lines[0] == "connection 1: tcp 10.0.0.5:43210 -> 93.184.216.34:443 local uid=1000 gid=1000 out eth0"
-    assert "  nat ISTIO_OUTPUT #8: -j ISTIO_REDIRECT  [matched]" in lines
+    assert "  nat ISTIO_OUTPUT #8: any -> jump ISTIO_REDIRECT  [matched]" in lines
     assert "verdict: redirected to 127.0.0.1:15001" in lines
     assert "=> captured to the proxy's outbound listener; the proxy opens connection 2" in lines
     assert "connection 2: tcp 10.0.0.5:43210 -> 93.184.216.34:443 local uid=1337 gid=1337 out eth0" in lines
-    assert "  nat ISTIO_OUTPUT #4: -m owner --uid-owner 1337 -j RETURN  [matched]" in lines
+    assert "  nat ISTIO_OUTPUT #4: uid 1337 -> RETURN  [matched]" in lines
     assert lines[-2:] == ["verdict: passed to 93.184.216.34:443 (sent out)", "=> leaves the pod"]
 
 

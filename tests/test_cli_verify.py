@@ -63,7 +63,7 @@ def test_without_the_proxy_exemption_the_seed_loops(capsys: pytest.CaptureFixtur
         in out
     )
     assert "    ... connection 3 is connection 2 again: a loop" in out
-    assert "      nat ISTIO_REDIRECT #1: -p tcp -j REDIRECT --to-ports 15001  [matched]" in out
+    assert "      nat ISTIO_REDIRECT #1: proto tcp -> REDIRECT :15001  [matched]" in out
     assert out.rstrip().splitlines()[-1].startswith("NOT verified: ")
 
 

@@ -72,3 +72,18 @@ def test_every_public_module_is_documented() -> None:
     assert ".. automodule:: meshredirect.support" in page
     assert ".. automodule:: meshredirect.ir" not in page  # its own page
     assert "meshredirect.commands.compile" not in page  # the CLI page
+
+
+def test_the_traced_pictures_are_drawn_and_shown(tmp_path: Path) -> None:
+    """The docs' pictures of a connection's path come from the graph command and the pages show them."""
+    import xml.etree.ElementTree as ET
+
+    gen.pictures(tmp_path)
+    for name in gen.TRACED_PICTURES:
+        svg = ET.fromstring((tmp_path / f"graph-{name}.svg").read_text())
+        texts = {"".join(t.itertext()) for t in svg.iter("{http://www.w3.org/2000/svg}text")}
+        assert any("[1: matched]" in t for t in texts) and any("[2: matched]" in t for t in texts), name
+        for page in ("pictures.md", "semantics.md"):
+            assert f"(_generated/img/graph-{name}.svg)" in (ROOT / "docs" / page).read_text(), (name, page)
+    texts = {"".join(t.itertext()) for t in ET.parse(tmp_path / "graph-trace-inbound-passthrough.svg").iter()}
+    assert any("2. tcp 127.0.0.6:43210 -> 10.0.0.5:8080 local uid=1337" in t for t in texts)

@@ -26,9 +26,6 @@ from meshredirect.graph import (
     Highlight,
     RuleRef,
     chain_node,
-    describe_match,
-    describe_rule,
-    describe_target,
     hook_node,
     jumps,
     to_dot,
@@ -44,8 +41,8 @@ from meshredirect.ir import (
     Table,
     iptables_base_chain,
 )
+from meshredirect.notation import describe_rule
 from meshredirect.policy import Policy
-from meshredirect.testing.samples import SAMPLE_MATCHES, SAMPLE_TARGETS
 from meshredirect.testing.strategies import policies
 
 GOLDEN = Path(__file__).parent / "golden" / "graph"
@@ -159,7 +156,7 @@ def test_checker_fails_on_broken_diagrams() -> None:
     assert diagram_problems(ruleset, layout(text.replace(hook_line + "\n", ""))) == [
         "base chain ipv4/nat/OUTPUT has no edge from ipv4/hook/OUTPUT"
     ]
-    row = '<TR><TD PORT="r3" ALIGN="LEFT">4. uid 1337 → RETURN</TD></TR>'
+    row = '<TR><TD PORT="r3" ALIGN="LEFT">4. uid 1337 -&gt; RETURN</TD></TR>'
     assert row in text
     assert diagram_problems(ruleset, layout(text.replace(row, ""))) == ["rule 4 of ipv4/nat/ISTIO_OUTPUT has no row"]
     assert diagram_problems(ruleset, layout(text.replace("4. uid 1337", "4. uid 1338"))) == [
@@ -221,62 +218,14 @@ def test_the_highlighted_path_is_coloured() -> None:
         ruleset, highlight=Highlight(title="app -> 10.0.0.1:80", entered=entered, tested=tested, matched=matched)
     )
     assert "label=<app -&gt; 10.0.0.1:80>;" in text
-    assert '<TD PORT="r7" ALIGN="LEFT" BGCOLOR="#ffb74d">8. any → jump ISTIO_REDIRECT</TD>' in text
-    assert '<TD PORT="r3" ALIGN="LEFT" BGCOLOR="#fff3e0">4. uid 1337 → RETURN</TD>' in text
-    assert '<TD PORT="r0" ALIGN="LEFT">1. tcp dport {15008, 15020-15021, 15090} → RETURN</TD>' in text
+    assert '<TD PORT="r7" ALIGN="LEFT" BGCOLOR="#ffb74d">8. any -&gt; jump ISTIO_REDIRECT</TD>' in text
+    assert '<TD PORT="r3" ALIGN="LEFT" BGCOLOR="#fff3e0">4. uid 1337 -&gt; RETURN</TD>' in text
+    assert '<TD PORT="r0" ALIGN="LEFT">1. tcp dport {15008, 15020-15021, 15090} -&gt; RETURN</TD>' in text
     assert '"ipv4/nat/ISTIO_OUTPUT":r7:e -> "ipv4/nat/ISTIO_REDIRECT":h:w [label="jump", color="#e65100"' in text
     assert '"ipv4/nat/ISTIO_OUTPUT":r1:e -> "ipv4/nat/ISTIO_IN_REDIRECT":h:w [label="jump"];' in text
     assert '"ipv4/hook/OUTPUT" [shape=box, style="rounded,filled", fillcolor="#ffcc80", color="#e65100"' in text
     assert '"ipv4/hook/PREROUTING" [shape=box, style="rounded,filled", fillcolor="#eeeeee", label' in text
     assert diagram_problems(ruleset, layout(text)) == []
-
-
-# ----------------------------------------------------------------------------- notation
-
-
-def test_every_sample_node_has_its_own_description() -> None:
-    for samples, describe in ((SAMPLE_MATCHES, describe_match), (SAMPLE_TARGETS, describe_target)):
-        texts = [describe(node) for nodes in samples.values() for node in nodes]  # type: ignore[operator]
-        assert all(texts), texts
-        assert len(set(texts)) == len(texts), sorted(texts)
-
-
-def test_descriptions_are_pinned() -> None:
-    texts = {describe_match(node) for nodes in SAMPLE_MATCHES.values() for node in nodes}
-    assert {
-        "src 127.0.0.6/32",
-        "dst != 127.0.0.0/8",
-        "tcp dport != 15008",
-        "udp sport 15053",
-        "oif lo",
-        "iif != eth+",
-        "uid 1337",
-        "gid != {101, 202}",
-        "mark & 0xff != 0x53a",
-        "ctstate RELATED,ESTABLISHED",
-        "ctstate != INVALID",
-        "dst type LOCAL",
-        "dst in ipset mesh-excluded",
-        "random 0.5",
-        "every 3 from 1",
-        "unknown iptables match: -m pkttype --pkt-type unicast",
-    } <= texts
-    targets = {describe_target(node) for nodes in SAMPLE_TARGETS.values() for node in nodes}
-    assert {
-        "REDIRECT :15001",
-        "TPROXY :15006 mark 1337",
-        "TPROXY 127.0.0.1:15006 mark 0x1/0x1",
-        "MARK set 1338",
-        "CONNMARK save",
-        "CT zone 2",
-        "MASQUERADE :1024-2048",
-        "SNAT to 10.0.0.1",
-        "DNAT to 10.244.1.5 :8080",
-        "REJECT with tcp-reset",
-        "LOG 'mesh: '",
-        "LOG level 6",
-        "unknown iptables target: NOTRACK",
-    } <= targets
 
 
 # ----------------------------------------------------------------------------- command line
@@ -287,7 +236,7 @@ def test_graph_prints_dot_of_the_policy(capsys: pytest.CaptureFixture[str]) -> N
     assert (status, err) == (0, "")
     assert out == (GOLDEN / "default.dot").read_text()
     status, out, _ = run(capsys, "graph", "--family", "both", "-x", "10.96.0.0/12")
-    assert status == 0 and "cluster_ipv6" in out and "dst 10.96.0.0/12 → RETURN" in out
+    assert status == 0 and "cluster_ipv6" in out and "dst 10.96.0.0/12 -&gt; RETURN" in out
 
 
 def test_graph_writes_svg(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -297,7 +246,7 @@ def test_graph_writes_svg(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     svg = ET.fromstring(target.read_text())
     assert svg.tag == "{http://www.w3.org/2000/svg}svg"
     texts = {"".join(t.itertext()) for t in svg.iter("{http://www.w3.org/2000/svg}text")}
-    assert {"ISTIO_OUTPUT", "ISTIO_REDIRECT", "1. proto tcp → REDIRECT :15001"} <= texts
+    assert {"ISTIO_OUTPUT", "ISTIO_REDIRECT", "1. proto tcp -> REDIRECT :15001"} <= texts
     status, out, _ = run(capsys, "graph", "-T", "svg")
     assert status == 0 and out.startswith("<?xml")
 

@@ -498,7 +498,7 @@ def test_explain_prints_the_path_and_the_verdict() -> None:
     text = evaluate(rules, app(), ENV).explain()
     assert text.splitlines()[0] == "== OUTPUT (out eth0)"
     assert (
-        "  nat OUTPUT #1: -p tcp -j REDIRECT --to-ports 15001  [matched] destination 93.184.216.34:80 -> 127.0.0.1:15001"
+        "  nat OUTPUT #1: proto tcp -> REDIRECT :15001  [matched] destination 93.184.216.34:80 -> 127.0.0.1:15001"
         in text
     )
     assert text.splitlines()[-1] == "verdict: redirected to 127.0.0.1:15001"

@@ -117,10 +117,10 @@ def test_a_loop_failure_reads_as_the_chain_and_its_traces() -> None:
     assert re.fullmatch(rf"  3\. {passthrough}", lines[5]), lines[5]
     assert "  ... connection 3 is connection 2 again: a loop" in lines
     assert "trace of step 1: " in text and "trace of step 3: " in text and "trace of step 4: " not in text
-    assert "    nat ISTIO_OUTPUT #1: -s 127.0.0.6/32 -o lo -j RETURN  [no match]" not in text  # the rule is gone
+    assert "    nat ISTIO_OUTPUT #1: src 127.0.0.6/32, oif lo -> RETURN  [no match]" not in text  # the rule is gone
     assert (
-        "    nat ISTIO_OUTPUT #1: ! -d 127.0.0.1/32 -o lo -p tcp ! --dport 15008 -m owner --uid-owner 1337 "
-        "-j ISTIO_IN_REDIRECT  [matched]" in lines
+        "    nat ISTIO_OUTPUT #1: dst != 127.0.0.1/32, oif lo, tcp dport != 15008, uid 1337 "
+        "-> jump ISTIO_IN_REDIRECT  [matched]" in lines
     )
     assert "(the traces of steps 4 to 6 are left out)" in lines
     others = lines[lines.index("other counterexamples:") + 1 :]
@@ -308,7 +308,7 @@ def test_equivalence_failures_show_both_traces() -> None:
     assert lines[2] == f"  second: passed to {error.connection.dst}:5432 (sent out)"
     assert lines[3] == "  differs in: verdict"
     assert "trace in the first:" in lines and "trace in the second:" in lines
-    assert "    nat ISTIO_OUTPUT #1: -p tcp --dport 5432 -j RETURN  [matched]" in lines
+    assert "    nat ISTIO_OUTPUT #1: tcp dport 5432 -> RETURN  [matched]" in lines
 
 
 @pytest.mark.parametrize("mode", ["REDIRECT", "TPROXY"])
@@ -341,18 +341,18 @@ def test_verdict_failures_name_the_connection_both_verdicts_and_the_trace() -> N
         "tcp 10.0.0.5:43210 -> 93.184.216.34:80 local uid=1000 gid=1000 out eth0: expected dropped, "
         "got redirected to 127.0.0.1:15001",
         "  == OUTPUT (out eth0)",
-        "    nat OUTPUT #1: -p tcp -j ISTIO_OUTPUT  [matched]",
-        "    nat ISTIO_OUTPUT #1: -s 127.0.0.6/32 -o lo -j RETURN  [no match]",
-        "    nat ISTIO_OUTPUT #2: ! -d 127.0.0.1/32 -o lo -p tcp ! --dport 15008 -m owner --uid-owner 1337 "
-        "-j ISTIO_IN_REDIRECT  [no match]",
-        "    nat ISTIO_OUTPUT #3: ! -d 127.0.0.1/32 -o lo -p tcp ! --dport 15008 -m owner --gid-owner 1337 "
-        "-j ISTIO_IN_REDIRECT  [no match]",
-        "    nat ISTIO_OUTPUT #4: -m owner --uid-owner 1337 -j RETURN  [no match]",
-        "    nat ISTIO_OUTPUT #5: -m owner --gid-owner 1337 -j RETURN  [no match]",
-        "    nat ISTIO_OUTPUT #6: -o lo -j RETURN  [no match]",
-        "    nat ISTIO_OUTPUT #7: -d 127.0.0.1/32 -j RETURN  [no match]",
-        "    nat ISTIO_OUTPUT #8: -j ISTIO_REDIRECT  [matched]",
-        "    nat ISTIO_REDIRECT #1: -p tcp -j REDIRECT --to-ports 15001  [matched] destination 93.184.216.34:80 "
+        "    nat OUTPUT #1: proto tcp -> jump ISTIO_OUTPUT  [matched]",
+        "    nat ISTIO_OUTPUT #1: src 127.0.0.6/32, oif lo -> RETURN  [no match]",
+        "    nat ISTIO_OUTPUT #2: dst != 127.0.0.1/32, oif lo, tcp dport != 15008, uid 1337 "
+        "-> jump ISTIO_IN_REDIRECT  [no match]",
+        "    nat ISTIO_OUTPUT #3: dst != 127.0.0.1/32, oif lo, tcp dport != 15008, gid 1337 "
+        "-> jump ISTIO_IN_REDIRECT  [no match]",
+        "    nat ISTIO_OUTPUT #4: uid 1337 -> RETURN  [no match]",
+        "    nat ISTIO_OUTPUT #5: gid 1337 -> RETURN  [no match]",
+        "    nat ISTIO_OUTPUT #6: oif lo -> RETURN  [no match]",
+        "    nat ISTIO_OUTPUT #7: dst 127.0.0.1/32 -> RETURN  [no match]",
+        "    nat ISTIO_OUTPUT #8: any -> jump ISTIO_REDIRECT  [matched]",
+        "    nat ISTIO_REDIRECT #1: proto tcp -> REDIRECT :15001  [matched] destination 93.184.216.34:80 "
         "-> 127.0.0.1:15001",
         "    rerouted: out lo (was eth0)",
         "  == POSTROUTING (out lo)",

@@ -941,7 +941,7 @@ def c_source(program: Program, definitions: Sequence[MapDefinition] | None = Non
     /* ipv4 nat ISTIO_REDIRECT */
     static __always_inline __u32 mr4_ISTIO_REDIRECT(const struct mr_conn4 *c)
     {
-        /* nat ISTIO_REDIRECT rule 1: tcp -> redirect to port 15001 */
+        /* nat ISTIO_REDIRECT rule 1: proto tcp -> REDIRECT :15001 */
         if (c->protocol == 6 /* tcp */)
             return MR_REDIRECT | 15001;
         return MR_RETURN;

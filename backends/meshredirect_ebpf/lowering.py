@@ -82,11 +82,11 @@ from meshredirect.ir import (
     Snat,
     StatisticMatch,
     Table,
-    Target,
     TProxy,
     UnknownMatch,
     UnknownTarget,
 )
+from meshredirect.notation import describe_rule
 from meshredirect.values import IPNetwork
 from meshredirect_ebpf.environment import Environment
 from meshredirect_ebpf.limits import HASH_ENTRIES_MAX, PORT_SETS_MAX
@@ -124,8 +124,6 @@ __all__ = ["lower"]
 BACKEND: Final = "ebpf"
 #: The protocols whose sockets call connect(); None stands for every other protocol.
 ANY_PROTOCOL: Final[frozenset[Protocol | None]] = frozenset({*Protocol, None})
-#: How many members of a set a comment shows.
-SHOWN_MEMBERS: Final = 4
 
 _NOT_IDENTIFIER = re.compile(r"[^A-Za-z0-9_]")
 
@@ -175,73 +173,6 @@ def _summary(chain: Chain) -> Chain:
 
 
 # ----------------------------------------------------------------------------- descriptions
-
-
-def _members(items: Iterable[object]) -> str:
-    listed = list(items)
-    shown = ", ".join(str(item) for item in listed[:SHOWN_MEMBERS])
-    if len(listed) > SHOWN_MEMBERS:
-        return shown + f", ... ({len(listed)} in all)"
-    return shown
-
-
-def describe_match(match: Match) -> str:
-    """A short neutral description of a match, for comments in the generated C.
-
-    >>> from meshredirect.values import PortSet
-    >>> describe_match(PortMatch(protocol=Protocol.TCP, ports=PortSet.of(15008), negate=True))
-    'tcp dport not in 15008'
-    """
-    neg = "not " if getattr(match, "negate", False) else ""
-    match match:
-        case ProtocolMatch():
-            return f"{neg}{match.protocol.value}"
-        case FamilyMatch():
-            return f"family {match.family.value}"
-        case AddressMatch():
-            side = "src" if match.direction is Direction.SOURCE else "dst"
-            return f"{side} {neg}in {_members(match.addresses)}"
-        case PortMatch():
-            side = "sport" if match.direction is Direction.SOURCE else "dport"
-            return f"{match.protocol.value} {side} {neg}in {match.ports}"
-        case InterfaceMatch():
-            side = "iif" if match.direction is Direction.SOURCE else "oif"
-            return f"{side} {neg}{match.name}"
-        case OwnerMatch():
-            return f"{match.kind.value} {neg}in {match.ids}"
-        case MarkMatch() | ConnmarkMatch():
-            what = "mark" if isinstance(match, MarkMatch) else "ctmark"
-            return f"{what} & {match.mask:#x} {'!=' if match.negate else '=='} {match.value:#x}"
-        case CtStateMatch():
-            return f"ctstate {neg}in {_members(sorted(s.value for s in match.states))}"
-        case AddrTypeMatch():
-            side = "src" if match.direction is Direction.SOURCE else "dst"
-            return f"{side} type {neg}in {_members(sorted(t.value for t in match.types))}"
-        case IpSetMatch():
-            return f"{neg}in ipset {match.name}"
-        case StatisticMatch():
-            return f"{neg}statistic"
-        case UnknownMatch():
-            return " ".join(match.tokens)
-        case _:
-            assert_never(match)
-
-
-def describe_target(target: Target) -> str:
-    match target:
-        case Jump():
-            return f"jump {target.chain}"
-        case Goto():
-            return f"goto {target.chain}"
-        case Redirect():
-            return f"redirect to port {target.ports}" if target.ports else "redirect"
-        case _:
-            return type(target).__name__.lower()
-
-
-def describe_rule(rule: Rule) -> str:
-    matches = ", ".join(describe_match(m) for m in rule.matches) or "always"
-    return f"{matches} -> {describe_target(rule.target)}"
 
 
 # ----------------------------------------------------------------------------- constant folding

@@ -184,7 +184,7 @@ def policy_fields() -> str:
 
 def support_table() -> str:
     from meshredirect.backend import available_backends
-    from meshredirect.graph import describe_match, describe_target
+    from meshredirect.notation import describe_match, describe_target
     from meshredirect.support import support_matrix
     from meshredirect.testing.samples import SAMPLE_MATCHES
 
@@ -309,18 +309,43 @@ def more_pages(docs: Path) -> str:
     return "\n".join(lines)
 
 
+#: Traced pictures: name -> ``meshredirect graph`` arguments (the docs show these as commands too).
+TRACED_PICTURES = {
+    "trace-outbound": ["--trace", "--dst", "93.184.216.34", "--dport", "443", "--follow"],
+    "trace-inbound-passthrough": [
+        "--trace",
+        "--origin",
+        "remote",
+        "--src",
+        "10.0.0.9",
+        "--dst",
+        "10.0.0.5",
+        "--dport",
+        "8080",
+        "--follow",
+    ],
+}
+
+
 def pictures(out: Path) -> None:
-    from meshredirect.commands.graph import svg_from_dot
+    from meshredirect.cli import command_parser
+    from meshredirect.commands._policy_args import policy_from_arguments
+    from meshredirect.commands.graph import svg_from_dot, trace_highlights
     from meshredirect.compiler import compile_policy
     from meshredirect.graph import to_dot
     from meshredirect.policy import Policy
 
     examples = {
-        "default": Policy(),
-        "tproxy-dual-stack": Policy(families="both", inbound_mode="TPROXY"),
+        "default": to_dot(compile_policy(Policy())),
+        "tproxy-dual-stack": to_dot(compile_policy(Policy(families="both", inbound_mode="TPROXY"))),
     }
-    for name, policy in examples.items():
-        dot = to_dot(compile_policy(policy))
+    for name, argv in TRACED_PICTURES.items():
+        # The graph command's own parser and tracing, as `meshredirect graph ARGS -O FILE.svg` runs them.
+        args = command_parser("graph").parse_args(argv)
+        policy = policy_from_arguments(args)
+        ruleset = compile_policy(policy)
+        examples[name] = to_dot(ruleset, highlight=trace_highlights(ruleset, policy, args))
+    for name, dot in examples.items():
         stamp = out / f"graph-{name}.dot"
         if not stamp.exists() or stamp.read_text() != dot or not (out / f"graph-{name}.svg").exists():
             _write(out / f"graph-{name}.svg", svg_from_dot(dot))

@@ -1,14 +1,18 @@
 """Chain diagrams of a ruleset, as Graphviz DOT text (pure: no I/O).
 
 Each hook a connection meets and each chain becomes a box; the rules of a
-chain are listed inside its box, one row each, in a compact notation that
-belongs to no backend; each ``jump`` or ``goto`` is an arrow from the rule's
+chain are listed inside its box, one row each, in the rule notation of
+:mod:`meshredirect.notation`; each ``jump`` or ``goto`` is an arrow from the rule's
 row to the chain it enters (``goto`` dashed). Hooks are listed in netfilter
 order, and a hook points at its base chains in priority order (the order in
 which the kernel runs them). Chains are grouped in one box per table.
 
 A :class:`Highlight` marks the path of one connection: the chains it
-entered, the rules it was tested against and the rules that matched.
+entered, the rules it was tested against and the rules that matched
+(:meth:`Highlight.of_trace` takes them from the semantics engine's trace).
+Several highlights draw several connections, each in a colour of its own
+(``meshredirect graph --trace --follow``: a connection and the follow-up
+connections the proxy opens for it).
 
 >>> from meshredirect import Policy, compile_policy
 >>> dot = to_dot(compile_policy(Policy()))
@@ -24,85 +28,48 @@ for an SVG picture.
 from __future__ import annotations
 
 import html
-from collections.abc import Iterable, Iterator
-from typing import Final, assert_never
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Final
 
 import attrs
 
-from meshredirect.ir import (
-    FULL_MASK,
-    Accept,
-    AddressMatch,
-    AddressRange,
-    AddrTypeMatch,
-    Chain,
-    ConnmarkMatch,
-    ConnmarkRestore,
-    ConnmarkSave,
-    ConnmarkSet,
-    Continue,
-    CtState,
-    CtStateMatch,
-    CtZone,
-    Direction,
-    Dnat,
-    Drop,
-    Family,
-    FamilyMatch,
-    Goto,
-    Hook,
-    InterfaceMatch,
-    IpSetMatch,
-    Jump,
-    Log,
-    MarkMatch,
-    Masquerade,
-    Match,
-    OwnerMatch,
-    PortMatch,
-    ProtocolMatch,
-    Redirect,
-    Reject,
-    Return,
-    Rule,
-    Ruleset,
-    SetMark,
-    Snat,
-    StatisticMatch,
-    Table,
-    Target,
-    TProxy,
-    UnknownMatch,
-    UnknownTarget,
-)
-from meshredirect.values import AddressSet, IntervalSet, PortSet
+from meshredirect.ir import Chain, Family, Goto, Hook, Jump, Rule, Ruleset, Table
+from meshredirect.notation import describe_rule
 
 __all__ = [
     "ChainRef",
     "Highlight",
     "RuleRef",
     "chain_node",
-    "describe_match",
-    "describe_rule",
-    "describe_target",
     "hook_node",
     "jumps",
     "to_dot",
 ]
 
-#: Members of an address, port or id set shown in a rule before the rest is summed up as "N more".
-MAX_SET_MEMBERS: Final = 4
 #: Netfilter's hooks in the order a packet meets them (PREROUTING and OUTPUT both start a path).
 HOOK_ORDER: Final[tuple[Hook, ...]] = (Hook.PREROUTING, Hook.INPUT, Hook.FORWARD, Hook.OUTPUT, Hook.POSTROUTING)
 
-# Colours: plain boxes are black on white; the highlighted path is orange.
+# Colours: plain boxes are black on white; each highlighted path has a palette of its own.
 _HEADER_COLOUR: Final = "#e8eaf6"
 _HOOK_COLOUR: Final = "#eeeeee"
-_PATH_COLOUR: Final = "#e65100"
-_PATH_HEADER_COLOUR: Final = "#ffcc80"
-_MATCHED_COLOUR: Final = "#ffb74d"
-_VISITED_COLOUR: Final = "#fff3e0"
 _MISSING_COLOUR: Final = "#c62828"
+
+
+@attrs.frozen
+class _Palette:
+    line: str  # arrows, borders, the path's title
+    header: str  # chains and hooks it entered
+    matched: str  # rules that matched
+    tested: str  # rules tested that did not match
+
+
+#: One palette per highlighted connection, in order (orange, blue, green, purple; then again).
+_PALETTES: Final = (
+    _Palette("#e65100", "#ffcc80", "#ffb74d", "#fff3e0"),
+    _Palette("#1565c0", "#90caf9", "#64b5f6", "#e3f2fd"),
+    _Palette("#2e7d32", "#a5d6a7", "#81c784", "#e8f5e9"),
+    _Palette("#6a1b9a", "#ce93d8", "#ba68c8", "#f3e5f5"),
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -154,164 +121,41 @@ class Highlight:
     tested: frozenset[RuleRef] = attrs.field(default=frozenset(), converter=_frozen_rules)
     matched: frozenset[RuleRef] = attrs.field(default=frozenset(), converter=_frozen_rules)
 
+    @classmethod
+    def of_trace(cls, trace: Iterable[object], *, title: str | None = None) -> Highlight:
+        """The path an evaluation's trace (:attr:`meshredirect.semantics.interpreter.Evaluation.trace`) took.
 
-# ----------------------------------------------------------------------------- rule notation
+        Every rule visited is tested; those whose matches held are matched (a
+        match the engine cannot decide is tested, not matched); every chain a
+        rule was visited in, or that ended (its policy applied, or it returned),
+        was entered.
 
+        >>> from meshredirect import Policy, compile_policy
+        >>> from meshredirect.semantics import evaluate
+        >>> from meshredirect.semantics.model import Connection, Environment
+        >>> env = Environment.default()
+        >>> app = Connection.local(env, dst="93.184.216.34", dport=443)
+        >>> path = Highlight.of_trace(evaluate(compile_policy(Policy()), app, env).trace)
+        >>> sorted(f"{r.chain} {r.index + 1}" for r in path.matched)
+        ['ISTIO_OUTPUT 8', 'ISTIO_REDIRECT 1', 'OUTPUT 1']
+        >>> sorted(c.chain for c in path.entered)
+        ['ISTIO_OUTPUT', 'ISTIO_REDIRECT', 'OUTPUT']
+        """
+        from meshredirect.semantics.interpreter import ChainEnd, MatchResult, RuleVisit
 
-def _members(values: Iterable[str], count: int) -> str:
-    shown = []
-    for index, value in enumerate(values):
-        if index == MAX_SET_MEMBERS:
-            shown.append(f"… {count - MAX_SET_MEMBERS} more")
-            break
-        shown.append(value)
-    return shown[0] if count == 1 else "{" + ", ".join(shown) + "}"
-
-
-def _addresses(addresses: AddressSet) -> str:
-    return _members((str(network) for network in addresses), len(addresses.networks))
-
-
-def _intervals(values: IntervalSet) -> str:
-    texts = (str(low) if low == high else f"{low}-{high}" for low, high in values.intervals)
-    return _members(texts, len(values.intervals))
-
-
-def _op(negate: bool) -> str:
-    return " != " if negate else " "
-
-
-def _side(direction: Direction) -> str:
-    return "src" if direction is Direction.SOURCE else "dst"
-
-
-def _masked(name: str, value: int, mask: int, negate: bool) -> str:
-    if mask == FULL_MASK:
-        return f"{name}{_op(negate)}{value}"
-    return f"{name} & {mask:#x}{' != ' if negate else ' == '}{value:#x}"
-
-
-def describe_match(match: Match) -> str:
-    """A match in the diagram's compact notation.
-
-    >>> from meshredirect.ir import Protocol
-    >>> from meshredirect.values import PortSet
-    >>> describe_match(PortMatch(protocol=Protocol.TCP, ports=PortSet.of(15008), negate=True))
-    'tcp dport != 15008'
-    >>> describe_match(AddressMatch(direction=Direction.DESTINATION, addresses=AddressSet.of(*[f"10.0.{i}.0/24" for i in range(0, 20, 2)])))
-    'dst {10.0.0.0/24, 10.0.2.0/24, 10.0.4.0/24, 10.0.6.0/24, … 6 more}'
-    """
-    match match:
-        case ProtocolMatch(protocol=protocol, negate=negate):
-            return f"proto{_op(negate)}{protocol.value}"
-        case FamilyMatch(family=family):
-            return f"family {family.value}"
-        case AddressMatch(direction=direction, addresses=addresses, negate=negate):
-            return f"{_side(direction)}{_op(negate)}{_addresses(addresses)}"
-        case PortMatch(protocol=protocol, ports=ports, direction=direction, negate=negate):
-            return f"{protocol.value} {_side(direction)[0]}port{_op(negate)}{_intervals(ports)}"
-        case InterfaceMatch(direction=direction, name=name, negate=negate):
-            return f"{'iif' if direction is Direction.SOURCE else 'oif'}{_op(negate)}{name}"
-        case OwnerMatch(kind=kind, ids=ids, negate=negate, socketless=socketless):
-            text = f"{kind.value}{_op(negate)}{_intervals(ids)}"
-            if socketless != negate:
-                text += f" (no socket: {'match' if socketless else 'no match'})"
-            return text
-        case MarkMatch(value=value, mask=mask, negate=negate):
-            return _masked("mark", value, mask, negate)
-        case ConnmarkMatch(value=value, mask=mask, negate=negate):
-            return _masked("ctmark", value, mask, negate)
-        case CtStateMatch(states=states, negate=negate):
-            names = ",".join(state.value for state in CtState if state in states)
-            return f"ctstate{_op(negate)}{names}"
-        case AddrTypeMatch(direction=direction, types=types, negate=negate, limit_interface=limit):
-            names = ",".join(sorted(t.value for t in types))
-            return f"{_side(direction)} type{_op(negate)}{names}" + (" (this interface)" if limit else "")
-        case IpSetMatch(name=name, flags=flags, negate=negate):
-            return f"{','.join(_side(flag) for flag in flags)}{' not' if negate else ''} in ipset {name}"
-        case StatisticMatch(probability=probability, every=every, packet=packet, negate=negate):
-            text = f"random {probability}" if probability is not None else f"every {every} from {packet}"
-            return ("not " if negate else "") + text
-        case UnknownMatch(dialect=dialect, tokens=tokens):
-            return f"unknown {dialect} match: {' '.join(tokens)}"
-        case _:
-            assert_never(match)
-
-
-def _nat_to(addresses: AddressRange | None, ports: PortSet | None) -> str:
-    text = ""
-    if addresses is not None:
-        first, last = addresses.first, addresses.last
-        text = f" to {first}" if first == last else f" to {first}-{last}"
-    if ports is not None:
-        text += f" :{_intervals(ports)}"
-    return text
-
-
-def describe_target(target: Target) -> str:
-    """A target in the diagram's compact notation.
-
-    >>> describe_target(Redirect(ports=PortSet.of(15001)))
-    'REDIRECT :15001'
-    >>> describe_target(SetMark(value=0x4000, mask=0x4000))
-    'MARK set 0x4000/0x4000'
-    """
-    match target:
-        case Accept():
-            return "ACCEPT"
-        case Drop():
-            return "DROP"
-        case Return():
-            return "RETURN"
-        case Continue():
-            return "continue"
-        case Jump(chain=chain):
-            return f"jump {chain}"
-        case Goto(chain=chain):
-            return f"goto {chain}"
-        case Redirect(ports=ports):
-            return "REDIRECT" + (f" :{_intervals(ports)}" if ports is not None else "")
-        case TProxy(port=port, address=address, mark=mark, mask=mask):
-            text = f"TPROXY {address if address is not None else ''}:{port}"
-            if mark is not None:
-                text += f" mark {mark}" if mask == FULL_MASK else f" mark {mark:#x}/{mask:#x}"
-            return text
-        case SetMark(value=value, mask=mask):
-            return f"MARK set {value}" if mask == FULL_MASK else f"MARK set {value:#x}/{mask:#x}"
-        case ConnmarkSave(nfmask=nfmask, ctmask=ctmask):
-            masks = "" if nfmask == ctmask == FULL_MASK else f" nfmask {nfmask:#x} ctmask {ctmask:#x}"
-            return "CONNMARK save" + masks
-        case ConnmarkRestore(nfmask=nfmask, ctmask=ctmask):
-            masks = "" if nfmask == ctmask == FULL_MASK else f" nfmask {nfmask:#x} ctmask {ctmask:#x}"
-            return "CONNMARK restore" + masks
-        case ConnmarkSet(value=value, mask=mask):
-            return f"CONNMARK set {value}" if mask == FULL_MASK else f"CONNMARK set {value:#x}/{mask:#x}"
-        case CtZone(zone=zone):
-            return f"CT zone {zone}"
-        case Masquerade(ports=ports):
-            return "MASQUERADE" + _nat_to(None, ports)
-        case Snat(addresses=addresses, ports=ports):
-            return "SNAT" + _nat_to(addresses, ports)
-        case Dnat(addresses=addresses, ports=ports):
-            return "DNAT" + _nat_to(addresses, ports)
-        case Reject(with_=with_):
-            return "REJECT" + (f" with {with_}" if with_ else "")
-        case Log(prefix=prefix, level=level):
-            return "LOG" + (f" {prefix!r}" if prefix else "") + (f" level {level}" if level != Log().level else "")
-        case UnknownTarget(dialect=dialect, name=name, tokens=tokens):
-            return f"unknown {dialect} target: {' '.join((name, *tokens))}"
-        case _:
-            assert_never(target)
-
-
-def describe_rule(rule: Rule) -> str:
-    """A rule in the diagram's notation: its matches joined by commas, an arrow, its target.
-
-    >>> describe_rule(Rule(target=Return()))
-    'any → RETURN'
-    """
-    matches = ", ".join(describe_match(match) for match in rule.matches) or "any"
-    return f"{matches} → {describe_target(rule.target)}"
+        entered: set[ChainRef] = set()
+        tested: set[RuleRef] = set()
+        matched: set[RuleRef] = set()
+        for entry in trace:
+            if isinstance(entry, (RuleVisit, ChainEnd)):
+                entered.add(ChainRef(family=entry.family, table=entry.table, chain=entry.chain))
+            if isinstance(entry, RuleVisit):
+                # (a visit counts its rules from 1; a RuleRef from 0, as the diagram's ports do)
+                ref = RuleRef(family=entry.family, table=entry.table, chain=entry.chain, index=entry.index - 1)
+                tested.add(ref)
+                if entry.result is MatchResult.MATCHED:
+                    matched.add(ref)
+        return cls(title=title, entered=entered, tested=tested, matched=matched)
 
 
 # ----------------------------------------------------------------------------- DOT
@@ -364,11 +208,26 @@ def _jump_target(rule: Rule) -> tuple[str, str] | None:
 
 
 class _Writer:
-    def __init__(self, ruleset: Ruleset, highlight: Highlight | None) -> None:
+    def __init__(self, ruleset: Ruleset, paths: Sequence[Highlight]) -> None:
         self.ruleset = ruleset
-        self.highlight = highlight or Highlight()
+        self.paths = [(path, _PALETTES[index % len(_PALETTES)]) for index, path in enumerate(paths)]
         self.lines: list[str] = []
         self.depth = 0
+
+    def entering(self, ref: ChainRef) -> list[_Palette]:
+        return [palette for path, palette in self.paths if ref in path.entered]
+
+    def matching(self, ref: RuleRef) -> list[_Palette]:
+        return [palette for path, palette in self.paths if ref in path.matched]
+
+    def title(self) -> str | None:
+        titled = [(index, path.title, palette) for index, (path, palette) in enumerate(self.paths, 1) if path.title]
+        if len(self.paths) == 1:
+            return html.escape(titled[0][1]) if titled else None
+        lines = [
+            f'<FONT COLOR="{palette.line}">{index}. {html.escape(title)}</FONT>' for index, title, palette in titled
+        ]
+        return '<BR ALIGN="LEFT"/>'.join(lines) + '<BR ALIGN="LEFT"/>' if lines else None
 
     def emit(self, text: str) -> None:
         self.lines.append("  " * self.depth + text)
@@ -383,8 +242,9 @@ class _Writer:
         self.emit('graph [fontname="Helvetica", fontsize=11];')
         self.emit('node [shape=plaintext, fontname="Helvetica", fontsize=10];')
         self.emit('edge [fontname="Helvetica", fontsize=9];')
-        if self.highlight.title:
-            self.emit(f"label=<{html.escape(self.highlight.title)}>;")
+        title = self.title()
+        if title:
+            self.emit(f"label=<{title}>;")
             self.emit("labelloc=t;")
         # Graphviz stacks top-level clusters bottom-up here: emit the families backwards so IPv4 comes first.
         families = sorted(self.ruleset.families, key=_family_order, reverse=True)
@@ -418,9 +278,13 @@ class _Writer:
             ((t, c) for t in tables for c in t.base_chains(hook)),
             key=lambda tc: (tc[1].base.priority if tc[1].base else 0, tc[0].name),
         )
-        on_path = any(ChainRef(family=family, table=t.name, chain=c.name) in self.highlight.entered for t, c in bases)
-        fill = _PATH_HEADER_COLOUR if on_path else _HOOK_COLOUR
-        pen = f', color="{_PATH_COLOUR}", penwidth=2' if on_path else ""
+        on_path = [
+            palette
+            for path, palette in self.paths
+            if any(ChainRef(family=family, table=t.name, chain=c.name) in path.entered for t, c in bases)
+        ]
+        fill = on_path[0].header if on_path else _HOOK_COLOUR
+        pen = f', color="{on_path[0].line}", penwidth=2' if on_path else ""
         node = _quote(hook_node(family, hook))
         self.emit(
             f'{node} [shape=box, style="rounded,filled", fillcolor="{fill}"{pen}, '
@@ -429,7 +293,8 @@ class _Writer:
         for order, (table, chain) in enumerate(bases, start=1):
             assert chain.base is not None
             ref = ChainRef(family=family, table=table.name, chain=chain.name)
-            style = f', color="{_PATH_COLOUR}", penwidth=2.5' if ref in self.highlight.entered else ""
+            entering = self.entering(ref)
+            style = f', color="{_colours(entering)}", penwidth=2.5' if entering else ""
             label = f"{order}. {table.name} ({chain.base.priority})"
             self.emit(
                 f"{node} -> {_quote(chain_node(family, table.name, chain.name))}:h:w "
@@ -466,7 +331,7 @@ class _Writer:
     def chain(self, table: Table, chain: Chain) -> None:
         family = table.family
         ref = ChainRef(family=family, table=table.name, chain=chain.name)
-        entered = ref in self.highlight.entered
+        entering = self.entering(ref)
         header = f"<B>{html.escape(chain.name)}</B>"
         if chain.base is not None:
             base = chain.base
@@ -475,27 +340,46 @@ class _Writer:
                 f'priority {base.priority}, policy {base.policy.value}</FONT><BR ALIGN="LEFT"/>'
             )
         rows = [
-            f'<TR><TD PORT="h" ALIGN="LEFT" BGCOLOR="{_PATH_HEADER_COLOUR if entered else _HEADER_COLOUR}">'
+            f'<TR><TD PORT="h" ALIGN="LEFT" BGCOLOR="{entering[0].header if entering else _HEADER_COLOUR}">'
             f"{header}</TD></TR>"
         ]
         for index, rule in enumerate(chain.rules):
             rule_ref = RuleRef(family=family, table=table.name, chain=chain.name, index=index)
-            colour = ""
-            if rule_ref in self.highlight.matched:
-                colour = f' BGCOLOR="{_MATCHED_COLOUR}"'
-            elif rule_ref in self.highlight.tested:
-                colour = f' BGCOLOR="{_VISITED_COLOUR}"'
-            text = html.escape(f"{index + 1}. {describe_rule(rule)}")
-            rows.append(f'<TR><TD PORT="r{index}" ALIGN="LEFT"{colour}>{text}</TD></TR>')
+            rows.append(
+                f'<TR><TD PORT="r{index}" ALIGN="LEFT"{self.row_colour(rule_ref)}>'
+                f"{html.escape(f'{index + 1}. {describe_rule(rule)}')}{self.row_tags(rule_ref)}</TD></TR>"
+            )
         if not chain.rules:
             rows.append('<TR><TD ALIGN="LEFT"><I>no rules</I></TD></TR>')
-        border = f' COLOR="{_PATH_COLOUR}"' if entered else ""
+        border = f' COLOR="{entering[0].line}"' if entering else ""
         self.emit(
             f"{_quote(chain_node(family, table.name, chain.name))} "
             f'[label=<<TABLE BORDER="1"{border} CELLBORDER="0" CELLSPACING="0" CELLPADDING="3">'
             + "".join(rows)
             + "</TABLE>>];"
         )
+
+    def row_colour(self, ref: RuleRef) -> str:
+        """The first path that matched the rule colours its row, else the first that tested it."""
+        for path, palette in self.paths:
+            if ref in path.matched:
+                return f' BGCOLOR="{palette.matched}"'
+        for path, palette in self.paths:
+            if ref in path.tested:
+                return f' BGCOLOR="{palette.tested}"'
+        return ""
+
+    def row_tags(self, ref: RuleRef) -> str:
+        """With several paths: after the rule, the number of each path that tested it (bold: matched)."""
+        if len(self.paths) < 2:
+            return ""
+        tags = []
+        for index, (path, palette) in enumerate(self.paths, 1):
+            if ref in path.matched:
+                tags.append(f'<FONT COLOR="{palette.line}"><B>[{index}: matched]</B></FONT>')
+            elif ref in path.tested:
+                tags.append(f'<FONT COLOR="{palette.line}">[{index}]</FONT>')
+        return "  " + " ".join(tags) if tags else ""
 
     def edges(self, table: Table) -> None:
         family = table.family
@@ -509,16 +393,23 @@ class _Writer:
                 attributes = [f'label="{kind}"']
                 if kind == "goto":
                     attributes.append("style=dashed")
-                if ref in self.highlight.matched:
-                    attributes.append(f'color="{_PATH_COLOUR}", fontcolor="{_PATH_COLOUR}", penwidth=2.5')
+                matching = self.matching(ref)
+                if matching:
+                    attributes.append(f'color="{_colours(matching)}", fontcolor="{matching[0].line}", penwidth=2.5')
                 self.emit(
                     f"{_quote(chain_node(family, table.name, chain.name))}:r{index}:e -> "
                     f"{_quote(chain_node(family, table.name, target))}:h:w [{', '.join(attributes)}];"
                 )
 
 
-def to_dot(ruleset: Ruleset, *, highlight: Highlight | None = None) -> str:
-    """The chain diagram of a ruleset as Graphviz DOT text, with an optional highlighted path.
+def to_dot(ruleset: Ruleset, *, highlight: Highlight | Sequence[Highlight] | None = None) -> str:
+    """The chain diagram of a ruleset as Graphviz DOT text, with highlighted paths (none, one or several).
+
+    With several paths, each has a palette of its own (orange, blue, green,
+    purple, in order); a rule's row takes the colour of the first path that matched it,
+    else of the first that tested it, and ends with the numbers of the paths
+    that tested it (``[2]``) or matched it (``[1: matched]``); an arrow that
+    several paths took is drawn in all their colours side by side.
 
     Node ids are :func:`chain_node` and :func:`hook_node`; the rows of a
     chain's table are ports ``h`` (its header) and ``r0``, ``r1``... (its
@@ -533,7 +424,15 @@ def to_dot(ruleset: Ruleset, *, highlight: Highlight | None = None) -> str:
         "ipv4/hook/OUTPUT" -> "ipv4/nat/OUTPUT":h:w [label="1. nat (-100)", style=bold];
         "ipv4/nat/OUTPUT":r0:e -> "ipv4/nat/MESH":h:w [label="jump"];
     """
-    return _Writer(ruleset, highlight).graph()
+    paths: Sequence[Highlight] = (
+        () if highlight is None else (highlight,) if isinstance(highlight, Highlight) else highlight
+    )
+    return _Writer(ruleset, paths).graph()
+
+
+def _colours(palettes: Sequence[_Palette]) -> str:
+    """One colour, or several for parallel lines (Graphviz's ``color="a:b"``)."""
+    return ":".join(palette.line for palette in palettes)
 
 
 def jumps(ruleset: Ruleset) -> Iterator[tuple[RuleRef, ChainRef, str]]:

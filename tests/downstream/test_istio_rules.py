@@ -61,12 +61,12 @@ def test_istio_tproxy_rules_loop(case: str) -> None:
     )
     assert lines[step2 + 1 : step2 + 7] == [
         "  == OUTPUT (out lo)",
-        "    mangle OUTPUT #1: -o lo -p tcp -m mark --mark 0x539 -j RETURN  [matched]",
+        "    mangle OUTPUT #1: oif lo, proto tcp, mark 1337 -> RETURN  [matched]",
         "    mangle OUTPUT: RETURN from the base chain: policy ACCEPT",
-        "    nat OUTPUT #1: -j ISTIO_OUTPUT  [matched]",
-        "    nat ISTIO_OUTPUT #1: -s 127.0.0.6/32 -o lo -j RETURN  [no match]",
-        "    nat ISTIO_OUTPUT #2: ! -d 127.0.0.1/32 -o lo -p tcp ! --dport 15008 -m owner --uid-owner 1337 "
-        "-j ISTIO_IN_REDIRECT  [matched]",
+        "    nat OUTPUT #1: any -> jump ISTIO_OUTPUT  [matched]",
+        "    nat ISTIO_OUTPUT #1: src 127.0.0.6/32, oif lo -> RETURN  [no match]",
+        "    nat ISTIO_OUTPUT #2: dst != 127.0.0.1/32, oif lo, tcp dport != 15008, uid 1337 "
+        "-> jump ISTIO_IN_REDIRECT  [matched]",
     ]
 
 
@@ -143,11 +143,11 @@ def test_the_seed_rules_without_the_proxy_exemption_loop_readably() -> None:
     step2 = lines.index("trace of step 2: tcp 10.0.0.5:43210 -> 203.0.113.10:8080 local uid=1337 gid=1337 out eth0")
     assert lines[step2 + 1 : step2 + 8] == [
         "  == OUTPUT (out eth0)",
-        "    nat OUTPUT #1: -p tcp -j ISTIO_OUTPUT  [matched]",
-        "    nat ISTIO_OUTPUT #1: -s 127.0.0.6/32 -o lo -j RETURN  [no match]",
-        "    nat ISTIO_OUTPUT #2: ! -d 127.0.0.1/32 -o lo -j ISTIO_IN_REDIRECT  [no match]",
-        "    nat ISTIO_OUTPUT #3: -d 127.0.0.1/32 -j RETURN  [no match]",
-        "    nat ISTIO_OUTPUT #4: -j ISTIO_REDIRECT  [matched]",
-        "    nat ISTIO_REDIRECT #1: -p tcp -j REDIRECT --to-ports 15001  [matched] "
+        "    nat OUTPUT #1: proto tcp -> jump ISTIO_OUTPUT  [matched]",
+        "    nat ISTIO_OUTPUT #1: src 127.0.0.6/32, oif lo -> RETURN  [no match]",
+        "    nat ISTIO_OUTPUT #2: dst != 127.0.0.1/32, oif lo -> jump ISTIO_IN_REDIRECT  [no match]",
+        "    nat ISTIO_OUTPUT #3: dst 127.0.0.1/32 -> RETURN  [no match]",
+        "    nat ISTIO_OUTPUT #4: any -> jump ISTIO_REDIRECT  [matched]",
+        "    nat ISTIO_REDIRECT #1: proto tcp -> REDIRECT :15001  [matched] "
         "destination 203.0.113.10:8080 -> 127.0.0.1:15001",
     ]

@@ -1,12 +1,29 @@
-"""``meshredirect graph``: draw a ruleset's chains (Graphviz DOT, or SVG through Graphviz's ``dot``)."""
+"""``meshredirect graph``: draw a ruleset's chains (Graphviz DOT, or SVG through Graphviz's ``dot``).
+
+The ruleset is the policy's (the policy flags; Istio's production setting by
+default), or the one a rule FILE holds (``-``: standard input). ``--trace``
+highlights the path of one connection, described by the same flags as
+``meshredirect trace`` takes: the chains it entered, the rules it was tested
+against and those that matched, and its verdict in the title; ``--follow``
+adds the follow-up connections the proxy opens for it, each in a colour of
+its own. With a FILE, ``--trace`` follows the proxy found in the rules (as
+``meshredirect verify`` finds it); the policy flags describe the rest of the
+pod (and the proxy, when the rules show none).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Final
+from typing import Any, Final
 
+from meshredirect.commands._connection_args import (
+    add_connection_arguments,
+    connection_from_arguments,
+    given_connection_flags,
+)
 from meshredirect.commands._policy_args import add_policy_arguments, policy_from_arguments
+from meshredirect.commands._rules_args import add_rules_arguments, read_rules
 
 FORMATS: Final = ("dot", "svg")
 #: How long ``dot`` may take to lay out a diagram (large rulesets take a few seconds).
@@ -15,6 +32,13 @@ DOT_TIMEOUT_SECONDS: Final = 120
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "file",
+        metavar="FILE",
+        nargs="?",
+        help="draw the rules this file holds instead of the policy's: iptables-save, iptables -S or "
+        "iptables-restore text, or nft -j list ruleset output (JSON); '-' reads standard input",
+    )
+    parser.add_argument(
         "--format",
         "-T",
         choices=FORMATS,
@@ -22,6 +46,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "with --output, the file's suffix chooses when this is not given",
     )
     parser.add_argument("--output", "-O", metavar="FILE", help="write to FILE instead of printing")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="highlight the path of the connection the flags below describe (as 'meshredirect trace' takes them)",
+    )
+    parser.add_argument(
+        "--follow",
+        action="store_true",
+        help="with --trace: also the proxy's follow-up connections, each in a colour of its own",
+    )
+    add_connection_arguments(parser, required=False)
+    add_rules_arguments(parser)
     add_policy_arguments(parser)
 
 
@@ -59,11 +95,25 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from meshredirect.compiler import compile_policy
-    from meshredirect.errors import EnvironmentProblem
+    from meshredirect.errors import EnvironmentProblem, PolicyError
     from meshredirect.graph import to_dot
 
-    ruleset = compile_policy(policy_from_arguments(args))
-    text = to_dot(ruleset)
+    given = given_connection_flags(args)
+    if not args.trace:
+        if given:
+            raise PolicyError(
+                given[0], expected="--trace with the connection's flags", got=getattr(args, _dest(given[0]))
+            )
+        if args.follow:
+            raise PolicyError(
+                "--follow", expected="--trace (the connection whose follow-ups to draw)", got="no --trace"
+            )
+    elif args.dst is None:
+        raise PolicyError("--trace", expected="the connection's --dst", got="no --dst")
+    policy = policy_from_arguments(args)
+    ruleset = compile_policy(policy) if args.file is None else read_rules(args.file, args)
+    highlights = trace_highlights(ruleset, policy, args, read=args.file is not None) if args.trace else None
+    text = to_dot(ruleset, highlight=highlights)
     if _format(args) == "svg":
         text = svg_from_dot(text)
     if args.output is None:
@@ -74,3 +124,48 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise EnvironmentProblem(f"cannot write {args.output}: {exc.strerror}") from None
     return 0
+
+
+def _dest(flag: str) -> str:
+    from meshredirect.commands._connection_args import CONNECTION_FLAGS
+
+    return CONNECTION_FLAGS[flag][0]
+
+
+def trace_highlights(ruleset: Any, policy: Any, args: argparse.Namespace, *, read: bool = False) -> list[Any]:
+    """The connection's path (and with --follow its follow-ups'), one highlight each, titled with the verdict.
+
+    The pod is the policy's. For rules ``read`` from a file, it has every interface they name and policy
+    routing for the marks their TPROXY targets set, and its proxy is the mesh found in the rules, as
+    ``meshredirect verify`` finds it (the policy's when none is found).
+    """
+    from meshredirect.graph import Highlight
+    from meshredirect.semantics.interpreter import Interpreter
+    from meshredirect.semantics.model import Environment
+    from meshredirect.semantics.proxy import follow
+
+    env = Environment.for_policy(policy, ruleset)
+    if read:
+        import attrs
+
+        from meshredirect.node import detect_mesh, environment_for_rules
+
+        env = environment_for_rules(ruleset, base=Environment.for_policy(policy))
+        mesh = detect_mesh(ruleset)
+        if mesh.found:
+            env = attrs.evolve(env, proxy=mesh.proxy(), rerouted_interfaces=mesh.rerouted)
+    connection = connection_from_arguments(args, env)
+    interpreter = Interpreter(ruleset, env)
+    if not args.follow:
+        evaluation = interpreter.evaluate(connection)
+        return [Highlight.of_trace(evaluation.trace, title=f"{connection}: {evaluation.verdict}")]
+    chain = follow(interpreter, connection)
+    highlights = []
+    for index, step in enumerate(chain.steps, 1):
+        title = f"{step.connection}: {step.evaluation.verdict}"
+        if index < len(chain.steps):
+            title += f"; the proxy opens connection {index + 1}"
+        elif chain.looped:
+            title += "; LOOP: the chain does not end"
+        highlights.append(Highlight.of_trace(step.evaluation.trace, title=title))
+    return highlights

@@ -10,33 +10,15 @@ remote``) makes it arrive from a peer. The connection's family is that of
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
-from typing import Any, Final
+from typing import Any
 
+from meshredirect.commands._connection_args import add_connection_arguments, connection_from_arguments
 from meshredirect.commands._policy_args import add_policy_arguments, policy_from_arguments
-
-#: A peer's address when --src is not given for a remote connection (a documentation address).
-DEFAULT_REMOTE_SOURCE: Final = {4: "203.0.113.10", 6: "2001:db8:ffff::10"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("the connection")
-    group.add_argument("--dst", required=True, metavar="ADDR", help="destination address (required)")
-    group.add_argument("--dport", default="80", metavar="PORT", help="destination port (80)")
-    group.add_argument("--src", metavar="ADDR", help="source address (local: what the kernel picks; remote: a peer)")
-    group.add_argument("--sport", default="43210", metavar="PORT", help="source port (43210)")
-    group.add_argument(
-        "--origin", choices=("local", "remote"), help="local socket or remote peer (local, or remote with --in-if)"
-    )
-    group.add_argument("--in-if", dest="in_if", metavar="IFACE", help="remote: the interface it arrives on (eth0)")
-    group.add_argument("--out-if", dest="out_if", metavar="IFACE", help="local: the outgoing interface (the route's)")
-    group.add_argument(
-        "--uid", default="1000", metavar="UID", help="local: the socket's uid, or 'none' for no socket (1000)"
-    )
-    group.add_argument("--gid", metavar="GID", help="local: the socket's gid (the uid's value)")
-    group.add_argument("--mark", default="0", metavar="MARK", help="local: the socket's mark (0)")
-    group.add_argument("--protocol", default="tcp", choices=("tcp", "udp", "sctp", "icmp", "ipv6-icmp"), help="tcp")
+    group = add_connection_arguments(parser, required=True)
     group.add_argument(
         "--no-follow", action="store_true", help="only the connection itself, not the proxy's follow-ups"
     )
@@ -88,73 +70,3 @@ def render_chain(chain: Any) -> str:
         where = f": connection {cycle[1]} is connection {cycle[0]} again" if cycle else ""
         out.append(f"LOOP: the chain does not end{where}")
     return "\n".join(out).rstrip("\n") + "\n"
-
-
-def connection_from_arguments(args: argparse.Namespace, env: Any) -> Any:
-    """The connection the flags describe; bad values raise errors that name the flag."""
-    from meshredirect.errors import PolicyError
-    from meshredirect.ir import Protocol
-    from meshredirect.semantics.model import Connection, Origin, family_of
-
-    dst = _address("--dst", args.dst)
-    family = family_of(dst)  # (--family is the policy's: the families it programs)
-    protocol = Protocol(args.protocol)
-    ported = protocol in (Protocol.TCP, Protocol.UDP, Protocol.SCTP)
-    dport = _number("--dport", args.dport, 1, 65535) if ported else 0
-    sport = _number("--sport", args.sport, 1, 65535) if ported else 0
-    origin = Origin(args.origin) if args.origin else (Origin.REMOTE if args.in_if else Origin.LOCAL)
-    if origin is Origin.REMOTE:
-        for flag, value in (("--out-if", args.out_if),):
-            if value is not None:
-                raise PolicyError(flag, expected="no value for a remote connection (use --in-if)", got=value)
-        src = _address("--src", args.src or DEFAULT_REMOTE_SOURCE[dst.version])
-        _same_family("--src", src, dst)
-        iif = args.in_if or env.default_interface
-        return Connection(
-            family=family, protocol=protocol, src=src, sport=sport, dst=dst, dport=dport, origin=origin, iif=iif
-        )
-    if args.in_if is not None:
-        raise PolicyError("--in-if", expected="no value for a local connection (use --out-if)", got=args.in_if)
-    mark = _number("--mark", args.mark, 0, 2**32 - 1)
-    uid: int | None = None
-    gid: int | None = None
-    if str(args.uid).strip().lower() != "none":
-        uid = _number("--uid", args.uid, 0, 2**32 - 2)
-        gid = _number("--gid", args.gid, 0, 2**32 - 2) if args.gid is not None else uid
-    elif args.gid is not None:
-        raise PolicyError("--gid", expected="no value with --uid none (a packet without a socket)", got=args.gid)
-    src = _address("--src", args.src) if args.src else None
-    if src is not None:
-        _same_family("--src", src, dst)
-    return Connection.local(
-        env, dst=dst, dport=dport, src=src, sport=sport, uid=uid, gid=gid, protocol=protocol, mark=mark, oif=args.out_if
-    )
-
-
-def _address(flag: str, text: str) -> Any:
-    from meshredirect.errors import PolicyError
-
-    try:
-        return ipaddress.ip_address(str(text).strip())
-    except ValueError:
-        raise PolicyError(flag, expected="an IPv4 or IPv6 address", got=text) from None
-
-
-def _same_family(flag: str, address: Any, dst: Any) -> None:
-    from meshredirect.errors import PolicyError
-
-    if address.version != dst.version:
-        raise PolicyError(flag, expected=f"an IPv{dst.version} address, like --dst", got=str(address))
-
-
-def _number(flag: str, text: str, low: int, high: int) -> int:
-    from meshredirect.errors import PolicyError
-
-    value = str(text).strip()
-    try:
-        number = int(value, 0)
-    except ValueError:
-        raise PolicyError(flag, expected=f"a number {low}-{high}", got=text) from None
-    if not low <= number <= high:
-        raise PolicyError(flag, expected=f"a number {low}-{high}", got=text)
-    return number

@@ -131,7 +131,7 @@ from meshredirect.ir import (
     UnknownMatch,
     UnknownTarget,
 )
-from meshredirect.semantics.describe import describe_rule
+from meshredirect.notation import describe_rule
 from meshredirect.semantics.explore import Eq, In, MarkSym, Sym, Tracer
 from meshredirect.semantics.model import LOOPBACK_INTERFACE, Connection, Environment, Origin, Socket
 from meshredirect.values import MAX_MARK, AddressSet, IdSet, IPAddress, PortSet

@@ -339,7 +339,7 @@ MR_HELPER void mr_owner(__u32 *uid, __u32 *gid)
 /* ipv4 nat ISTIO_IN_REDIRECT */
 static __always_inline __u32 mr4_ISTIO_IN_REDIRECT(const struct mr_conn4 *c)
 {
-	/* nat ISTIO_IN_REDIRECT rule 1: tcp -> redirect to port 15006 */
+	/* nat ISTIO_IN_REDIRECT rule 1: proto tcp -> REDIRECT :15006 */
 	if (c->protocol == 6 /* tcp */)
 		return MR_REDIRECT | 15006;
 	return MR_RETURN;
@@ -348,7 +348,7 @@ static __always_inline __u32 mr4_ISTIO_IN_REDIRECT(const struct mr_conn4 *c)
 /* ipv4 nat ISTIO_REDIRECT */
 static __always_inline __u32 mr4_ISTIO_REDIRECT(const struct mr_conn4 *c)
 {
-	/* nat ISTIO_REDIRECT rule 1: tcp -> redirect to port 15001 */
+	/* nat ISTIO_REDIRECT rule 1: proto tcp -> REDIRECT :15001 */
 	if (c->protocol == 6 /* tcp */)
 		return MR_REDIRECT | 15001;
 	return MR_RETURN;
@@ -359,27 +359,27 @@ static __always_inline __u32 mr4_ISTIO_OUTPUT(const struct mr_conn4 *c)
 {
 	__u32 v;
 
-	/* nat ISTIO_OUTPUT rule 1: src in 127.0.0.6/32, oif lo -> return */
+	/* nat ISTIO_OUTPUT rule 1: src 127.0.0.6/32, oif lo -> RETURN */
 	if (mr_member4(0 /* a4_0 */, c->src) &&
 	    c->oif == 1 /* lo */)
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 2: dst not in 127.0.0.1/32, oif lo -> jump ISTIO_IN_REDIRECT */
+	/* nat ISTIO_OUTPUT rule 2: dst != 127.0.0.1/32, oif lo -> jump ISTIO_IN_REDIRECT */
 	if (!mr_member4(1 /* a4_1 */, c->dst) &&
 	    c->oif == 1 /* lo */) {
 		v = mr4_ISTIO_IN_REDIRECT(c);
 		if (v != MR_RETURN)
 			return v;
 	}
-	/* nat ISTIO_OUTPUT rule 3: uid in 1337 -> return */
+	/* nat ISTIO_OUTPUT rule 3: uid 1337 -> RETURN */
 	if (mr_member32(0 /* id_0 */, c->uid))
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 4: gid in 1337 -> return */
+	/* nat ISTIO_OUTPUT rule 4: gid 1337 -> RETURN */
 	if (mr_member32(0 /* id_0 */, c->gid))
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 5: dst in 127.0.0.1/32 -> return */
+	/* nat ISTIO_OUTPUT rule 5: dst 127.0.0.1/32 -> RETURN */
 	if (mr_member4(1 /* a4_1 */, c->dst))
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 6: always -> jump ISTIO_REDIRECT */
+	/* nat ISTIO_OUTPUT rule 6: any -> jump ISTIO_REDIRECT */
 	v = mr4_ISTIO_REDIRECT(c);
 	if (v != MR_RETURN)
 		return v;
@@ -391,7 +391,7 @@ static __always_inline __u32 mr4_OUTPUT(const struct mr_conn4 *c)
 {
 	__u32 v;
 
-	/* nat OUTPUT rule 1: tcp -> jump ISTIO_OUTPUT */
+	/* nat OUTPUT rule 1: proto tcp -> jump ISTIO_OUTPUT */
 	if (c->protocol == 6 /* tcp */) {
 		v = mr4_ISTIO_OUTPUT(c);
 		if (v != MR_RETURN)

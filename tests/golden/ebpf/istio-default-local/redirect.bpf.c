@@ -339,7 +339,7 @@ MR_HELPER void mr_owner(__u32 *uid, __u32 *gid)
 /* ipv4 nat ISTIO_IN_REDIRECT */
 static __always_inline __u32 mr4_ISTIO_IN_REDIRECT(const struct mr_conn4 *c)
 {
-	/* nat ISTIO_IN_REDIRECT rule 1: tcp -> redirect to port 15006 */
+	/* nat ISTIO_IN_REDIRECT rule 1: proto tcp -> REDIRECT :15006 */
 	if (c->protocol == 6 /* tcp */)
 		return MR_REDIRECT | 15006;
 	return MR_RETURN;
@@ -348,7 +348,7 @@ static __always_inline __u32 mr4_ISTIO_IN_REDIRECT(const struct mr_conn4 *c)
 /* ipv4 nat ISTIO_REDIRECT */
 static __always_inline __u32 mr4_ISTIO_REDIRECT(const struct mr_conn4 *c)
 {
-	/* nat ISTIO_REDIRECT rule 1: tcp -> redirect to port 15001 */
+	/* nat ISTIO_REDIRECT rule 1: proto tcp -> REDIRECT :15001 */
 	if (c->protocol == 6 /* tcp */)
 		return MR_REDIRECT | 15001;
 	return MR_RETURN;
@@ -359,11 +359,11 @@ static __always_inline __u32 mr4_ISTIO_OUTPUT(const struct mr_conn4 *c)
 {
 	__u32 v;
 
-	/* nat ISTIO_OUTPUT rule 1: src in 127.0.0.6/32, oif lo -> return */
+	/* nat ISTIO_OUTPUT rule 1: src 127.0.0.6/32, oif lo -> RETURN */
 	if (mr_member4(0 /* a4_0 */, c->src) &&
 	    c->oif == 1 /* lo */)
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 2: dst not in 127.0.0.1/32, oif lo, tcp dport not in 15008, uid in 1337 -> jump ISTIO_IN_REDIRECT */
+	/* nat ISTIO_OUTPUT rule 2: dst != 127.0.0.1/32, oif lo, tcp dport != 15008, uid 1337 -> jump ISTIO_IN_REDIRECT */
 	if (!mr_member4(1 /* a4_1 */, c->dst) &&
 	    c->oif == 1 /* lo */ &&
 	    c->protocol == 6 /* tcp */ &&
@@ -373,7 +373,7 @@ static __always_inline __u32 mr4_ISTIO_OUTPUT(const struct mr_conn4 *c)
 		if (v != MR_RETURN)
 			return v;
 	}
-	/* nat ISTIO_OUTPUT rule 3: dst not in 127.0.0.1/32, oif lo, tcp dport not in 15008, gid in 1337 -> jump ISTIO_IN_REDIRECT */
+	/* nat ISTIO_OUTPUT rule 3: dst != 127.0.0.1/32, oif lo, tcp dport != 15008, gid 1337 -> jump ISTIO_IN_REDIRECT */
 	if (!mr_member4(1 /* a4_1 */, c->dst) &&
 	    c->oif == 1 /* lo */ &&
 	    c->protocol == 6 /* tcp */ &&
@@ -383,19 +383,19 @@ static __always_inline __u32 mr4_ISTIO_OUTPUT(const struct mr_conn4 *c)
 		if (v != MR_RETURN)
 			return v;
 	}
-	/* nat ISTIO_OUTPUT rule 4: uid in 1337 -> return */
+	/* nat ISTIO_OUTPUT rule 4: uid 1337 -> RETURN */
 	if (mr_member32(0 /* id_0 */, c->uid))
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 5: gid in 1337 -> return */
+	/* nat ISTIO_OUTPUT rule 5: gid 1337 -> RETURN */
 	if (mr_member32(0 /* id_0 */, c->gid))
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 6: oif lo -> return */
+	/* nat ISTIO_OUTPUT rule 6: oif lo -> RETURN */
 	if (c->oif == 1 /* lo */)
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 7: dst in 127.0.0.1/32 -> return */
+	/* nat ISTIO_OUTPUT rule 7: dst 127.0.0.1/32 -> RETURN */
 	if (mr_member4(1 /* a4_1 */, c->dst))
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 8: always -> jump ISTIO_REDIRECT */
+	/* nat ISTIO_OUTPUT rule 8: any -> jump ISTIO_REDIRECT */
 	v = mr4_ISTIO_REDIRECT(c);
 	if (v != MR_RETURN)
 		return v;
@@ -407,7 +407,7 @@ static __always_inline __u32 mr4_OUTPUT(const struct mr_conn4 *c)
 {
 	__u32 v;
 
-	/* nat OUTPUT rule 1: tcp -> jump ISTIO_OUTPUT */
+	/* nat OUTPUT rule 1: proto tcp -> jump ISTIO_OUTPUT */
 	if (c->protocol == 6 /* tcp */) {
 		v = mr4_ISTIO_OUTPUT(c);
 		if (v != MR_RETURN)
@@ -433,7 +433,7 @@ static __always_inline __u32 mr4_decide(const struct mr_conn4 *c)
 /* ipv6 nat ISTIO_IN_REDIRECT */
 static __always_inline __u32 mr6_ISTIO_IN_REDIRECT(const struct mr_conn6 *c)
 {
-	/* nat ISTIO_IN_REDIRECT rule 1: tcp -> redirect to port 15006 */
+	/* nat ISTIO_IN_REDIRECT rule 1: proto tcp -> REDIRECT :15006 */
 	if (c->protocol == 6 /* tcp */)
 		return MR_REDIRECT | 15006;
 	return MR_RETURN;
@@ -442,7 +442,7 @@ static __always_inline __u32 mr6_ISTIO_IN_REDIRECT(const struct mr_conn6 *c)
 /* ipv6 nat ISTIO_REDIRECT */
 static __always_inline __u32 mr6_ISTIO_REDIRECT(const struct mr_conn6 *c)
 {
-	/* nat ISTIO_REDIRECT rule 1: tcp -> redirect to port 15001 */
+	/* nat ISTIO_REDIRECT rule 1: proto tcp -> REDIRECT :15001 */
 	if (c->protocol == 6 /* tcp */)
 		return MR_REDIRECT | 15001;
 	return MR_RETURN;
@@ -453,11 +453,11 @@ static __always_inline __u32 mr6_ISTIO_OUTPUT(const struct mr_conn6 *c)
 {
 	__u32 v;
 
-	/* nat ISTIO_OUTPUT rule 1: src in ::6/128, oif lo -> return */
+	/* nat ISTIO_OUTPUT rule 1: src ::6/128, oif lo -> RETURN */
 	if (mr_member6(0 /* a6_0 */, c->src) &&
 	    c->oif == 1 /* lo */)
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 2: dst not in ::1/128, oif lo, tcp dport not in 15008, uid in 1337 -> jump ISTIO_IN_REDIRECT */
+	/* nat ISTIO_OUTPUT rule 2: dst != ::1/128, oif lo, tcp dport != 15008, uid 1337 -> jump ISTIO_IN_REDIRECT */
 	if (!mr_member6(1 /* a6_1 */, c->dst) &&
 	    c->oif == 1 /* lo */ &&
 	    c->protocol == 6 /* tcp */ &&
@@ -467,7 +467,7 @@ static __always_inline __u32 mr6_ISTIO_OUTPUT(const struct mr_conn6 *c)
 		if (v != MR_RETURN)
 			return v;
 	}
-	/* nat ISTIO_OUTPUT rule 3: dst not in ::1/128, oif lo, tcp dport not in 15008, gid in 1337 -> jump ISTIO_IN_REDIRECT */
+	/* nat ISTIO_OUTPUT rule 3: dst != ::1/128, oif lo, tcp dport != 15008, gid 1337 -> jump ISTIO_IN_REDIRECT */
 	if (!mr_member6(1 /* a6_1 */, c->dst) &&
 	    c->oif == 1 /* lo */ &&
 	    c->protocol == 6 /* tcp */ &&
@@ -477,19 +477,19 @@ static __always_inline __u32 mr6_ISTIO_OUTPUT(const struct mr_conn6 *c)
 		if (v != MR_RETURN)
 			return v;
 	}
-	/* nat ISTIO_OUTPUT rule 4: uid in 1337 -> return */
+	/* nat ISTIO_OUTPUT rule 4: uid 1337 -> RETURN */
 	if (mr_member32(0 /* id_0 */, c->uid))
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 5: gid in 1337 -> return */
+	/* nat ISTIO_OUTPUT rule 5: gid 1337 -> RETURN */
 	if (mr_member32(0 /* id_0 */, c->gid))
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 6: oif lo -> return */
+	/* nat ISTIO_OUTPUT rule 6: oif lo -> RETURN */
 	if (c->oif == 1 /* lo */)
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 7: dst in ::1/128 -> return */
+	/* nat ISTIO_OUTPUT rule 7: dst ::1/128 -> RETURN */
 	if (mr_member6(1 /* a6_1 */, c->dst))
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 8: always -> jump ISTIO_REDIRECT */
+	/* nat ISTIO_OUTPUT rule 8: any -> jump ISTIO_REDIRECT */
 	v = mr6_ISTIO_REDIRECT(c);
 	if (v != MR_RETURN)
 		return v;
@@ -501,7 +501,7 @@ static __always_inline __u32 mr6_OUTPUT(const struct mr_conn6 *c)
 {
 	__u32 v;
 
-	/* nat OUTPUT rule 1: tcp -> jump ISTIO_OUTPUT */
+	/* nat OUTPUT rule 1: proto tcp -> jump ISTIO_OUTPUT */
 	if (c->protocol == 6 /* tcp */) {
 		v = mr6_ISTIO_OUTPUT(c);
 		if (v != MR_RETURN)

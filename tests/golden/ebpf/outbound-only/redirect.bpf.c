@@ -339,7 +339,7 @@ MR_HELPER void mr_owner(__u32 *uid, __u32 *gid)
 /* ipv4 nat ISTIO_IN_REDIRECT */
 static __always_inline __u32 mr4_ISTIO_IN_REDIRECT(const struct mr_conn4 *c)
 {
-	/* nat ISTIO_IN_REDIRECT rule 1: tcp -> redirect to port 15006 */
+	/* nat ISTIO_IN_REDIRECT rule 1: proto tcp -> REDIRECT :15006 */
 	if (c->protocol == 6 /* tcp */)
 		return MR_REDIRECT | 15006;
 	return MR_RETURN;
@@ -348,7 +348,7 @@ static __always_inline __u32 mr4_ISTIO_IN_REDIRECT(const struct mr_conn4 *c)
 /* ipv4 nat ISTIO_REDIRECT */
 static __always_inline __u32 mr4_ISTIO_REDIRECT(const struct mr_conn4 *c)
 {
-	/* nat ISTIO_REDIRECT rule 1: tcp -> redirect to port 15001 */
+	/* nat ISTIO_REDIRECT rule 1: proto tcp -> REDIRECT :15001 */
 	if (c->protocol == 6 /* tcp */)
 		return MR_REDIRECT | 15001;
 	return MR_RETURN;
@@ -359,18 +359,18 @@ static __always_inline __u32 mr4_ISTIO_OUTPUT(const struct mr_conn4 *c)
 {
 	__u32 v;
 
-	/* nat ISTIO_OUTPUT rule 1: oif eth1 -> return */
+	/* nat ISTIO_OUTPUT rule 1: oif eth1 -> RETURN */
 	if (c->oif == 3 /* eth1 */)
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 2: tcp dport in 5432,6379 -> return */
+	/* nat ISTIO_OUTPUT rule 2: tcp dport {5432, 6379} -> RETURN */
 	if (c->protocol == 6 /* tcp */ &&
 	    mr_member16(0 /* p_0 */, c->dport))
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 3: src in 127.0.0.6/32, oif lo -> return */
+	/* nat ISTIO_OUTPUT rule 3: src 127.0.0.6/32, oif lo -> RETURN */
 	if (mr_member4(0 /* a4_0 */, c->src) &&
 	    c->oif == 1 /* lo */)
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 4: dst not in 127.0.0.1/32, oif lo, tcp dport not in 15008, uid in 1337 -> jump ISTIO_IN_REDIRECT */
+	/* nat ISTIO_OUTPUT rule 4: dst != 127.0.0.1/32, oif lo, tcp dport != 15008, uid 1337 -> jump ISTIO_IN_REDIRECT */
 	if (!mr_member4(1 /* a4_1 */, c->dst) &&
 	    c->oif == 1 /* lo */ &&
 	    c->protocol == 6 /* tcp */ &&
@@ -380,7 +380,7 @@ static __always_inline __u32 mr4_ISTIO_OUTPUT(const struct mr_conn4 *c)
 		if (v != MR_RETURN)
 			return v;
 	}
-	/* nat ISTIO_OUTPUT rule 5: dst not in 127.0.0.1/32, oif lo, tcp dport not in 15008, gid in 1337 -> jump ISTIO_IN_REDIRECT */
+	/* nat ISTIO_OUTPUT rule 5: dst != 127.0.0.1/32, oif lo, tcp dport != 15008, gid 1337 -> jump ISTIO_IN_REDIRECT */
 	if (!mr_member4(1 /* a4_1 */, c->dst) &&
 	    c->oif == 1 /* lo */ &&
 	    c->protocol == 6 /* tcp */ &&
@@ -390,25 +390,25 @@ static __always_inline __u32 mr4_ISTIO_OUTPUT(const struct mr_conn4 *c)
 		if (v != MR_RETURN)
 			return v;
 	}
-	/* nat ISTIO_OUTPUT rule 6: uid in 1337 -> return */
+	/* nat ISTIO_OUTPUT rule 6: uid 1337 -> RETURN */
 	if (mr_member32(0 /* id_0 */, c->uid))
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 7: gid in 1337 -> return */
+	/* nat ISTIO_OUTPUT rule 7: gid 1337 -> RETURN */
 	if (mr_member32(0 /* id_0 */, c->gid))
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 8: oif lo -> return */
+	/* nat ISTIO_OUTPUT rule 8: oif lo -> RETURN */
 	if (c->oif == 1 /* lo */)
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 9: gid in 2000 -> return */
+	/* nat ISTIO_OUTPUT rule 9: gid 2000 -> RETURN */
 	if (mr_member32(1 /* id_1 */, c->gid))
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 10: dst in 127.0.0.1/32 -> return */
+	/* nat ISTIO_OUTPUT rule 10: dst 127.0.0.1/32 -> RETURN */
 	if (mr_member4(1 /* a4_1 */, c->dst))
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 11: dst in 10.96.0.0/12, 169.254.169.254/32 -> return */
+	/* nat ISTIO_OUTPUT rule 11: dst {10.96.0.0/12, 169.254.169.254/32} -> RETURN */
 	if (mr_member4(2 /* a4_2 */, c->dst))
 		return MR_RETURN;
-	/* nat ISTIO_OUTPUT rule 12: always -> jump ISTIO_REDIRECT */
+	/* nat ISTIO_OUTPUT rule 12: any -> jump ISTIO_REDIRECT */
 	v = mr4_ISTIO_REDIRECT(c);
 	if (v != MR_RETURN)
 		return v;
@@ -420,7 +420,7 @@ static __always_inline __u32 mr4_OUTPUT(const struct mr_conn4 *c)
 {
 	__u32 v;
 
-	/* nat OUTPUT rule 1: tcp -> jump ISTIO_OUTPUT */
+	/* nat OUTPUT rule 1: proto tcp -> jump ISTIO_OUTPUT */
 	if (c->protocol == 6 /* tcp */) {
 		v = mr4_ISTIO_OUTPUT(c);
 		if (v != MR_RETURN)

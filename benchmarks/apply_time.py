@@ -9,7 +9,7 @@ Each round creates fresh namespaces (one per configuration) and runs, interleave
 - floor: the same documents loaded with ``iptables-nft-restore --noflush`` (and, for TPROXY, the
   four ``ip`` routing commands) and nothing else, started the same way (setns from this process),
   and a bare ``true`` started in the namespace;
-- where the build has the nftables backend: ``apply(policy, backend="nftables")`` in-process
+- ``apply(policy, backend="nftables")`` in-process
   against ``nft -j -f`` of the same JSON document (plus the ``ip`` commands) alone.
 
 Wall times; medians of ``--repeat`` rounds with min and max. Needs root. Results go to

@@ -58,6 +58,7 @@ from meshredirect.ir import (
     MarkMatch,
     Masquerade,
     Match,
+    NatFlag,
     OwnerMatch,
     PortMatch,
     ProtocolMatch,
@@ -248,6 +249,10 @@ def _nat_to(addresses: AddressRange | None, ports: PortSet | None) -> str:
     return text
 
 
+def _nat_flags(flags: frozenset[NatFlag]) -> str:
+    return "".join(f" {flag.value}" for flag in NatFlag if flag in flags)
+
+
 def describe_target(target: Target) -> str:
     """A target in the diagram's compact notation.
 
@@ -269,8 +274,8 @@ def describe_target(target: Target) -> str:
             return f"jump {chain}"
         case Goto(chain=chain):
             return f"goto {chain}"
-        case Redirect(ports=ports):
-            return "REDIRECT" + (f" :{_intervals(ports)}" if ports is not None else "")
+        case Redirect(ports=ports, flags=flags):
+            return "REDIRECT" + (f" :{_intervals(ports)}" if ports is not None else "") + _nat_flags(flags)
         case TProxy(port=port, address=address, mark=mark, mask=mask):
             text = f"TPROXY {address if address is not None else ''}:{port}"
             if mark is not None:
@@ -288,12 +293,12 @@ def describe_target(target: Target) -> str:
             return f"CONNMARK set {value}" if mask == FULL_MASK else f"CONNMARK set {value:#x}/{mask:#x}"
         case CtZone(zone=zone):
             return f"CT zone {zone}"
-        case Masquerade(ports=ports):
-            return "MASQUERADE" + _nat_to(None, ports)
-        case Snat(addresses=addresses, ports=ports):
-            return "SNAT" + _nat_to(addresses, ports)
-        case Dnat(addresses=addresses, ports=ports):
-            return "DNAT" + _nat_to(addresses, ports)
+        case Masquerade(ports=ports, flags=flags):
+            return "MASQUERADE" + _nat_to(None, ports) + _nat_flags(flags)
+        case Snat(addresses=addresses, ports=ports, flags=flags):
+            return "SNAT" + _nat_to(addresses, ports) + _nat_flags(flags)
+        case Dnat(addresses=addresses, ports=ports, flags=flags):
+            return "DNAT" + _nat_to(addresses, ports) + _nat_flags(flags)
         case Reject(with_=with_):
             return "REJECT" + (f" with {with_}" if with_ else "")
         case Log(prefix=prefix, level=level):

@@ -34,6 +34,7 @@ from meshredirect.ir import (
     MarkMatch,
     Masquerade,
     Match,
+    NatFlag,
     OwnerKind,
     OwnerMatch,
     PortMatch,
@@ -115,6 +116,10 @@ def _ports(ports: PortSet | None) -> str:
     return "" if ports is None else f" --to-ports {ports}"
 
 
+def _flags(flags: frozenset[NatFlag]) -> str:
+    return "".join(f" --{flag.value}" for flag in NatFlag if flag in flags)
+
+
 def _range(addresses: AddressRange | None) -> str:
     if addresses is None:
         return ""
@@ -137,7 +142,7 @@ def describe_target(target: Target) -> str:
         case Goto():
             return f"-g {target.chain}"
         case Redirect():
-            return "-j REDIRECT" + _ports(target.ports)
+            return "-j REDIRECT" + _ports(target.ports) + _flags(target.flags)
         case TProxy():
             on = f" --on-ip {target.address}" if target.address is not None else ""
             mark = f" --tproxy-mark {_mark(target.mark, target.mask)}" if target.mark is not None else ""
@@ -153,11 +158,11 @@ def describe_target(target: Target) -> str:
         case CtZone():
             return f"-j CT --zone {target.zone}"
         case Masquerade():
-            return "-j MASQUERADE" + _ports(target.ports)
+            return "-j MASQUERADE" + _ports(target.ports) + _flags(target.flags)
         case Snat():
-            return f"-j SNAT --to-source {_range(target.addresses)}" + _ports(target.ports)
+            return f"-j SNAT --to-source {_range(target.addresses)}" + _ports(target.ports) + _flags(target.flags)
         case Dnat():
-            return f"-j DNAT --to-destination {_range(target.addresses)}" + _ports(target.ports)
+            return f"-j DNAT --to-destination {_range(target.addresses)}" + _ports(target.ports) + _flags(target.flags)
         case Reject():
             return "-j REJECT" + (f" --reject-with {target.with_}" if target.with_ else "")
         case Log():

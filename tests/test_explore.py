@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable, Iterator, Mapping
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -19,12 +20,15 @@ from hypothesis import given, settings
 
 from meshredirect.compiler import compile_policy
 from meshredirect.ir import Family
+from meshredirect.node import mesh_environment
 from meshredirect.policy import Policy
+from meshredirect.readers.iptables import read_iptables
 from meshredirect.semantics.check import Checker, checker
 from meshredirect.semantics.classes import ClassSpace, Root, mark_classes
 from meshredirect.semantics.explore import Explorer, Leaf, Run
-from meshredirect.semantics.interpreter import Interpreter
+from meshredirect.semantics.interpreter import Choices, Interpreter
 from meshredirect.semantics.model import Environment
+from meshredirect.testing.node_dump import node_dump
 from strategies import policies
 
 #: Above this many class combinations a root is checked on a random sample of them.
@@ -34,9 +38,10 @@ SAMPLE = 600
 
 def combinations(
     leaves: list[Leaf[Any]], explorer: Explorer, rng: random.Random, sample: int = SAMPLE
-) -> Iterator[tuple[Leaf[Any], dict[str, Any]]]:
-    """(leaf, values) for every combination the leaves cover, or a sample when there are many."""
+) -> Iterator[tuple[int, ...]]:
+    """Class indices of every combination the leaves cover, or of a sample when there are many."""
     total = sum(leaf.size for leaf in leaves)
+    seen: set[tuple[int, ...]] = set()
     for leaf in leaves:
         for box in leaf.boxes:
             members = [[i for i in range(m.bit_length()) if m >> i & 1] for m in box]
@@ -49,18 +54,38 @@ def combinations(
                 share = max(1, sample * count // total)
                 picks = (tuple(rng.choice(m) for m in members) for _ in range(min(share, count)))
             for combo in picks:
-                yield leaf, {d: explorer.values[d][i] for d, i in zip(explorer.dims, combo, strict=True)}
+                if combo not in seen:
+                    seen.add(combo)
+                    yield combo
+
+
+#: A program under test: (connection, run or None, symbols or None, forced choices or None) -> result.
+Program = Callable[[Any, Run | None, Mapping[str, str] | None, Choices | None], Any]
+
+
+def concrete_branches(program: Program, connection: Any) -> dict[tuple[bool, ...], Any]:
+    """The result of every sequence of outcomes of the choice points, evaluated concretely one by one."""
+    found: dict[tuple[bool, ...], Any] = {}
+    todo: list[tuple[bool, ...]] = [()]
+    while todo:
+        forced = todo.pop()
+        choices = Choices(forced)
+        result = program(connection, None, None, choices)
+        taken = tuple(choices.taken)
+        found[taken] = result
+        todo.extend((*taken[:i], not taken[i]) for i in range(len(forced), len(taken)))
+    return found
 
 
 def assert_sound(
     space: ClassSpace,
-    program: Callable[[Any, Run | None, Mapping[str, str] | None], Any],
+    program: Program,
     seed: int = 0,
     instantiate: Callable[[Any, Any], Any] = lambda result, connection: result,
     sample: int = SAMPLE,
 ) -> int:
-    """Explore every root of ``space`` with ``program`` and compare each covered combination with a
-    concrete run of it; returns how many combinations were compared."""
+    """Explore every root of ``space`` with ``program`` and compare each covered combination with concrete
+    runs of it, one per sequence of choices; returns how many combinations were compared."""
     rng = random.Random(seed)
     compared = 0
     for root in space.roots:
@@ -68,33 +93,35 @@ def assert_sound(
         symbols = space.symbols(root)
 
         def symbolic(run: Run, root: Root = root, symbols: Mapping[str, str] = symbols) -> Any:
-            return program(space.connection(root, {d: run.value(d) for d in root.dims}), run, symbols)
+            return program(space.connection(root, {d: run.value(d) for d in root.dims}), run, symbols, None)
 
         leaves = explorer.explore(symbolic)
-        assert sum(leaf.size for leaf in leaves) == root.count(), "the regions do not partition the classes"
-        for leaf, values in combinations(leaves, explorer, rng, sample):
-            connection = space.connection(root, values)
-            concrete = program(connection, None, None)
-            claimed = instantiate(leaf.result, connection)
-            assert concrete == claimed, (
-                f"{connection} behaves as {concrete}, but its path ({leaf.example}) says {claimed}"
-            )
+        # Each combination lies in one leaf per sequence of choices: a complete tree of outcomes.
+        weighted = sum(Fraction(leaf.size, 2 ** len(leaf.choices)) for leaf in leaves)
+        assert weighted == root.count(), "the regions do not cover the classes once per choice"
+        for combo in combinations(leaves, explorer, rng, sample):
+            indices = dict(zip(explorer.dims, combo, strict=True))
+            connection = space.connection(root, {d: explorer.values[d][i] for d, i in indices.items()})
+            concrete = concrete_branches(program, connection)
+            claimed = {leaf.choices: instantiate(leaf.result, connection) for leaf in leaves if indices in leaf}
+            assert concrete == claimed, f"{connection} behaves as {concrete}, but its paths say {claimed}"
             compared += 1
     return compared
 
 
-def properties_program(check: Checker) -> Callable[[Any, Run | None, Mapping[str, str] | None], Any]:
-    def program(connection: Any, run: Run | None, symbols: Mapping[str, str] | None) -> Any:
-        return frozenset(p for p, _ in check.violations_of(connection, symbols=symbols, tracer=run))
+def properties_program(check: Checker) -> Program:
+    def program(connection: Any, run: Run | None, symbols: Mapping[str, str] | None, choices: Choices | None) -> Any:
+        found = check.violations_of(connection, symbols=symbols, tracer=run, choices=choices)
+        return frozenset(p for p, _ in found)
 
     return program
 
 
-def verdict_program(interpreter: Interpreter) -> Callable[[Any, Run | None, Mapping[str, str] | None], Any]:
+def verdict_program(interpreter: Interpreter) -> Program:
     """The verdict; during exploration its fields that stand for a dimension are kept as ("sym", dim)."""
 
-    def program(connection: Any, run: Run | None, symbols: Mapping[str, str] | None) -> Any:
-        evaluation = interpreter.evaluate(connection, trace=False, symbols=symbols, tracer=run)
+    def program(connection: Any, run: Run | None, symbols: Mapping[str, str] | None, choices: Choices | None) -> Any:
+        evaluation = interpreter.evaluate(connection, trace=False, symbols=symbols, tracer=run, choices=choices)
         verdict = evaluation.verdict
         fields = []
         for name in ("address", "port", "mark", "local", "reject"):
@@ -151,12 +178,36 @@ def test_a_program_that_branches_behind_the_explorers_back_is_caught() -> None:
     policy = Policy()
     check = checker(policy)
 
-    def cheating(connection: Any, run: Run | None, symbols: Mapping[str, str] | None) -> Any:
-        honest = properties_program(check)(connection, run, symbols)
+    def cheating(connection: Any, run: Run | None, symbols: Mapping[str, str] | None, choices: Choices | None) -> Any:
+        honest = properties_program(check)(connection, run, symbols, choices)
         return (honest, connection.dport == 8080)  # reads the port without a decision
 
     with pytest.raises(AssertionError, match="behaves as"):
         assert_sound(check.space, cheating)
+
+
+def _node(services: int = 3, containers: int = 2) -> Checker:
+    """The checker ``meshredirect verify`` runs on a small node dump (Istio, kube-proxy, Docker)."""
+    ruleset = read_iptables(node_dump(services=services, endpoints=3, containers=containers))
+    return checker(ruleset, mesh_environment(ruleset)[1])
+
+
+def test_a_node_with_random_endpoint_choices_checks_soundly_on_every_branch() -> None:
+    check = _node()
+    assert assert_sound(check.space, properties_program(check), sample=300) > 100
+    interpreter = check.interpreter
+    assert assert_sound(check.space, verdict_program(interpreter), instantiate=instantiate_verdict, sample=300) > 100
+
+
+def test_a_program_that_takes_one_branch_of_a_choice_behind_the_explorers_back_is_caught() -> None:
+    check = _node(services=2, containers=0)
+
+    def one_branch(connection: Any, run: Run | None, symbols: Mapping[str, str] | None, choices: Choices | None) -> Any:
+        # Always the default outcome during exploration: the other endpoints are never seen.
+        return properties_program(check)(connection, run, symbols, choices if run is None else Choices())
+
+    with pytest.raises(AssertionError, match=r"do not cover the classes once per choice|behaves as"):
+        assert_sound(check.space, one_branch, sample=100)
 
 
 def test_regions_partition_the_product() -> None:

@@ -17,10 +17,19 @@ whichever of its matches fails. Each run covers a region on which the
 program behaves identically, and the regions partition the whole product:
 together they are a proof over every class combination, with far fewer runs.
 
+A program may also meet *choice points*, where it may go either way whatever
+the connection (kube-proxy's ``-m statistic`` picking an endpoint): it asks
+:meth:`Run.choose`, the run takes one outcome and leaves the other, on its
+region as it stands, to a later run that replays the same outcomes up to that
+point. Leaves then cover every class combination once per sequence of
+outcomes (:attr:`Leaf.choices`), so a property that must hold whatever the
+choices is proven on every branch.
+
 Soundness rests on one rule: the program branches on a dimension's value only
-through :meth:`Run.decide` / :meth:`Run.decide_all`. ``tests/test_explore.py``
-checks it by comparing the explorer with brute-force enumeration of the full
-product.
+through :meth:`Run.decide` / :meth:`Run.decide_all`, and on anything else only
+through :meth:`Run.choose`. ``tests/test_explore.py`` checks it by comparing
+the explorer with brute-force enumeration of the full product and of every
+sequence of choices.
 
 >>> explorer = Explorer({"x": [0, 1, 2, 3], "y": ["a", "b"]})
 >>> def program(run):
@@ -118,6 +127,10 @@ class Tracer:
     def decide_constraints(self, constraints: Mapping[int, int], holds: bool) -> bool:  # pragma: no cover
         raise NotImplementedError
 
+    def choose(self) -> bool:  # pragma: no cover - interface
+        """The outcome of a choice point (the program may go either way): both are explored."""
+        raise NotImplementedError
+
 
 def probe(tracer: Tracer | None, value: Any, sym: Sym | None, key: Callable[[Any], Hashable]) -> Any:
     """``key(value)``; through ``tracer`` when the value stands for a dimension (``sym``)."""
@@ -147,13 +160,32 @@ Atom: TypeAlias = tuple["Sym", Callable[[Any], Hashable], Hashable]
 
 
 class Run(Tracer):
-    """One run of a program: the representative values of its region, and the regions it left for later."""
+    """One run of a program: the representative values of its region, and the regions it left for later.
 
-    def __init__(self, explorer: Explorer, region: list[Box]) -> None:
+    A run also replays ``forced`` outcomes at the program's first choice points (see :meth:`choose`).
+    """
+
+    def __init__(self, explorer: Explorer, region: list[Box], forced: tuple[bool, ...] = ()) -> None:
         self.explorer = explorer
         self.region = region
-        self.alternatives: list[list[Box]] = []
+        #: Left for later runs: a region, and the outcomes of the choice points met before it was left.
+        self.alternatives: list[tuple[list[Box], tuple[bool, ...]]] = []
         self.index = tuple(_lowest_bit(mask) for mask in region[0])
+        self.forced = forced
+        #: The outcomes taken at the choice points met so far.
+        self.taken: list[bool] = []
+
+    def choose(self) -> bool:
+        """A choice point: the program may go either way on every connection of the region. The run
+        replays its forced outcome, or takes True and leaves False, on its current region, to another run."""
+        position = len(self.taken)
+        if position < len(self.forced):
+            taken = self.forced[position]
+        else:
+            taken = True
+            self.alternatives.append((list(self.region), (*self.taken, False)))
+        self.taken.append(taken)
+        return taken
 
     def value(self, dim: str) -> Any:
         """The representative value of ``dim`` in this run."""
@@ -215,7 +247,8 @@ class Run(Tracer):
                     split = (*box[:position], part, *box[position + 1 :])
                     (kept if other == outcome else others.setdefault(other, [])).append(split)
         self.region = kept
-        self.alternatives.extend(others.values())
+        taken = tuple(self.taken)
+        self.alternatives.extend((boxes, taken) for boxes in others.values())
         return outcome
 
     def decide_all(self, atoms: Sequence[Atom]) -> bool:
@@ -254,7 +287,7 @@ class Run(Tracer):
                 matched.append(current)
         kept, left = (matched, missed) if holds else (missed, matched)
         if left:
-            self.alternatives.append(_merge(left))
+            self.alternatives.append((_merge(left), tuple(self.taken)))
         self.region = kept
         return holds
 
@@ -268,6 +301,8 @@ class Leaf(Generic[R]):
     boxes: tuple[Box, ...]
     example: Mapping[str, Any]
     dims: tuple[str, ...]
+    #: The outcomes the run took at the program's choice points (replay them to reproduce the result).
+    choices: tuple[bool, ...] = ()
 
     @property
     def size(self) -> int:
@@ -366,9 +401,9 @@ class Explorer:
         if not all(start):
             return []
         leaves: list[Leaf[R]] = []
-        stack: list[list[Box]] = [[tuple(start)]]
+        stack: list[tuple[list[Box], tuple[bool, ...]]] = [([tuple(start)], ())]
         while stack:
-            run = Run(self, stack.pop())
+            run = Run(self, *stack.pop())
             result = program(run)
             self.runs += 1
             if self.runs > MAX_RUNS:
@@ -379,6 +414,7 @@ class Explorer:
                     boxes=tuple(run.region),
                     example={dim: self.values[dim][run.index[p]] for p, dim in enumerate(self.dims)},
                     dims=self.dims,
+                    choices=tuple(run.taken),
                 )
             )
             stack.extend(reversed(run.alternatives))

@@ -54,10 +54,23 @@ Kernel facts encoded here (each has a unit test in ``tests/test_interpreter.py``
    tracked (it looped back) cannot get one.
 9. Conntrack state: INVALID before conntrack attaches (raw), then NEW
    (plus DNAT / SNAT once a mapping changed the connection).
-10. A match the interpreter cannot decide (ipset, statistic, unknown
-    matches, ``addrtype --limit-iface``) is "unknown", never a silent match:
-    a rule with an unknown match and a target with an effect ends the
-    evaluation with :class:`Unknown`; an unknown target does too.
+10. A match the interpreter cannot decide (ipset, unknown matches,
+    ``addrtype --limit-iface``) is "unknown", never a silent match: a rule
+    with an unknown match and a target with an effect ends the evaluation
+    with :class:`Unknown`; an unknown target does too. So is a test of the
+    source port after a NAT target picked it at random (``--random``,
+    ``--random-fully``: where the connection goes does not change, which
+    port it leaves from does), and a destination NAT to a range of ports
+    with ``--random``.
+11. A ``statistic`` match (random, or every n-th packet) may go either way
+    for the first packet of a new connection: it is a *choice point*. The
+    rule's other matches are tested first; when they hold, the evaluation
+    takes one outcome: the one ``choices`` forces, else the tracer's (the
+    proof explorer branches and covers both), else :data:`DEFAULT_CHOICE`
+    (matched). The trace notes the choice on the rule's visit and
+    :attr:`Evaluation.choices` lists the outcomes taken;
+    :meth:`Interpreter.evaluate_all` gives every possible evaluation. A
+    probability of 1 (or ``--every 1``) always matches and 0 never does.
 
 >>> from meshredirect.compiler import compile_policy
 >>> from meshredirect.policy import Policy
@@ -76,7 +89,7 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, Final, TypeAlias, assert_never
 
 import attrs
@@ -114,6 +127,7 @@ from meshredirect.ir import (
     MarkMatch,
     Masquerade,
     Match,
+    NatFlag,
     OwnerKind,
     OwnerMatch,
     PortMatch,
@@ -131,14 +145,16 @@ from meshredirect.ir import (
     UnknownMatch,
     UnknownTarget,
 )
-from meshredirect.semantics.describe import describe_rule
+from meshredirect.semantics.describe import describe_match, describe_rule
 from meshredirect.semantics.explore import Eq, In, MarkSym, Sym, Tracer
 from meshredirect.semantics.model import LOOPBACK_INTERFACE, Connection, Environment, Origin, Socket
 from meshredirect.values import MAX_MARK, AddressSet, IdSet, IPAddress, PortSet
 
 __all__ = [
+    "DEFAULT_CHOICE",
     "ROUTED",
     "ChainEnd",
+    "Choices",
     "Dropped",
     "Evaluation",
     "Event",
@@ -184,6 +200,10 @@ _CTMARK: Final = "ctmark"
 _CTSTATE: Final = "ctstate"
 _ADDRTYPE: Final = "addrtype"
 _UNKNOWN: Final = "unknown"
+_CHOICE: Final = "choice"
+_CONSTANT: Final = "constant"
+#: NAT flags that make the kernel pick a port at random.
+_RANDOM_PORTS: Final = frozenset({NatFlag.RANDOM, NatFlag.RANDOM_FULLY})
 
 
 def _member_test(members: Any) -> Callable[[Any], Hashable]:
@@ -338,6 +358,8 @@ class Evaluation:
     symbols: Mapping[str, Sym] = attrs.field(factory=dict, eq=False, repr=False)
     #: A local connection's outgoing interface as first routed (before any NAT or mark rerouted it).
     first_oif: str | None = None
+    #: The outcomes this evaluation took at its choice points (random matches: True matched), in order.
+    choices: tuple[bool, ...] = ()
 
     @property
     def rewritten(self) -> Connection:
@@ -407,6 +429,9 @@ class Interpreter:
         }
         self.present: Callable[[Any], Hashable] = bool
         self.addr_type: Callable[[Any], Hashable] = lambda address: _addr_type(env, address)
+        #: The mark tests the proof's mark classes are built from (as ``Constants.add_ruleset`` and
+        #: ``Constants.add_environment`` collect them): each is constant on every mark class.
+        self.mark_tests: frozenset[tuple[int, int]] = _mark_tests(ruleset, env)
 
     def stages(self, family: Family, hook: Hook) -> tuple[_Stage, ...]:
         key = (family._value_, hook._value_)  # (enum members hash slowly)
@@ -444,9 +469,11 @@ class Interpreter:
                 field = "uid" if match.kind is OwnerKind.UID else "gid"
                 return (_OWNER, field, _member_test(match.ids), match.negate, match.socketless)
             case MarkMatch() | ConnmarkMatch():
-                mask, value = match.mask, match.value
-                test: Callable[[Any], Hashable] = lambda mark: (mark & mask) == value  # noqa: E731
-                return (_MARK if isinstance(match, MarkMatch) else _CTMARK, test, match.negate)
+                return (
+                    _MARK if isinstance(match, MarkMatch) else _CTMARK,
+                    MarkIs(match.mask, match.value),
+                    match.negate,
+                )
             case CtStateMatch():
                 return (_CTSTATE, match.states, match.negate)
             case AddrTypeMatch():
@@ -459,7 +486,10 @@ class Interpreter:
             case IpSetMatch():
                 return (_UNKNOWN, f"the contents of ipset {match.name!r} are not known")
             case StatisticMatch():
-                return (_UNKNOWN, "a statistic match is random or counts packets")
+                fixed = _statistic_outcome(match)
+                if fixed is not None:
+                    return (_CONSTANT, fixed)
+                return (_CHOICE, describe_match(match))
             case UnknownMatch():
                 return (_UNKNOWN, f"match [{match.dialect}: {' '.join(match.tokens)}] is not modelled")
             case _:
@@ -472,6 +502,7 @@ class Interpreter:
         trace: bool = True,
         symbols: Mapping[str, Sym] | None = None,
         tracer: Tracer | None = None,
+        choices: Choices | Sequence[bool] | None = None,
     ) -> Evaluation:
         """Run the ruleset over ``connection``; ``trace=False`` skips recording the trace (faster).
 
@@ -479,8 +510,46 @@ class Interpreter:
         ``symbols`` says which fields of the connection stand for a dimension (``"oif"`` mapped to
         ``"route"`` means: derived from the destination and the mark by the route function), and
         every test on such a field goes to ``tracer``.
+
+        ``choices`` fixes the outcomes of the choice points the evaluation meets (see :class:`Choices`);
+        without it the tracer chooses (the explorer branches), or, with no tracer, every choice point
+        takes :data:`DEFAULT_CHOICE`. :attr:`Evaluation.choices` says what was taken.
         """
-        return _Run(self, connection, trace, symbols or {}, tracer).evaluate()
+        if choices is not None and not isinstance(choices, Choices):
+            choices = Choices(choices)
+        return _Run(self, connection, trace, symbols or {}, tracer, choices=choices).evaluate()
+
+    def evaluate_all(
+        self,
+        connection: Connection,
+        *,
+        trace: bool = True,
+        symbols: Mapping[str, Sym] | None = None,
+        tracer: Tracer | None = None,
+    ) -> list[Evaluation]:
+        """Every evaluation ``connection`` may get: one per combination of outcomes of its choice points.
+
+        >>> from meshredirect.ir import Chain, Jump, Rule, StatisticMatch, Table, iptables_base_chain
+        >>> nat = Table(family=Family.IPV4, name="nat", chains=(
+        ...     Chain(name="OUTPUT", base=iptables_base_chain("nat", Hook.OUTPUT), rules=(
+        ...         Rule(matches=(StatisticMatch(probability=0.5),), target=Dnat(ports=PortSet.of(81))),
+        ...         Rule(target=Dnat(ports=PortSet.of(82))),
+        ...     )),
+        ... ))
+        >>> interpreter = Interpreter(Ruleset(tables=(nat,)))
+        >>> app = Connection.local(interpreter.env, dst="93.184.216.34", dport=80, uid=1000, gid=1000)
+        >>> [(e.choices, str(e.verdict)) for e in interpreter.evaluate_all(app)]
+        [((True,), 'redirected to 93.184.216.34:81'), ((False,), 'redirected to 93.184.216.34:82')]
+        """
+        found: list[Evaluation] = []
+        todo: list[tuple[bool, ...]] = [()]
+        while todo:
+            forced = todo.pop()
+            evaluation = self.evaluate(connection, trace=trace, symbols=symbols, tracer=tracer, choices=forced)
+            found.append(evaluation)
+            taken = evaluation.choices
+            todo.extend((*taken[:i], not taken[i]) for i in range(len(forced), len(taken)))
+        return found
 
 
 def _build_stages(ruleset: Ruleset, family: Family, hook: Hook) -> tuple[_Stage, ...]:
@@ -529,6 +598,33 @@ def evaluate(ruleset: Ruleset, connection: Connection, env: Environment | None =
     return interpreter_for(ruleset, env if env is not None else Environment.default()).evaluate(connection)
 
 
+#: The outcome a choice point takes when nothing else decides (a random match matches).
+DEFAULT_CHOICE: Final = True
+
+
+class Choices:
+    """The outcomes of the choice points of one or more evaluations, in order (a random match: True
+    matches): ``forced`` ones first, then :data:`DEFAULT_CHOICE` for each further point.
+
+    One object can be passed to the evaluations of a chain of connections (the proxy's follow-ups),
+    so that a sequence of outcomes (an explorer leaf's ``choices``) is replayed across them.
+
+    >>> choices = Choices([False])
+    >>> choices.next(), choices.next(), choices.taken
+    (False, True, [False, True])
+    """
+
+    def __init__(self, forced: Sequence[bool] = ()) -> None:
+        self.forced = tuple(forced)
+        self.taken: list[bool] = []
+
+    def next(self) -> bool:
+        position = len(self.taken)
+        taken = self.forced[position] if position < len(self.forced) else DEFAULT_CHOICE
+        self.taken.append(taken)
+        return taken
+
+
 @attrs.frozen
 class _Mark:
     """A mark's value, and what it stands for during proof enumeration (None: a constant)."""
@@ -569,6 +665,8 @@ class _Run:
         record: bool,
         symbols: Mapping[str, Sym],
         tracer: Tracer | None,
+        *,
+        choices: Choices | None = None,
     ) -> None:
         self.interpreter = interpreter
         self.env = interpreter.env
@@ -599,6 +697,9 @@ class _Run:
         self.dport_rewritten = False
         self.tproxy: TProxied | None = None
         self.tproxy_syms: dict[str, Sym | None] = {}
+        self.choices = choices
+        self.taken: list[bool] = []  # the outcomes of the choice points met, in order
+        self.sport_random: str | None = None  # why the source port is unknown (NAT picked it at random)
         self.visits = 0
         self.out_interface: str | None = connection.oif
         self.first_oif: str | None = None
@@ -618,30 +719,57 @@ class _Run:
             return key(value)
         return self.tracer.decide(sym, key)
 
-    def _test_mark(self, mark: _Mark, key: Callable[[Any], Hashable]) -> Any:
-        if mark.sym is None or mark.sym.constant or self.tracer is None:
-            return key(mark.value)
-        if mark.sym.and_mask != MAX_MARK or mark.sym.xor:
-            # The mark classes are the atoms of the mark tests the rules make on the connection's own
-            # mark; a test on a partly rewritten mark is a new test that could split them.
+    def _routes_locally(self, mark: _Mark) -> bool:
+        """The environment's policy routing of a mark (does it select a table whose default route is local?)."""
+        routes_locally = self.interpreter.routes_locally
+        sym = mark.sym
+        if sym is None or sym.constant or self.tracer is None:
+            return bool(routes_locally(mark.value))
+        if sym.and_mask == MAX_MARK and not sym.xor:
+            return bool(self.tracer.decide(sym.dim, routes_locally))
+        for route in self.env.local_marks:
+            derived = self._derived_mark_test(sym, MarkIs(route.mask, route.value))
+            if derived is True or (derived is not False and self.tracer.decide(sym.dim, derived)):
+                return True
+        return False
+
+    def _derived_mark_test(self, sym: MarkSym, test: MarkIs) -> MarkIs | bool:
+        """A test ``(m & mask) == value`` of a mark that is ``(v & a) ^ x`` of a dimension's value ``v``, as
+        a test of ``v`` itself: ``(v & (a & mask)) == value ^ (x & mask)``, or its constant outcome.
+
+        The mark classes are the atoms of the mark tests the rules and the environment make (see
+        :class:`~meshredirect.semantics.classes.Constants`): a derived test that is not one of them could
+        split a class, and is not claimed (unknown).
+        """
+        mask, value = test.mask & MAX_MARK, test.value
+        if value & ~mask:
+            return False
+        derived_mask = sym.and_mask & mask
+        derived_value = value ^ (sym.xor & mask)
+        if derived_value & ~derived_mask:
+            return False
+        if not derived_mask:
+            return True
+        if (derived_mask, derived_value) not in self.interpreter.mark_tests:
             raise _Stop(
-                Unknown(reason="a mark partly rewritten by MARK/CONNMARK is tested: beyond the proof's classes")
+                Unknown(
+                    reason=f"a mark rewritten by MARK/CONNMARK is tested as {derived_value:#x}/{derived_mask:#x} "
+                    "of its original value: a test beyond the proof's classes"
+                )
             )
-        return self.tracer.decide(mark.sym.dim, key)
+        return MarkIs(derived_mask, derived_value)
 
     def _dst_test(self, key: Callable[[Any], Hashable]) -> Any:
         return self._test("dst", self.dst, key)
 
     def _route(self) -> str:
         """The route function of the environment, as tests on the destination and the mark."""
-        if self._test_mark(self.mark, self.interpreter.routes_locally) or self._dst_test(self.interpreter.is_local):
+        if self._routes_locally(self.mark) or self._dst_test(self.interpreter.is_local):
             return LOOPBACK_INTERFACE
         return str(self._dst_test(self.interpreter.subnet_route))
 
     def _routed_locally(self) -> bool:
-        return bool(
-            self._test_mark(self.mark, self.interpreter.routes_locally) or self._dst_test(self.interpreter.is_local)
-        )
+        return bool(self._routes_locally(self.mark) or self._dst_test(self.interpreter.is_local))
 
     def _has_socket(self) -> bool:
         return bool(self._test("socket", self.socket is not None, self.interpreter.present))
@@ -701,6 +829,7 @@ class _Run:
             zone=self.zone,
             symbols=symbols,
             first_oif=self.first_oif,
+            choices=tuple(self.taken),
         )
 
     def _local(self) -> Verdict:
@@ -857,7 +986,7 @@ class _Run:
             target = rule.target
             if result is MatchResult.NOT_MATCHED:
                 if self.record:
-                    self._visit((hook, table, chain), index, rule, result)
+                    self._visit((hook, table, chain), index, rule, result, why)
                 index += 1
                 continue
             if result is MatchResult.UNKNOWN:
@@ -869,25 +998,25 @@ class _Run:
             match target:
                 case Return():
                     if self.record:
-                        self._visit((hook, table, chain), index, rule, result)
+                        self._visit((hook, table, chain), index, rule, result, why)
                     if stack:
                         chain, index = stack.pop()
                         continue
                     return self._policy(hook, table, chain, base, "RETURN from the base chain")
                 case Accept():
-                    self._visit((hook, table, chain), index, rule, result)
+                    self._visit((hook, table, chain), index, rule, result, why)
                     return _Outcome.ACCEPT
                 case Drop():
-                    self._visit((hook, table, chain), index, rule, result)
+                    self._visit((hook, table, chain), index, rule, result, why)
                     return _Outcome.DROP
                 case Reject():
-                    self._visit((hook, table, chain), index, rule, result)
+                    self._visit((hook, table, chain), index, rule, result, why)
                     return _Outcome.REJECT
                 case Continue() | Log():
-                    self._visit((hook, table, chain), index, rule, result)
+                    self._visit((hook, table, chain), index, rule, result, why)
                     index += 1
                 case Jump() | Goto():
-                    self._visit((hook, table, chain), index, rule, result)
+                    self._visit((hook, table, chain), index, rule, result, why)
                     if not table.has_chain(target.chain):
                         raise _Stop(
                             Unknown(reason=f"{table.name} {chain.name} #{index + 1}: no chain {target.chain!r}")
@@ -897,35 +1026,51 @@ class _Run:
                     chain, index = table.chain(target.chain), 0
                 case Redirect() | Dnat():
                     note = self._destination_nat(hook, base, target)
-                    self._visit((hook, table, chain), index, rule, result, note)
+                    self._visit((hook, table, chain), index, rule, result, _join(why, note))
                     return _Outcome.ACCEPT
                 case Snat() | Masquerade():
                     note = self._source_nat(hook, base, target)
-                    self._visit((hook, table, chain), index, rule, result, note)
+                    self._visit((hook, table, chain), index, rule, result, _join(why, note))
                     return _Outcome.ACCEPT
                 case TProxy():
                     note = self._tproxy(hook, target)
-                    self._visit((hook, table, chain), index, rule, result, note)
+                    self._visit((hook, table, chain), index, rule, result, _join(why, note))
                     return _Outcome.ACCEPT
                 case SetMark():
                     old = self.mark.value
                     self.mark = self.mark.xor_mask(~target.mask, target.value)
-                    self._visit((hook, table, chain), index, rule, result, f"mark {old:#x} -> {self.mark.value:#x}")
+                    self._visit(
+                        (hook, table, chain), index, rule, result, _join(why, f"mark {old:#x} -> {self.mark.value:#x}")
+                    )
                     index += 1
                 case ConnmarkSave():
                     old = self.ctmark.value
                     self.ctmark = self.ctmark.combine(~target.ctmask, self.mark, target.nfmask)
-                    self._visit((hook, table, chain), index, rule, result, f"ctmark {old:#x} -> {self.ctmark.value:#x}")
+                    self._visit(
+                        (hook, table, chain),
+                        index,
+                        rule,
+                        result,
+                        _join(why, f"ctmark {old:#x} -> {self.ctmark.value:#x}"),
+                    )
                     index += 1
                 case ConnmarkRestore():
                     old = self.mark.value
                     self.mark = self.mark.combine(~target.nfmask, self.ctmark, target.ctmask)
-                    self._visit((hook, table, chain), index, rule, result, f"mark {old:#x} -> {self.mark.value:#x}")
+                    self._visit(
+                        (hook, table, chain), index, rule, result, _join(why, f"mark {old:#x} -> {self.mark.value:#x}")
+                    )
                     index += 1
                 case ConnmarkSet():
                     old = self.ctmark.value
                     self.ctmark = self.ctmark.xor_mask(~target.mask, target.value)
-                    self._visit((hook, table, chain), index, rule, result, f"ctmark {old:#x} -> {self.ctmark.value:#x}")
+                    self._visit(
+                        (hook, table, chain),
+                        index,
+                        rule,
+                        result,
+                        _join(why, f"ctmark {old:#x} -> {self.ctmark.value:#x}"),
+                    )
                     index += 1
                 case CtZone():
                     if self.tracked:
@@ -935,7 +1080,7 @@ class _Run:
                     else:
                         self.zone = target.zone
                         note = f"zone {target.zone}"
-                    self._visit((hook, table, chain), index, rule, result, note)
+                    self._visit((hook, table, chain), index, rule, result, _join(why, note))
                     index += 1
                 case UnknownTarget():
                     self._visit((hook, table, chain), index, rule, result)
@@ -1000,6 +1145,8 @@ class _Run:
             address = self._pick_address(target.addresses, name)
             changed_address = not self._dst_test(Eq(address))
         changed_port = False
+        if target.flags & _RANDOM_PORTS and target.ports is not None and len(target.ports) > 1:
+            raise _Stop(Unknown(reason=f"{name} --random to a range of ports: the kernel picks the port at random"))
         if target.ports is not None and target.ports and not self._test("dport", self.dport, In(target.ports)):
             # Outside the range: the kernel takes its lowest port (inside, the port stays).
             self.dport = target.ports.intervals[0][0]
@@ -1040,6 +1187,11 @@ class _Run:
             self.sport = target.ports.intervals[0][0]
             self.sym["sport"] = None
             changed = True
+        random = target.flags & _RANDOM_PORTS
+        if random and (target.ports is None or len(target.ports) > 1):
+            # Where the connection goes does not change; which source port it leaves from is random.
+            flags = " ".join(f"--{flag.value}" for flag in NatFlag if flag in random)
+            self.sport_random = f"the source port was picked at random ({name} {flags})"
         self.decided.add(False)
         if changed:
             self.snat = True
@@ -1084,6 +1236,7 @@ class _Run:
         constraints: dict[int, int] = {}
         holds = True
         unknown: str | None = None
+        choice: str | None = None
         for plan in self.interpreter.plans(rule):
             kind = plan[0]
             field: str
@@ -1095,6 +1248,9 @@ class _Run:
                 if kind is _PORT and self.c.protocol is not plan[4]:
                     return MatchResult.NOT_MATCHED, None
                 field = plan[1]
+                if field == "sport" and self.sport_random is not None:
+                    unknown = unknown or self.sport_random
+                    continue
                 value = getattr(self, field)
                 sym = self.sym[field]
             elif kind is _PROTOCOL:
@@ -1131,20 +1287,29 @@ class _Run:
             elif kind is _MARK or kind is _CTMARK:
                 mark = self.mark if kind is _MARK else self.ctmark
                 value = mark.value
+                test = plan[1]
                 if mark.sym is None or mark.sym.constant or tracer is None:
                     sym = None
                 elif mark.sym.and_mask != MAX_MARK or mark.sym.xor:
-                    # The mark classes are the atoms of the tests the rules make on the connection's own
-                    # mark; a test on a partly rewritten mark is a new test that could split them.
-                    raise _Stop(
-                        Unknown(reason="a mark partly rewritten by MARK/CONNMARK is tested: beyond the proof's classes")
-                    )
+                    derived = self._derived_mark_test(mark.sym, test)
+                    if isinstance(derived, bool):
+                        if derived == plan[2]:
+                            return MatchResult.NOT_MATCHED, None
+                        continue
+                    sym, test = mark.sym.dim, derived
                 else:
                     sym = mark.sym.dim
-                plan = (kind, "", plan[1], plan[2])
+                plan = (kind, "", test, plan[2])
             elif kind is _CTSTATE:
                 if bool(self._ct_states() & plan[1]) == plan[2]:
                     return MatchResult.NOT_MATCHED, None
+                continue
+            elif kind is _CONSTANT:
+                if not plan[1]:
+                    return MatchResult.NOT_MATCHED, None
+                continue
+            elif kind is _CHOICE:
+                choice = choice or plan[1]
                 continue
             else:
                 assert kind is _UNKNOWN
@@ -1166,7 +1331,23 @@ class _Run:
                 return MatchResult.NOT_MATCHED, None
         if unknown is not None:
             return MatchResult.UNKNOWN, unknown
+        if choice is not None:
+            taken = self._choose()
+            outcome = "matched" if taken else "no match"
+            note = f"a random choice ({choice}): this path takes {outcome}; the other outcome is possible too"
+            return (MatchResult.MATCHED if taken else MatchResult.NOT_MATCHED), note
         return MatchResult.MATCHED, None
+
+    def _choose(self) -> bool:
+        """The outcome of a choice point: forced (``choices``), the explorer's (``tracer``), or the default."""
+        if self.choices is not None:
+            taken = self.choices.next()
+        elif self.tracer is not None:
+            taken = self.tracer.choose()
+        else:
+            taken = DEFAULT_CHOICE
+        self.taken.append(taken)
+        return taken
 
     def _ct_states(self) -> frozenset[CtState]:
         if not self.tracked:
@@ -1207,6 +1388,49 @@ def _is_loopback_interface(name: object) -> bool:
 
 
 _IS_LOOPBACK_INTERFACE: Final = _is_loopback_interface
+
+
+@attrs.frozen
+class MarkIs:
+    """The test ``(mark & mask) == value``, cached by value (see :class:`~meshredirect.semantics.explore.Eq`)."""
+
+    mask: int
+    value: int
+
+    def __call__(self, mark: int) -> bool:
+        return (mark & self.mask) == self.value
+
+
+def _mark_tests(ruleset: Ruleset, env: Environment) -> frozenset[tuple[int, int]]:
+    tests = {(route.mask, route.value) for route in env.local_marks}
+    if env.proxy.transparent:
+        tests.add((MAX_MARK, env.proxy.tproxy_mark))
+    for _table, _chain, rule in ruleset.rules():
+        for match in rule.matches:
+            if isinstance(match, (MarkMatch, ConnmarkMatch)):
+                tests.add((match.mask, match.value))
+    return frozenset(tests)
+
+
+def _join(*notes: str | None) -> str | None:
+    return "; ".join(n for n in notes if n) or None
+
+
+def _statistic_outcome(match: StatisticMatch) -> bool | None:
+    """Whether a statistic match always (True) or never (False) matches; None: it may go either way.
+
+    xt_statistic matches a random packet when a 31-bit random number is below the probability (so
+    probability 1 always, 0 never), and counts packets in nth mode (every 1: each packet).
+    """
+    if match.probability is not None:
+        if match.probability >= 1:
+            return not match.negate
+        if match.probability <= 0:
+            return match.negate
+        return None
+    if match.every == 1:
+        return not match.negate
+    return None
 
 
 def _endpoint(address: IPAddress, port: int) -> str:

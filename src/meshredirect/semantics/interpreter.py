@@ -375,6 +375,9 @@ class Evaluation:
         for entry in self.trace:
             lines.append(str(entry) if isinstance(entry, Event) and entry.text.startswith("==") else f"  {entry}")
         lines.append(f"verdict: {self.verdict}")
+        if self.choices:
+            taken = ", ".join("matched" if c else "no match" for c in self.choices)
+            lines.append(f"random choices taken: {taken} (the other outcomes are possible too)")
         return "\n".join(lines)
 
 

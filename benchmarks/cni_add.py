@@ -4,8 +4,10 @@ Per pod a runtime pays one plugin process per command. Measured (wall time, medi
 runs with min and max, configurations interleaved run by run):
 
 - ``VERSION``: process start-up alone (no rules);
-- ``ADD``: the plugin process loading the default policy into a fresh namespace;
-- ``DEL``: the plugin process removing it;
+- ``ADD``: the plugin process loading the default policy into a fresh namespace (``backend: iptables``);
+- ``CHECK``: the plugin process reading the rules back and proving them equivalent to the policy;
+- ``DEL``: the plugin process removing them;
+- the same three with ``backend: nftables``;
 - floor: ``nsenter --net`` running ``iptables-nft-restore --noflush`` of the same document, and a
   bare ``nsenter --net true``.
 
@@ -29,9 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PLUGIN = [sys.executable, "-m", "meshredirect.cni"]
 PREVIOUS = {"cniVersion": "1.0.0", "interfaces": [], "ips": []}
-CONFIG = json.dumps(
-    {"cniVersion": "1.0.0", "name": "bench", "type": "meshredirect-cni", "prevResult": PREVIOUS}
-).encode()
+CONFIG = {"cniVersion": "1.0.0", "name": "bench", "type": "meshredirect-cni", "prevResult": PREVIOUS}
 
 
 def run(argv: list[str], env: dict[str, str] | None = None, stdin: bytes = b"") -> float:
@@ -55,8 +55,10 @@ def main() -> None:
     from meshredirect.policy import Policy
 
     document = render(compile_policy(Policy()), "iptables-restore").artifact(Family.IPV4).content
+    backends = {"": "iptables", " (nftables)": "nftables"}
+    commands = [f"{c}{label}" for label in backends for c in ("ADD", "CHECK", "DEL")]
     samples: dict[str, list[float]] = {
-        k: [] for k in ("VERSION", "ADD", "DEL", "floor: iptables-nft-restore", "floor: nsenter true")
+        k: [] for k in ("VERSION", *commands, "floor: iptables-nft-restore", "floor: nsenter true")
     }
     base = {"PATH": os.environ["PATH"], "CNI_CONTAINERID": "bench", "CNI_IFNAME": "eth0"}
     for index in range(args.repeat):
@@ -65,8 +67,11 @@ def main() -> None:
         path = f"/var/run/netns/{name}"
         try:
             samples["VERSION"].append(run(PLUGIN, {**base, "CNI_COMMAND": "VERSION"}, b'{"cniVersion": "1.0.0"}'))
-            samples["ADD"].append(run(PLUGIN, {**base, "CNI_COMMAND": "ADD", "CNI_NETNS": path}, CONFIG))
-            samples["DEL"].append(run(PLUGIN, {**base, "CNI_COMMAND": "DEL", "CNI_NETNS": path}, CONFIG))
+            for label, backend in backends.items():
+                config = json.dumps({**CONFIG, "backend": backend}).encode()
+                for command in ("ADD", "CHECK", "DEL"):
+                    env = {**base, "CNI_COMMAND": command, "CNI_NETNS": path}
+                    samples[f"{command}{label}"].append(run(PLUGIN, env, config))
             samples["floor: iptables-nft-restore"].append(
                 run(["nsenter", f"--net={path}", "iptables-nft-restore", "--noflush"], stdin=document.encode())
             )

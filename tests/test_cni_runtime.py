@@ -147,12 +147,17 @@ ANNOTATED = [
 
 @pytest.mark.parametrize(("annotation", "value", "field", "expected"), ANNOTATED)
 def test_each_annotation_sets_its_policy_field(annotation: str, value: str, field: str, expected: object) -> None:
-    got = getattr(policy_for_pod(Policy(), {annotation: value}), field)
+    got = getattr(policy_for_pod(Policy(), {annotation: value})[0], field)
     shown = got.value if field == "inbound_mode" else (got if isinstance(got, tuple) else str(got))
     assert shown == expected
 
 
 def test_the_new_reroute_annotation_wins_over_the_deprecated_one() -> None:
     both = {"traffic.sidecar.istio.io/kubevirtInterfaces": "old0", "istio.io/reroute-virtual-interfaces": "new0"}
-    assert policy_for_pod(Policy(), both).reroute_interfaces == ("new0",)
-    assert policy_for_pod(Policy(), {"unrelated": "x"}) == Policy()
+    policy, warnings = policy_for_pod(Policy(), both)
+    assert policy.reroute_interfaces == ("new0",)
+    assert warnings == [
+        "traffic.sidecar.istio.io/kubevirtInterfaces is ignored: istio.io/reroute-virtual-interfaces is set too "
+        "and wins (as in Istio's injector)"
+    ]
+    assert policy_for_pod(Policy(), {"unrelated": "x"}) == (Policy(), [])

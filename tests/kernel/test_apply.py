@@ -242,16 +242,20 @@ def test_a_rule_the_kernel_rejects_leaves_everything_as_it_was(ns: Target, backe
     assert kernel_state(ns) == before
 
 
-def test_a_routing_command_the_kernel_rejects_undoes_rules_and_routing(ns: Target) -> None:
-    load_foreign(ns, "nft")
-    apply(PLAIN_V4, netns=ns)
+@pytest.mark.parametrize(("backend", "variant"), BACKENDS, ids=BACKEND_IDS)
+def test_a_routing_command_the_kernel_rejects_undoes_rules_and_routing(
+    ns: Target, backend: str, variant: str | None
+) -> None:
+    # nftables: the rules' transaction committed, so the revert loads our tables back as they were listed.
+    load_foreign(ns, variant or "nft", native=backend == "nftables")
+    apply(PLAIN_V4, backend=backend, netns=ns, variant=variant)
     before = kernel_state(ns)
     routing = (
         TproxyRoute(family=Family.IPV4, mark=0x539, table=134),
         TproxyRoute(family=Family.IPV6, mark=0x539, table=0),  # table 0 is refused for a rule
     )
     with pytest.raises(ApplyFailed, match=r"^ip -6 rule add fwmark 0x539 lookup 0 protocol 157 failed: "):
-        apply(EVERYTHING, netns=ns, routing=routing)
+        apply(EVERYTHING, backend=backend, netns=ns, variant=variant, routing=routing)
     assert kernel_state(ns) == before
 
 

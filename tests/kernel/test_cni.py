@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,6 @@ import pytest
 
 from conftest import require_kernel
 from meshredirect.cni.install import LAUNCHER_NAME, launcher_script
-from meshredirect.cni.rules import owned_lines
 from meshredirect.testing.cni import Attachment, CniPluginError, CniRuntime
 from meshredirect.testing.netns import NetNamespace
 
@@ -148,8 +148,41 @@ def connect(ns: NetNamespace, address: str, port: int) -> str:
     return ns.run([sys.executable, "-c", CLIENT, address, str(port)], timeout=20).stdout
 
 
-def our_chains(ns: NetNamespace) -> dict[str, list[str]]:
-    return owned_lines(ns.run(["iptables-nft-save"]).stdout, "ISTIO")
+def our_tables(ns: NetNamespace, backend: str) -> set[str]:
+    """Where our rules are in a namespace: iptables tables holding ISTIO_ chains, or our nftables tables."""
+    if backend == "nftables":
+        listing = json.loads(ns.run(["nft", "-j", "list", "tables"]).stdout)["nftables"]
+        return {f"{t['table']['family']} {t['table']['name']}" for t in listing if "table" in t}
+    found, table = set(), ""
+    for save in ("iptables-nft-save", "ip6tables-nft-save"):
+        for line in ns.run([save]).stdout.splitlines():
+            table = line[1:] if line.startswith("*") else table
+            if line.startswith(":ISTIO_"):
+                found.add(table)
+    return found
+
+
+def delete_rule(ns: NetNamespace, backend: str, chain: str, rule: str) -> None:
+    """Delete one of our rules by hand, as an operator or another tool would."""
+    if backend == "iptables":
+        ns.run(["iptables-nft", "-t", "nat", "-D", chain, *rule.split()])
+        return
+    listing = ns.run(["nft", "-a", "list", "chain", "ip", "istio", f"nat-{chain}"]).stdout
+    handle = next(line.split("# handle ")[1] for line in listing.splitlines() if rule in line and "# handle" in line)
+    ns.run(["nft", "delete", "rule", "ip", "istio", f"nat-{chain}", "handle", handle.strip()])
+
+
+#: What CHECK says after the outbound REDIRECT rule is deleted: app connections it lets through (the engine picks
+#: the example connections; the meaning is pinned).
+CHECK_REDIRECT_GONE = re.compile(
+    r"^- tcp \S+ -> \S+ local uid=\d+ gid=\d+ out eth0: "
+    r"policy: redirected to 127\.0\.0\.1:15001; installed: passed to \S+ \(sent out\)$",
+    re.MULTILINE,
+)
+
+
+#: (CNI version, backend): both versions with iptables, and nftables.
+CASES = [("1.0.0", "iptables"), ("0.4.0", "iptables"), ("1.0.0", "nftables")]
 
 
 def pod_manifest(directory: Path, namespace: str, name: str, annotations: dict[str, str]) -> None:
@@ -170,18 +203,19 @@ def k8s(namespace: str, name: str) -> tuple[tuple[str, str], ...]:
     )
 
 
-@pytest.mark.parametrize("version", ["1.0.0", "0.4.0"])
+@pytest.mark.parametrize(("version", "backend"), CASES, ids=[f"{v}-{b}" for v, b in CASES])
 def test_chained_after_bridge_redirects_real_traffic_and_check_and_del_behave(
-    version: str, host: NetNamespace, plugin_dir: Path, tmp_path: Path
+    version: str, backend: str, host: NetNamespace, plugin_dir: Path, tmp_path: Path
 ) -> None:
-    index = 1 if version == "1.0.0" else 2
+    index = CASES.index((version, backend)) + 1
     subnet = SUBNET.format(index)
     gateway = subnet.replace(".0/24", ".1")
     pods = tmp_path / "pods"
     pods.mkdir()
     pod_manifest(pods, "shop", "web", {"sidecar.istio.io/status": "{}"})
     pod_manifest(pods, "shop", "batch", {"traffic.sidecar.istio.io/excludeOutboundIPRanges": f"{gateway}/32"})
-    config = network(version, subnet, tmp_path / "ipam", {"pod_source": {"kind": "directory", "path": str(pods)}})
+    ours = {"pod_source": {"kind": "directory", "path": str(pods)}, "backend": backend}
+    config = network(version, subnet, tmp_path / "ipam", ours)
     runtime = CniRuntime([plugin_dir, REFERENCE_PLUGINS], exec_netns=str(host.path))
     processes: list[subprocess.Popen[str]] = []
     with NetNamespace() as pod, NetNamespace() as batch, NetNamespace() as system:
@@ -198,10 +232,10 @@ def test_chained_after_bridge_redirects_real_traffic_and_check_and_del_behave(
             assert results["web1"] == bridge_outputs[0]
             assert results["web1"]["cniVersion"] == version
             # The rules are in the pod's namespace, and nowhere else.
-            assert set(our_chains(pod)) == {"nat"}
-            assert our_chains(batch)  # excluded CIDR, but captured otherwise
-            assert our_chains(system) == {}  # kube-system is excluded
-            assert our_chains(host) == {}
+            assert our_tables(pod, backend) == ({"ip istio"} if backend == "nftables" else {"nat"})
+            assert our_tables(batch, backend)  # excluded CIDR, but captured otherwise
+            assert our_tables(system, backend) == set()  # kube-system is excluded
+            assert our_tables(host, backend) == set()
 
             processes.append(server := start(host, SERVER, gateway, SERVER_PORT))
             processes.append(proxy := start(pod, PROXY, 15001, PROXY_UID, PROXY_MAX_ACCEPTS))
@@ -221,29 +255,21 @@ def test_chained_after_bridge_redirects_real_traffic_and_check_and_del_behave(
             stop(server)
 
             runtime.check(config, web_at)
-            pod.run(
-                [
-                    "iptables-nft",
-                    "-t",
-                    "nat",
-                    "-D",
-                    "ISTIO_REDIRECT",
-                    "-p",
-                    "tcp",
-                    "-j",
-                    "REDIRECT",
-                    "--to-ports",
-                    "15001",
-                ]
-            )
+            if backend == "iptables":
+                delete_rule(pod, backend, "ISTIO_REDIRECT", "-p tcp -j REDIRECT --to-ports 15001")
+            else:
+                delete_rule(pod, backend, "ISTIO_REDIRECT", "redirect to :15001")
             with pytest.raises(CniPluginError) as failed:
                 runtime.check(config, web_at)
             assert failed.value.plugin == "meshredirect-cni"
             assert failed.value.code == 110
-            assert "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001" in failed.value.details
+            assert failed.value.msg == (
+                f"the redirect rules in {pod.path} are missing or changed (pod shop/web gets the istio policy)"
+            )
+            assert CHECK_REDIRECT_GONE.search(failed.value.details), failed.value.details
 
             runtime.delete(config, web_at)
-            assert our_chains(pod) == {}
+            assert our_tables(pod, backend) == set()
             assert pod.run(["ip", "-o", "link", "show", "eth0"], check=False).returncode != 0
             runtime.cache[("mrtest", "web1", "eth0")] = results["web1"]
             runtime.delete(config, web_at)  # DEL twice succeeds
@@ -271,3 +297,67 @@ def test_add_into_a_missing_namespace_is_a_cni_error(host: NetNamespace, plugin_
     assert failed.value.code == 3
     assert failed.value.msg == "CNI_NETNS: the network namespace /var/run/netns/mr-does-not-exist does not exist"
     assert runtime.invoke("meshredirect-cni", "DEL", config, missing) is None
+
+
+def _swap(text: str, first: str, second: str) -> str:
+    lines = text.splitlines()
+    i = next(n for n, line in enumerate(lines) if line.strip() == first)
+    j = next(n for n, line in enumerate(lines) if line.strip() == second)
+    lines[i], lines[j] = lines[j], lines[i]
+    return "\n".join(lines) + "\n"
+
+
+def _replace_line(text: str, old: str, new: list[str]) -> str:
+    lines = text.splitlines()
+    i = next(n for n, line in enumerate(lines) if line.strip() == old)
+    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+    return "\n".join([*lines[:i], *(indent + n for n in new), *lines[i + 1 :]]) + "\n"
+
+
+def reload_in_another_form(ns: NetNamespace, backend: str) -> None:
+    """Load our rules again with the kernel's own tool, in another form that means the same: the proxy's uid and gid
+    exemptions swapped (both return), and the inbound ports' one lookup split into one rule per port range."""
+    if backend == "iptables":
+        text = ns.run(["iptables-nft-save", "-t", "nat"]).stdout
+        changed = _swap(
+            text,
+            "-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+            "-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN",
+        )
+        changed = _replace_line(
+            changed,
+            "-A ISTIO_INBOUND -p tcp -m multiport --dports 15008,15020:15021,15090 -j RETURN",
+            [f"-A ISTIO_INBOUND -p tcp -m tcp --dport {p} -j RETURN" for p in ("15008", "15020:15021", "15090")],
+        )
+        ns.run(["iptables-nft-restore"], input=changed)
+        after = ns.run(["iptables-nft-save", "-t", "nat"]).stdout
+    else:
+        text = ns.run(["nft", "list", "table", "ip", "istio"]).stdout
+        changed = _swap(text, "meta skuid 1337 return", "meta skgid 1337 return")
+        changed = _replace_line(
+            changed,
+            "tcp dport { 15008, 15020-15021, 15090 } return",
+            [f"tcp dport {p} return" for p in ("15008", "15020-15021", "15090")],
+        )
+        ns.run(["nft", "delete", "table", "ip", "istio"])
+        ns.run(["nft", "-f", "-"], input=changed)
+        after = ns.run(["nft", "list", "table", "ip", "istio"]).stdout
+    assert after != text and len(after.splitlines()) == len(text.splitlines()) + 2, after
+
+
+@pytest.mark.parametrize("backend", [b for v, b in CASES if v == "1.0.0"])
+def test_check_passes_when_the_rules_changed_in_form_but_not_in_meaning(
+    backend: str, host: NetNamespace, plugin_dir: Path, tmp_path: Path
+) -> None:
+    subnet = SUBNET.format(10 + len(backend))
+    config = network("1.0.0", subnet, tmp_path / "ipam", {"backend": backend})
+    runtime = CniRuntime([plugin_dir, REFERENCE_PLUGINS], exec_netns=str(host.path))
+    with NetNamespace() as pod:
+        attachment = Attachment(container_id="form1", netns=str(pod.path), args=k8s("shop", "web"))
+        try:
+            runtime.add(config, attachment)
+            runtime.check(config, attachment)
+            reload_in_another_form(pod, backend)
+            runtime.check(config, attachment)  # passes: the same connections get the same verdicts
+        finally:
+            runtime.delete(config, attachment)

@@ -16,6 +16,7 @@ import ipaddress
 import json
 import sys
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -87,7 +88,7 @@ def assert_loads_and_reads_back(ruleset: Ruleset, **options: object) -> Ruleset:
         applier = NftablesApplier(ns.name, **options)  # type: ignore[arg-type]
         change = applier.apply(ruleset)
         back = applier.read()
-    laid = applier.backend().layout(ruleset)
+    laid = applier.laid_out(ruleset)
     assert change.changed == bool(laid.tables)
     assert back == laid, "the kernel's rules read back differ from what was loaded"
     return back
@@ -190,7 +191,22 @@ def test_applying_twice_changes_nothing_and_a_new_policy_replaces_the_old_one() 
         assert not applier.apply(dual).changed
         assert _listing(ns) == once
         assert applier.apply(plain).changed  # the ip6 table of the dual-stack policy goes too
-        assert applier.read() == NftLowering().layout(plain)
+        assert applier.read() == applier.laid_out(plain) == NftLowering().layout(plain)
+
+
+def test_families_in_scope_decide_which_tables_of_ours_are_touched() -> None:
+    """An inet table of ours is in scope when both IPv4 and IPv6 are (the default), not for one family alone."""
+    ruleset = compile_policy(Policy())
+    inet = attrs.evolve(ruleset, tables=tuple(attrs.evolve(t, family=Family.INET) for t in ruleset.tables))
+    with NetNamespace() as ns:
+        applier = NftablesApplier(ns.name)
+        assert applier.apply(inet).changed and not applier.apply(inet).changed
+        assert applier.apply(ruleset, [Family.IPV4]).changed
+        assert [t.family for t in applier.read().tables] == [Family.INET, Family.IPV4]
+        assert applier.apply(ruleset).changed  # both families: our inet table goes
+        assert [t.family for t in applier.read().tables] == [Family.IPV4]
+        assert not applier.cleanup("ISTIO", [Family.IPV6]).changed
+        assert applier.cleanup("ISTIO").changed and not applier.read().tables
 
 
 def test_a_rule_the_kernel_rejects_leaves_the_previous_table_intact() -> None:
@@ -198,14 +214,15 @@ def test_a_rule_the_kernel_rejects_leaves_the_previous_table_intact() -> None:
         applier = NftablesApplier(ns.name)
         applier.apply(compile_policy(Policy()))
         before = ns.run(["nft", "-j", "list", "ruleset"]).stdout
-        commands = applier.backend().commands(compile_policy(Policy(inbound_mode="TPROXY", inbound_ports="80")))
+        commands = applier.layout.commands(compile_policy(Policy(inbound_mode="TPROXY", inbound_ports="80")))
         # nft accepts this rule; the kernel refuses tproxy outside prerouting, so the whole batch fails.
         bad = {"add": {"rule": {"family": "ip", "table": "istio", "chain": "nat-OUTPUT", "expr": [
             {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
             {"tproxy": {"port": 1}}, {"accept": None}]}}}  # fmt: skip
         with pytest.raises(NftablesRequestFailed) as info:
-            applier._checked([{"json": {"nftables": [*commands[Family.IPV4], bad]}}], "loading table istio")
+            applier.load({"nftables": [*commands[Family.IPV4], bad]})
         assert "Operation not supported" in info.value.error
+        assert str(info.value).startswith("nft refused the rules: ")
         assert ns.run(["nft", "-j", "list", "ruleset"]).stdout == before
 
 
@@ -219,8 +236,9 @@ def test_cleanup_keeps_other_tables_byte_for_byte() -> None:
         applier.apply(compile_policy(Policy(families="both", inbound_mode="TPROXY", drop_invalid=True)))
         during = _listing(ns)
         assert "table ip istio {" in during and "table ip6 istio {" in during and "table ip nat {" in during
-        change = applier.cleanup("istio")
-        assert change.changed and set(change.families) == {Family.IPV4, Family.IPV6}
+        change = applier.cleanup("ISTIO")
+        assert change.changed and change.family is Family.INET
+        assert [c["delete"]["table"]["family"] for c in json.loads(change.document)["nftables"]] == ["ip", "ip6"]
         assert _listing(ns) == before
         assert not applier.cleanup("istio").changed
 
@@ -499,12 +517,12 @@ def test_a_dry_run_is_checked_by_the_kernel_and_changes_nothing() -> None:
         applier.apply(compile_policy(Policy()))
         before = ns.run(["nft", "-j", "list", "ruleset"]).stdout
         change = applier.apply(compile_policy(Policy(inbound_mode="TPROXY")), dry_run=True)
-        assert not change.changed and change.document
+        assert change.changed and change.document  # would change
         assert ns.run(["nft", "-j", "list", "ruleset"]).stdout == before
         # The kernel, not only nft, checks it: a rule only the kernel refuses fails the dry run.
         bad = {"add": {"rule": {"family": "ip", "table": "istio", "chain": "nat-OUTPUT", "expr": [
             {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
             {"tproxy": {"port": 1}}, {"accept": None}]}}}  # fmt: skip
         with pytest.raises(NftablesRequestFailed, match="Operation not supported"):
-            applier._checked([{"json": {"nftables": [bad]}, "dry_run": True}], "checking")
+            applier.load({"nftables": [bad]}, check_only=True)
         assert ns.run(["nft", "-j", "list", "ruleset"]).stdout == before

@@ -32,7 +32,7 @@ import attrs
 
 from meshredirect.apply.base import FAMILIES, AppliedChange, Applier, ApplyFailed, Runner, planned
 from meshredirect.apply.iptables import VARIANTS, IptablesApplier, VariantChoice, detect_variant
-from meshredirect.apply.netns import Target, require_root, require_tool
+from meshredirect.apply.netns import Target, require_nftables_bindings, require_root, require_tool
 from meshredirect.apply.routing import RouteCommand, RoutingApplier, TproxyRoute, routes_for
 from meshredirect.errors import BackendNotFoundError, EnvironmentProblem, PolicyError
 from meshredirect.ir import Family, Ruleset, TProxy
@@ -154,10 +154,13 @@ def _iptables(
 
 
 def _nftables(where: Target) -> Applier:
-    """The nftables applier (see :mod:`meshredirect.apply.nftables_steps`)."""
-    from meshredirect.apply.nftables_steps import nftables_applier
+    """The nftables applier (see :mod:`meshredirect.apply.nftables`), or what this build or machine lacks."""
+    from meshredirect.apply.nftables import NftablesApplier
 
-    return nftables_applier(where)
+    require_nftables_bindings()
+    applier = NftablesApplier(where)
+    applier.layout  # noqa: B018 (raises now, before anything is read, when this build has no nftables backend)
+    return applier
 
 
 def apply(

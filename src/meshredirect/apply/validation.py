@@ -513,17 +513,17 @@ def _nat_only(save_text: str) -> str:
 
 def _diagnose_nftables(where: Target, policy: Policy, family: Family) -> str:
     """The likely cause of a failed check, from our nftables table of the family."""
-    from meshredirect.apply.nftables_steps import nftables_applier
+    from meshredirect.apply.nftables import NftablesApplier
     from meshredirect.compiler import compile_policy
 
-    applier = nftables_applier(where)
+    applier = NftablesApplier(where)
     ruleset = compile_policy(policy).for_family(family)
-    name = applier.layout.table_name(ruleset)
+    name = applier.table_name(ruleset)
     nft_family = "ip6" if family is Family.IPV6 else "ip"
-    ours = applier.tables_of(applier.ours(applier.listing(), name, [family]))
-    if not ours:
+    ours = applier.ours(name, [family])
+    if not ours.tables:
         return f"rules absent: no nftables table {nft_family} {name} (run meshredirect apply --backend nftables)"
-    if ours != list(applier.layout.layout(ruleset).tables):
+    if ours != applier.laid_out(ruleset):
         return (
             f"our nftables table {nft_family} {name} differs from the policy's (applied with other options?): re-apply"
         )

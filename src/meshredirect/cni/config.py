@@ -14,6 +14,8 @@ The plugin entry of a conflist holds the well-known CNI fields and these
                      "ca_file": "/etc/cni/net.d/meshredirect/ca.crt"},
       "require_annotation": "sidecar.istio.io/status",
       "annotations": true,
+      "inbound_ports_default": "*",
+      "backend": "iptables",
       "iptables_variant": "auto"
     }
 
@@ -63,6 +65,11 @@ SERVICE_ACCOUNT_DIR: Final = "/var/run/secrets/kubernetes.io/serviceaccount"
 DEFAULT_API_TIMEOUT: Final = 5.0
 DEFAULT_API_ATTEMPTS: Final = 3
 VARIANTS: Final = ("auto", "nft", "legacy")
+#: The apply layer's backends the plugin can load rules with.
+BACKENDS: Final = ("iptables", "nftables")
+#: What a pod without an includeInboundPorts annotation gets: every port (Istio's injector today), or the
+#: ports its containers declare (with which a port a container does not declare bypasses the mesh).
+INBOUND_PORTS_DEFAULTS: Final = ("*", "container-ports")
 
 #: Fields the specification defines for every plugin configuration (they are not ours to refuse).
 WELL_KNOWN_FIELDS: Final = frozenset(
@@ -76,6 +83,8 @@ PLUGIN_FIELDS: Final = (
     "pod_source",
     "require_annotation",
     "annotations",
+    "inbound_ports_default",
+    "backend",
     "iptables_variant",
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -115,7 +124,14 @@ class PluginConfig:
     pod_source: PodSource | None = None
     require_annotation: str | None = None
     annotations: bool = True
+    inbound_ports_default: str = "*"
+    backend: str = "iptables"
     iptables_variant: str = "auto"
+
+    @property
+    def variant(self) -> str | None:
+        """The iptables variant to ask the apply layer for (None: detect it)."""
+        return None if self.iptables_variant == "auto" else self.iptables_variant
 
     def base_policy(self) -> Policy:
         """The preset with the configured fields; invalid values are CNI error 7."""
@@ -251,6 +267,18 @@ def parse_plugin_config(config: Mapping[str, Any]) -> PluginConfig:
     annotations = config.get("annotations", True)
     if not isinstance(annotations, bool):
         raise _invalid("annotations", "true or false", annotations)
+    inbound_default = config.get("inbound_ports_default", "*")
+    if inbound_default not in INBOUND_PORTS_DEFAULTS:
+        raise _invalid("inbound_ports_default", '"*" or "container-ports"', inbound_default)
+    if inbound_default == "container-ports" and (source is None or not annotations):
+        raise _invalid(
+            "inbound_ports_default",
+            '"*" without a pod_source whose annotations apply (container ports are read from the pod)',
+            inbound_default,
+        )
+    backend = config.get("backend", "iptables")
+    if backend not in BACKENDS:
+        raise _invalid("backend", " or ".join(BACKENDS), backend)
     variant = config.get("iptables_variant", "auto")
     if variant not in VARIANTS:
         raise _invalid("iptables_variant", " or ".join(VARIANTS), variant)
@@ -265,5 +293,7 @@ def parse_plugin_config(config: Mapping[str, Any]) -> PluginConfig:
         pod_source=source,
         require_annotation=require,
         annotations=annotations,
+        inbound_ports_default=inbound_default,
+        backend=backend,
         iptables_variant=variant,
     )

@@ -43,18 +43,25 @@ from meshredirect.cni.protocol import (
 )
 
 if TYPE_CHECKING:
-    from meshredirect.cni.rules import RuleInstaller
     from meshredirect.ir import Ruleset
+    from meshredirect.policy import Policy
 
 __all__ = ["Decision", "decide", "run_plugin"]
 
 
 @attrs.frozen(kw_only=True)
 class Decision:
-    """What ADD and CHECK do for a pod: the ruleset to install, or why none."""
+    """What ADD and CHECK do for a pod: the policy (and its compiled ruleset) to install, or why none."""
 
+    policy: Policy | None
     ruleset: Ruleset | None
     reason: str
+    #: What the annotations' front end warns about (written to standard error).
+    warnings: tuple[str, ...] = ()
+
+
+def _skip(reason: str) -> Decision:
+    return Decision(policy=None, ruleset=None, reason=reason)
 
 
 def decide(config: PluginConfig, env: CniEnvironment) -> Decision:
@@ -64,89 +71,104 @@ def decide(config: PluginConfig, env: CniEnvironment) -> Decision:
     namespace, name = env.args.pod_namespace, env.args.pod_name
     skip = config.skips(namespace, name)
     if skip:
-        return Decision(ruleset=None, reason=skip)
+        return _skip(skip)
     policy = config.base_policy()
+    warnings: list[str] = []
     if config.pod_source is not None and namespace and name:
-        from meshredirect.cni.annotations import INJECT_ANNOTATION, policy_for_pod
+        from meshredirect.cni.annotations import (
+            INJECT_ANNOTATION,
+            INTERCEPTION_MODE_ANNOTATION,
+            NO_INTERCEPTION,
+            policy_for_pod,
+        )
         from meshredirect.cni.pods import lookup_pod
 
         pod = lookup_pod(config.pod_source, namespace, name)
         if (pod.annotation(INJECT_ANNOTATION) or "").strip().lower() == "false":
-            return Decision(ruleset=None, reason=f"pod {namespace}/{name} is annotated {INJECT_ANNOTATION}: false")
+            return _skip(f"pod {namespace}/{name} is annotated {INJECT_ANNOTATION}: false")
         if config.require_annotation and pod.annotation(config.require_annotation) is None:
-            return Decision(
-                ruleset=None, reason=f"pod {namespace}/{name} lacks the annotation {config.require_annotation}"
-            )
+            return _skip(f"pod {namespace}/{name} lacks the annotation {config.require_annotation}")
         if config.annotations:
-            policy = policy_for_pod(policy, pod.annotation_map)
+            if (pod.annotation(INTERCEPTION_MODE_ANNOTATION) or "").strip() == NO_INTERCEPTION:
+                return _skip(f"pod {namespace}/{name} is annotated {INTERCEPTION_MODE_ANNOTATION}: {NO_INTERCEPTION}")
+            policy, found = policy_for_pod(
+                policy,
+                pod.annotation_map,
+                container_ports=pod.container_ports,
+                inbound_default=config.inbound_ports_default,
+            )
+            warnings += found
     elif config.require_annotation:
-        return Decision(ruleset=None, reason="no pod name in CNI_ARGS to look the required annotation up")
+        return _skip("no pod name in CNI_ARGS to look the required annotation up")
     who = f"pod {namespace}/{name}" if namespace and name else "the container"
-    return Decision(ruleset=compile_policy(policy), reason=f"{who} gets the {config.preset} policy")
+    return Decision(
+        policy=policy,
+        ruleset=compile_policy(policy),
+        reason=f"{who} gets the {config.preset} policy",
+        warnings=tuple(warnings),
+    )
 
 
-def _installer(config: PluginConfig, env: CniEnvironment) -> RuleInstaller:
-    from meshredirect.cni.rules import RuleInstaller
+def _require_namespace(env: CniEnvironment) -> None:
+    import os
 
-    return RuleInstaller(env.netns, variant=config.iptables_variant)
-
-
-def _require_namespace(env: CniEnvironment, installer: RuleInstaller) -> None:
-    if not installer.namespace_exists():
+    if not os.path.exists(env.netns):
         raise CniError(WellKnown.UNKNOWN_CONTAINER, f"CNI_NETNS: the network namespace {env.netns} does not exist")
 
 
-def cmd_add(config: PluginConfig, raw: Mapping[str, Any], env: CniEnvironment, version: str) -> str:
-    from meshredirect.errors import EnvironmentProblem
+def cmd_add(config: PluginConfig, raw: Mapping[str, Any], env: CniEnvironment, version: str, stderr: IO[str]) -> str:
+    from meshredirect.cni.rules import load
+    from meshredirect.errors import MeshRedirectError
 
     result = passthrough_result(raw, version)
     decision = decide(config, env)
-    if decision.ruleset is None:
+    if decision.policy is None:
         return result
-    installer = _installer(config, env)
-    _require_namespace(env, installer)
+    for warning in decision.warnings:
+        stderr.write(f"meshredirect-cni: warning: {warning}\n")
+    _require_namespace(env)
     try:
-        installer.apply(decision.ruleset)
-    except EnvironmentProblem as exc:
+        load(decision.policy, config, env.netns)
+    except MeshRedirectError as exc:
         raise CniError(PluginCode.APPLY_FAILED, f"loading the rules into {env.netns} failed", str(exc)) from None
     return result
 
 
 def cmd_del(config: PluginConfig, env: CniEnvironment) -> None:
-    from meshredirect.errors import EnvironmentProblem
+    import os
 
-    if not env.netns:
-        return
-    installer = _installer(config, env)
-    if not installer.namespace_exists():
+    from meshredirect.cni.rules import remove
+    from meshredirect.errors import MeshRedirectError
+
+    if not env.netns or not os.path.exists(env.netns):
         return
     prefix = config.base_policy().chain_prefix
     try:
-        installer.remove(prefix)
-    except EnvironmentProblem as exc:
-        if not installer.namespace_exists():
+        remove(prefix, config, env.netns)
+    except MeshRedirectError as exc:
+        if not os.path.exists(env.netns):
             return  # the namespace went away while we worked: nothing is left to remove
         raise CniError(PluginCode.CLEANUP_FAILED, f"removing our rules from {env.netns} failed", str(exc)) from None
 
 
 def cmd_check(config: PluginConfig, raw: Mapping[str, Any], env: CniEnvironment) -> None:
-    from meshredirect.cni.rules import differences
-    from meshredirect.errors import EnvironmentProblem
+    from meshredirect.cni.rules import differences, installed
+    from meshredirect.errors import MeshRedirectError
+    from meshredirect.semantics.model import Environment
 
     if not isinstance(raw.get("prevResult"), dict):
         raise CniError(
             WellKnown.INVALID_NETWORK_CONFIG, "prevResult: CHECK needs the result of the preceding ADD, got nothing"
         )
     decision = decide(config, env)
-    if decision.ruleset is None:
+    if decision.policy is None or decision.ruleset is None:
         return
-    installer = _installer(config, env)
-    _require_namespace(env, installer)
+    _require_namespace(env)
     try:
-        installed = installer.saved(decision.ruleset.families)
-    except EnvironmentProblem as exc:
+        found = installed(decision.policy, config, env.netns)
+    except MeshRedirectError as exc:
         raise CniError(PluginCode.APPLY_FAILED, f"reading the rules in {env.netns} failed", str(exc)) from None
-    problems = differences(decision.ruleset, installed)
+    problems = differences(decision.ruleset, found, Environment.for_policy(decision.policy))
     if problems:
         raise CniError(
             PluginCode.RULES_DIFFER,
@@ -175,7 +197,7 @@ def run_plugin(environ: Mapping[str, str], stdin: bytes, stdout: IO[str], stderr
         check_version(raw)
         config = parse_plugin_config(raw)
         if env.command == "ADD":
-            stdout.write(cmd_add(config, raw, env, version) + "\n")
+            stdout.write(cmd_add(config, raw, env, version, stderr) + "\n")
         elif env.command == "DEL":
             cmd_del(config, env)
         else:

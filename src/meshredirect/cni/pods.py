@@ -8,9 +8,10 @@ token over TLS verified against the cluster CA. Transient failures
 as CNI error 11 (try again later); 401/403 and 404 are reported at once.
 
 >>> pod = pod_from_manifest({"metadata": {"name": "web", "namespace": "shop",
-...     "annotations": {"traffic.sidecar.istio.io/excludeOutboundPorts": "9000"}}}, where="web.json")
->>> pod.namespace, pod.name, pod.annotation("traffic.sidecar.istio.io/excludeOutboundPorts")
-('shop', 'web', '9000')
+...     "annotations": {"traffic.sidecar.istio.io/excludeOutboundPorts": "9000"}},
+...     "spec": {"containers": [{"name": "app", "ports": [{"containerPort": 8080}]}]}}, where="web.json")
+>>> pod.namespace, pod.name, pod.annotation("traffic.sidecar.istio.io/excludeOutboundPorts"), pod.container_ports
+('shop', 'web', '9000', (8080,))
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class PodInfo:
     namespace: str
     name: str
     annotations: tuple[tuple[str, str], ...] = ()
+    #: The ports the pod's containers declare (every container but the proxy's), in order.
+    container_ports: tuple[int, ...] = ()
 
     def annotation(self, key: str) -> str | None:
         for name, value in self.annotations:
@@ -75,10 +78,18 @@ def pod_from_manifest(manifest: Mapping[str, Any], *, where: str) -> PodInfo:
         raise CniError(
             PluginCode.POD_SOURCE, f"{where}: expected metadata.annotations of strings, got {annotations!r:.60}"
         )
+    from meshredirect.errors import PolicyError
+    from meshredirect.frontends.pod import pod_container_ports
+
+    try:
+        ports = pod_container_ports(manifest)
+    except PolicyError as exc:
+        raise CniError(PluginCode.POD_SOURCE, f"{where}: spec.containers: {exc}") from None
     return PodInfo(
         namespace=str(metadata.get("namespace") or "default"),
         name=metadata["name"],
         annotations=tuple(sorted(annotations.items())),
+        container_ports=tuple(ports),
     )
 
 

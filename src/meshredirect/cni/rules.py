@@ -1,178 +1,172 @@
-"""The plugin's seam to the apply layer: load, read back and remove our rules in a pod's namespace.
+"""The plugin's use of the apply layer: load, remove and read back our rules in a pod's namespace.
 
-The namespace is a path (``CNI_NETNS``: ``/var/run/netns/X`` or
-``/proc/PID/ns/net``); tools run inside it through ``nsenter --net=PATH``.
-Today this drives :class:`meshredirect.apply.iptables.IptablesApplier`; the
-apply layer's public ``apply``/``cleanup`` functions take its place when
-they land, without changing the plugin.
+ADD and DEL are the public apply layer (:func:`meshredirect.apply.apply` and
+:func:`~meshredirect.apply.cleanup`) with ``netns=CNI_NETNS``: one transaction
+per table and family (iptables) or one for every family (nftables), TPROXY's
+policy routing, undo of any failure across tables and routing, iptables
+variant detection, and the backend the configuration names.
 
-:func:`differences` is what CHECK compares: our chains and the jumps into
-them, as ``iptables-save`` prints them, against what the compiled ruleset
-renders to. It compares normalised text (the ``iptables-save`` backend prints
-exactly what the kernel's tools print, which the kernel tests prove); a
-semantic comparison replaces it when the reader and the semantics engine
-are available.
+CHECK is semantic: :func:`installed` reads our rules back from the namespace
+as IR (iptables: ``iptables-save`` of the variant in use through the iptables
+reader, restricted by :func:`owned_part` to our chains and the jumps into them;
+nftables: our tables from ``nft -j list ruleset`` through the nftables reader)
+and :func:`differences` proves them equivalent to the compiled ruleset with the
+semantics engine, naming the classes of connections they treat differently.
+Rules that changed only in form (reordered where order does not matter,
+merged, loaded by another tool) pass; other tools' rules are not ours to
+check (``meshredirect validate`` finds one that takes connections first).
 
 >>> from meshredirect.compiler import compile_policy
+>>> from meshredirect.ir import Ruleset
 >>> from meshredirect.policy import Policy
+>>> from meshredirect.semantics.model import Environment
 >>> expected = compile_policy(Policy())
->>> differences(expected, {})
-['ipv4: our rules are missing (no ISTIO_ chains in the nat table)']
+>>> differences(expected, Installed(ruleset=Ruleset(), where="the iptables-nft tables"), Environment.default())
+['none of our rules are in the iptables-nft tables']
+>>> differences(expected, Installed(ruleset=expected, where="the iptables-nft tables"), Environment.default())
+[]
 """
 
 from __future__ import annotations
 
-import difflib
-import itertools
-import os
-import shutil
-import subprocess
-from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
-from meshredirect.errors import EnvironmentProblem
-from meshredirect.ir import Family, Ruleset
+import attrs
+
+# Imported for the signatures' sake (the documentation resolves them); ADD loads every one anyway.
+from meshredirect.apply.actions import Outcome
+from meshredirect.cni.config import PluginConfig
+from meshredirect.ir import Chain, ChainPolicy, Family, Goto, Jump, Ruleset, Table
+from meshredirect.policy import Policy
 
 if TYPE_CHECKING:
-    from meshredirect.apply.iptables import IptablesApplier
+    # Not at run time: the semantics engine costs ADD and DEL start-up they do not need (CHECK loads it).
+    import meshredirect.semantics.model
+    from meshredirect.semantics.equivalence import Difference
 
-__all__ = ["NsenterRunner", "RuleInstaller", "differences", "owned_lines"]
+__all__ = ["MAX_SHOWN", "Installed", "differences", "installed", "load", "owned_part", "remove"]
 
-#: Both families are cleaned on DEL: the policy may have changed since ADD.
+#: Both families are looked at: a family the policy leaves out must hold none of our rules.
 ALL_FAMILIES: Final = (Family.IPV4, Family.IPV6)
+#: How many differing connection classes CHECK lists in the error's details (the count says how many there are).
+MAX_SHOWN: Final = 8
 
 
-class NsenterRunner:
-    """Runs a command inside the network namespace at ``path`` (``nsenter --net=PATH``)."""
+def load(policy: Policy, config: PluginConfig, netns: str) -> Outcome:
+    """ADD: make our rules (and TPROXY routing) in ``netns`` what ``policy`` says."""
+    from meshredirect.apply.actions import apply
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __call__(self, argv: Sequence[str], input: str | None = None) -> subprocess.CompletedProcess[str]:
-        try:
-            return subprocess.run(
-                ["nsenter", f"--net={self.path}", "--", *argv],
-                input=input,
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=60,
-            )
-        except FileNotFoundError as exc:
-            raise EnvironmentProblem(
-                f"{exc.filename} is not installed", remedy="install the Debian packages util-linux and iptables"
-            ) from None
+    return apply(policy, backend=config.backend, netns=netns, variant=config.variant)
 
 
-def owned_lines(save_text: str, prefix: str) -> dict[str, list[str]]:
-    """Per table, the lines of ``iptables-save`` output that are ours: our chains, their rules, jumps into them.
+def remove(prefix: str, config: PluginConfig, netns: str) -> Outcome:
+    """DEL: remove our chains, jumps, tables and routing from ``netns`` (iptables: every variant holding some)."""
+    from meshredirect.apply.actions import cleanup
 
-    Counters are dropped, so the result compares across loads.
+    return cleanup(prefix, backend=config.backend, netns=netns, variant=config.variant)
 
-    >>> text = '''*nat
-    ... :OUTPUT ACCEPT [3:180]
-    ... :ISTIO_OUTPUT - [0:0]
-    ... :KUBE-X - [0:0]
-    ... -A OUTPUT -p tcp -j ISTIO_OUTPUT
-    ... -A OUTPUT -j KUBE-X
-    ... -A ISTIO_OUTPUT -j RETURN
-    ... COMMIT
-    ... '''
-    >>> owned_lines(text, "ISTIO")
-    {'nat': [':ISTIO_OUTPUT', '-A OUTPUT -p tcp -j ISTIO_OUTPUT', '-A ISTIO_OUTPUT -j RETURN']}
+
+@attrs.frozen(kw_only=True)
+class Installed:
+    """Our rules as read back from a namespace."""
+
+    #: Our part of the namespace's rules, as IR.
+    ruleset: Ruleset
+    #: Where they were read, for messages ("the iptables-nft tables", "nftables table istio").
+    where: str
+    #: The routing commands that would make our TPROXY policy routing what the policy needs (none: it is).
+    routing: tuple[str, ...] = ()
+
+
+def owned_part(ruleset: Ruleset, prefix: str) -> Ruleset:
+    """Our part of iptables rules read from a namespace: our chains (``prefix_...``), and in the built-in chains
+    only the rules that jump or go to ours (with the default ACCEPT policy; another tool's policy is not ours).
+
+    >>> from meshredirect.ir import Accept, Hook, Rule, iptables_base_chain
+    >>> output = Chain(name="OUTPUT", base=iptables_base_chain("nat", Hook.OUTPUT),
+    ...                rules=(Rule(target=Jump(chain="KUBE-X")), Rule(target=Jump(chain="ISTIO_OUTPUT"))))
+    >>> table = Table(family=Family.IPV4, name="nat", chains=(output, Chain(name="ISTIO_OUTPUT", rules=()),
+    ...                                                     Chain(name="KUBE-X", rules=(Rule(target=Accept()),))))
+    >>> [(c.name, len(c.rules)) for c in owned_part(Ruleset(tables=(table,)), "ISTIO").tables[0].chains]
+    [('OUTPUT', 1), ('ISTIO_OUTPUT', 0)]
     """
     mine = prefix + "_"
-    tables: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for raw in save_text.splitlines():
-        line = raw.strip()
-        if line.startswith("*"):
-            current = tables.setdefault(line[1:], [])
-        elif line == "COMMIT":
-            current = None
-        elif current is None or not line or line.startswith("#"):
-            continue
-        elif line.startswith(":"):
-            chain = line[1:].split()[0]
-            if chain.startswith(mine):
-                current.append(f":{chain}")
-        elif line.startswith("-A "):
-            tokens = line.split()
-            chain = tokens[1]
-            targets = [b for a, b in itertools.pairwise(tokens) if a in ("-j", "-g", "--jump", "--goto")]
-            if chain.startswith(mine) or any(t.startswith(mine) for t in targets):
-                current.append(line)
-    return {name: lines for name, lines in tables.items() if lines}
+    tables = []
+    for table in ruleset.tables:
+        chains = []
+        for chain in table.chains:
+            if chain.name.startswith(mine):
+                chains.append(chain)
+            elif chain.base is not None:
+                jumps = tuple(
+                    rule
+                    for rule in chain.rules
+                    if isinstance(rule.target, (Jump, Goto)) and rule.target.chain.startswith(mine)
+                )
+                if jumps:
+                    base = attrs.evolve(chain.base, policy=ChainPolicy.ACCEPT)
+                    chains.append(Chain(name=chain.name, rules=jumps, base=base))
+        if chains:
+            tables.append(Table(family=table.family, name=table.name, chains=tuple(chains)))
+    return Ruleset(tables=tuple(tables), owner_prefix=prefix)
 
 
-def differences(expected: Ruleset, installed: Mapping[Family, str]) -> list[str]:
-    """What differs between the rules ``expected`` renders to and the installed ``iptables-save`` text.
+def installed(policy: Policy, config: PluginConfig, netns: str) -> Installed:
+    """CHECK: read our rules (and our TPROXY routing) back from ``netns``; see the module docstring."""
+    from meshredirect.apply.netns import Target
+    from meshredirect.apply.routing import RoutingApplier, routes_for
 
-    Empty when our rules are present and unchanged in every family of ``expected``.
+    target = Target.of(netns)
+    target.check()
+    routing = tuple(str(command) for command in RoutingApplier(target.run).plan(routes_for(policy), ALL_FAMILIES))
+    if config.backend == "nftables":
+        from meshredirect.apply.nftables import NftablesApplier
+
+        nft = NftablesApplier(target)
+        name = nft.table_name(policy.chain_prefix)
+        return Installed(ruleset=nft.ours(name, ALL_FAMILIES), where=f"nftables table {name}", routing=routing)
+    from meshredirect.apply.iptables import IptablesApplier, detect_variant
+
+    variant = config.variant or detect_variant(target.run, ALL_FAMILIES, target=target).variant
+    applier = IptablesApplier(target.run, variant=variant)
+    from meshredirect.readers.iptables import read_iptables
+
+    tables: list[Table] = []
+    for family in ALL_FAMILIES:
+        tool = applier.tool(family, "save")
+        read = read_iptables(applier.saved(family), family=family, path=f"{tool} in {netns}")
+        tables += owned_part(read, policy.chain_prefix).tables
+    ours = Ruleset(tables=tuple(tables), owner_prefix=policy.chain_prefix)
+    return Installed(ruleset=ours, where=f"the iptables-{variant} tables", routing=routing)
+
+
+def differences(expected: Ruleset, found: Installed, env: meshredirect.semantics.model.Environment) -> list[str]:
+    """What differs between the compiled ruleset and our rules as installed, for people (empty: nothing).
+
+    Each line is a class of connections the two treat differently, with an example and both verdicts.
     """
-    from meshredirect.api import render
+    from meshredirect.semantics.equivalence import equivalence_report
 
-    prefix = expected.owner_prefix or ""
-    rendering = render(expected, "iptables-save")
-    problems: list[str] = []
-    for family in expected.families:
-        want = owned_lines(rendering.artifact(family).content, prefix)
-        got = owned_lines(installed.get(family, ""), prefix)
-        if not got:
-            tables = ", ".join(sorted(want))
-            problems.append(f"{family.value}: our rules are missing (no {prefix}_ chains in the {tables} table)")
-            continue
-        for table in sorted(set(want) | set(got)):
-            a, b = want.get(table, []), got.get(table, [])
-            if a != b:
-                diff = difflib.unified_diff(a, b, "expected", "installed", lineterm="", n=1)
-                problems.append(f"{family.value} {table}: our rules differ:\n" + "\n".join(diff))
+    problems = [f"policy routing differs: it needs {command}" for command in found.routing]
+    if not found.ruleset.tables and expected.tables:
+        return [f"none of our rules are in {found.where}", *problems]
+    ours = owned_part(expected, expected.owner_prefix) if expected.owner_prefix else expected
+    report = equivalence_report(ours, found.ruleset, env)
+    if report.differences:
+        count = len(report.differences)
+        problems.append(
+            f"{count} class{'es' if count != 1 else ''} of connections treated differently by the rules in "
+            f"{found.where} (a proof over {report.classes} classes):"
+        )
+        problems += [_line(d) for d in report.differences[:MAX_SHOWN]]
+        if count > MAX_SHOWN:
+            problems.append(f"... and {count - MAX_SHOWN} more")
     return problems
 
 
-class RuleInstaller:
-    """Our rules in one namespace, through the iptables tools of one variant (or detected)."""
-
-    def __init__(self, netns: str, *, variant: str = "auto") -> None:
-        self.netns = netns
-        self.runner = NsenterRunner(netns)
-        self.requested_variant = variant
-
-    def namespace_exists(self) -> bool:
-        return os.path.exists(self.netns)
-
-    def detect_variant(self) -> str:
-        """``legacy`` when the legacy tables already hold rules in the namespace, else ``nft`` (as meshes do)."""
-        if self.requested_variant != "auto":
-            return self.requested_variant
-        for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
-            result = self.runner([tool])
-            if result.returncode == 0 and any(line.startswith("-A ") for line in result.stdout.splitlines()):
-                return "legacy"
-        return "nft"
-
-    def _applier(self, variant: str) -> IptablesApplier:
-        from meshredirect.apply.iptables import IptablesApplier
-
-        return IptablesApplier(self.runner, variant=variant)
-
-    def apply(self, ruleset: Ruleset) -> str:
-        """Load ``ruleset`` (replacing ours, one transaction per family); returns the variant used."""
-        variant = self.detect_variant()
-        self._applier(variant).apply(ruleset)
-        return variant
-
-    def saved(self, families: Sequence[Family]) -> dict[Family, str]:
-        variant = self.detect_variant()
-        applier = self._applier(variant)
-        return {family: applier.saved(family) for family in families}
-
-    def remove(self, prefix: str) -> None:
-        """Remove our chains and jumps in both families, in every variant that holds some."""
-        if self.requested_variant != "auto":
-            variants: tuple[str, ...] = (self.requested_variant,)
-        else:
-            # A node image may ship only one variant's tools; rules cannot exist in a variant without them.
-            variants = tuple(v for v in ("nft", "legacy") if shutil.which(f"iptables-{v}-save"))
-        for variant in variants:
-            self._applier(variant).cleanup(prefix, ALL_FAMILIES)
+def _line(difference: Difference) -> str:
+    aspect = "" if difference.aspect == "verdict" else f" (they differ in: {difference.aspect})"
+    return (
+        f"- {difference.example}: policy: {difference.first.verdict}; installed: {difference.second.verdict}"
+        f"{aspect}\n  class: {difference.description}"
+    )

@@ -50,6 +50,7 @@ from meshredirect.policy import Policy
 
 __all__ = [
     "ANNOTATIONS",
+    "ANNOTATION_OF_FIELD",
     "load_manifest",
     "pod_annotations",
     "pod_container_ports",
@@ -81,8 +82,8 @@ ANNOTATIONS: Final[dict[str, tuple[str, str]]] = {
     REROUTE: ("reroute_virtual_interfaces", ""),
     KUBEVIRT: ("reroute_virtual_interfaces", ""),
 }
-#: Policy field -> the annotation that feeds it (for errors).
-_ANNOTATION_OF_FIELD: Final = {
+#: Policy field -> the annotation that feeds it (for errors; the CNI plugin applies a pod's annotations with it).
+ANNOTATION_OF_FIELD: Final = {
     "inbound_mode": INTERCEPTION_MODE,
     "outbound_cidrs": "traffic.sidecar.istio.io/includeOutboundIPRanges",
     "outbound_cidrs_exclude": "traffic.sidecar.istio.io/excludeOutboundIPRanges",
@@ -157,7 +158,7 @@ def policy_from_annotations(
 
 
 def _rename(exc: PolicyError, values: Mapping[str, str]) -> PolicyError:
-    name = _ANNOTATION_OF_FIELD.get(exc.field)
+    name = ANNOTATION_OF_FIELD.get(exc.field)
     if name == REROUTE and REROUTE not in values:
         name = KUBEVIRT
     if exc.field == "inbound_ports" and name not in values:

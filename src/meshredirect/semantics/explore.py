@@ -131,6 +131,16 @@ class Tracer:
         """The outcome of a choice point (the program may go either way): both are explored."""
         raise NotImplementedError
 
+    def classes(self, dim: str) -> tuple[int, tuple[Any, ...], int]:  # pragma: no cover - interface
+        """(position of the dimension, its classes' values, the representative's class)."""
+        raise NotImplementedError
+
+    def restrict(
+        self, inside: Sequence[Mapping[int, int]], outside: Sequence[Mapping[int, int]]
+    ) -> None:  # pragma: no cover - interface
+        """Keep the part of the region in ``inside``, leave the part in ``outside`` to another run."""
+        raise NotImplementedError
+
 
 def probe(tracer: Tracer | None, value: Any, sym: Sym | None, key: Callable[[Any], Hashable]) -> Any:
     """``key(value)``; through ``tracer`` when the value stands for a dimension (``sym``)."""
@@ -186,6 +196,22 @@ class Run(Tracer):
             self.alternatives.append((list(self.region), (*self.taken, False)))
         self.taken.append(taken)
         return taken
+
+    def classes(self, dim: str) -> tuple[int, tuple[Any, ...], int]:
+        """(position of the dimension, its classes' values, the representative's class)."""
+        position = self.explorer.position[dim]
+        return position, self.explorer.values[dim], self.index[position]
+
+    def restrict(self, inside: Sequence[Mapping[int, int]], outside: Sequence[Mapping[int, int]]) -> None:
+        """Keep the part of the region in ``inside`` and leave the part in ``outside``, as one region, to
+        another run. Each is a union of disjoint parts (per position, the classes wanted; positions not
+        named: any class); together they must partition every combination, and ``inside`` must hold the
+        representative (the caller's obligations: a wrong split makes the exploration unsound, which
+        ``tests/test_explore.py`` shows is caught)."""
+        left = _cut(self.region, outside)
+        self.region = _cut(self.region, inside)
+        if left:
+            self.alternatives.append((_merge(left), tuple(self.taken)))
 
     def value(self, dim: str) -> Any:
         """The representative value of ``dim`` in this run."""
@@ -433,6 +459,23 @@ def _merge(boxes: list[Box]) -> list[Box]:
         if len(merged) < len(boxes):
             boxes = [(*rest[:position], mask, *rest[position:]) for rest, mask in merged.items()]
     return boxes
+
+
+def _cut(region: list[Box], parts: Sequence[Mapping[int, int]]) -> list[Box]:
+    """The boxes of ``region`` inside a union of disjoint parts (per position, the classes wanted)."""
+    out: list[Box] = []
+    for box in region:
+        for part in parts:
+            current = box
+            for position, mask in part.items():
+                here = current[position] & mask
+                if not here:
+                    break
+                if here != current[position]:
+                    current = (*current[:position], here, *current[position + 1 :])
+            else:
+                out.append(current)
+    return out
 
 
 def _lowest_bit(mask: int) -> int:

@@ -421,6 +421,9 @@ class Interpreter:
         self.env = env if env is not None else Environment.default()
         self._stages: dict[tuple[str, str], tuple[_Stage, ...]] = {}
         self._plans: dict[int, tuple[Rule, tuple[_Plan, ...]]] = {}
+        self._dispatch: dict[int, tuple[Chain, tuple[_Dispatch | None, ...] | None]] = {}
+        #: Whether untraced evaluations jump over runs of rules keyed by one field (see :class:`_Dispatch`).
+        self.use_dispatch = True
         env = self.env
         # Tests on symbolic values need functions of stable identity (see explore.Run.decide).
         self.is_local: Callable[[Any], Hashable] = env.is_local
@@ -451,6 +454,15 @@ class Interpreter:
         plans = tuple(self._plan(match) for match in rule.matches)
         self._plans[id(rule)] = (rule, plans)
         return plans
+
+    def dispatch(self, chain: Chain) -> tuple[_Dispatch | None, ...] | None:
+        """Per rule of ``chain``, the dispatch run it belongs to (None: none); None when the chain has none."""
+        found = self._dispatch.get(id(chain))
+        if found is not None and found[0] is chain:
+            return found[1]
+        runs = _dispatch_runs(chain, [self.plans(rule) for rule in chain.rules]) if self.use_dispatch else None
+        self._dispatch[id(chain)] = (chain, runs)
+        return runs
 
     def _plan(self, match: Match) -> _Plan:
         match match:
@@ -575,6 +587,221 @@ def _build_stages(ruleset: Ruleset, family: Family, hook: Hook) -> tuple[_Stage,
     # Stable: equal priorities keep ruleset order (nftables leaves that order undefined).
     stages.sort(key=lambda s: s.priority)
     return tuple(stages)
+
+
+#: Plans that neither stop an evaluation nor change its state when another test of their rule fails:
+#: a rule made of these whose test of one field fails does not match, whatever its other tests do.
+_SKIPPABLE: Final = frozenset(
+    {_PROTOCOL, _FAMILY, _ADDRESS, _PORT, _IIF, _OIF, _OWNER, _CTSTATE, _ADDRTYPE, _UNKNOWN, _CHOICE, _CONSTANT}
+)
+#: The fields a dispatch run may be keyed by (not ``sport``: NAT may have made it unknown).
+_DISPATCH_FIELDS: Final = ("dst", "dport", "src")
+#: Runs shorter than this are walked rule by rule.
+_DISPATCH_MIN: Final = 8
+
+
+class _Dispatch:
+    """A run of consecutive rules of a chain (``start`` to ``end``) that each test a ``fields[0]`` (a
+    destination address, like kube-proxy's KUBE-SERVICES; a destination port, like KUBE-NODEPORTS), and
+    maybe the other ``fields``: a rule without a test of a field takes any value of it.
+
+    A rule of the run whose test of a field fails does not match, whatever its other tests (they are
+    skippable: see ``_SKIPPABLE``). So the first rule that may match is the first whose tests of the
+    fields all hold: :meth:`split` finds it for the explorer's representative and restricts the region,
+    in one step, to the classes on which it is also the first (every rule before it fails on them), instead
+    of one decision per rule; the rest of the region goes to one other run.
+    """
+
+    __slots__ = ("_masks", "_none", "end", "exact", "fields", "lacking", "others", "start")
+
+    def __init__(
+        self,
+        fields: tuple[str, ...],
+        start: int,
+        end: int,
+        tests: Sequence[Mapping[str, tuple[Callable[[Any], Hashable], bool]]],
+    ) -> None:
+        self.fields, self.start, self.end = fields, start, end
+        self.exact: dict[str, dict[Hashable, tuple[int, ...]]] = {}
+        self.others: dict[str, tuple[tuple[int, Callable[[Any], Hashable], bool], ...]] = {}
+        self.lacking: dict[str, tuple[int, ...]] = {}
+        for field in fields:
+            exact: dict[Hashable, list[int]] = {}
+            others: list[tuple[int, Callable[[Any], Hashable], bool]] = []
+            lacking: list[int] = []
+            for index, rule_tests in enumerate(tests, start):
+                if field not in rule_tests:
+                    lacking.append(index)
+                    continue
+                test, negate = rule_tests[field]
+                members = getattr(test, "__self__", None)
+                if not negate and isinstance(members, frozenset) and getattr(test, "__name__", "") == "__contains__":
+                    for member in members:
+                        exact.setdefault(member, []).append(index)
+                else:
+                    others.append((index, test, negate))
+            self.exact[field] = {member: tuple(indices) for member, indices in exact.items()}
+            self.others[field] = tuple(others)
+            self.lacking[field] = tuple(lacking)
+        # Per field and tuple of class values (one explorer's): the rules' masks and each class's rules.
+        self._masks: dict[tuple[str, int], tuple[tuple[Any, ...], dict[int, int], list[tuple[int, ...]]]] = {}
+        self._none: dict[Hashable, tuple[list[dict[int, int]], list[dict[int, int]]]] = {}
+
+    def hits(self, field: str, value: Any) -> tuple[int, ...]:
+        """The (sorted) rules of the run whose test of ``field`` holds for ``value`` (or that test none)."""
+        hits = self.exact[field].get(value, ())
+        others = self.others[field]
+        lacking = self.lacking[field]
+        if others or lacking:
+            more = [index for index, test, negate in others if bool(test(value)) != negate]
+            if more or lacking:
+                return tuple(sorted({*hits, *more, *lacking}))
+        return hits
+
+    def masks(self, field: str, values: tuple[Any, ...]) -> tuple[dict[int, int], list[tuple[int, ...]]]:
+        """Per rule, the classes (bit mask) whose value passes its test of ``field``; per class, those rules."""
+        found = self._masks.get((field, id(values)))
+        if found is not None and found[0] is values:
+            return found[1], found[2]
+        masks: dict[int, int] = {}
+        by_class: list[tuple[int, ...]] = []
+        for position, value in enumerate(values):
+            hits = self.hits(field, value)
+            by_class.append(hits)
+            for rule in hits:
+                masks[rule] = masks.get(rule, 0) | (1 << position)
+        self._masks[(field, id(values))] = (values, masks, by_class)
+        return masks, by_class
+
+    def split(
+        self, tracer: Tracer, symbolic: Sequence[tuple[str, str]], index: int, allowed: frozenset[int] | None
+    ) -> int:
+        """:meth:`_Run._dispatch_next` on the symbolic fields (the others' rules are ``allowed``)."""
+        first_field, first_dim = symbolic[0]
+        position, values, representative = tracer.classes(first_dim)
+        masks, by_class = self.masks(first_field, values)
+        every_first = (1 << len(values)) - 1
+        # The other symbolic fields: position, every class, the representative's class, the rules' masks.
+        rest: list[tuple[int, int, int, dict[int, int]]] = []
+        for field, dim in symbolic[1:]:
+            other_position, other_values, other_representative = tracer.classes(dim)
+            rest.append(
+                (other_position, (1 << len(other_values)) - 1, other_representative, self.masks(field, other_values)[0])
+            )
+        every = {p: e for p, e, _, _ in rest}
+
+        def box(rule: int) -> dict[int, int]:
+            return {p: m.get(rule, 0) for p, _, _, m in rest}
+
+        def live(rules: tuple[int, ...], below: int) -> list[int]:
+            return [r for r in rules if index <= r < below and (allowed is None or r in allowed)]
+
+        found = self.end
+        for rule in live(by_class[representative], self.end):
+            if all(m.get(rule, 0) >> r & 1 for _, _, r, m in rest):
+                found = rule
+                break
+        inside: list[dict[int, int]] = []
+        outside: list[dict[int, int]] = []
+        if found < self.end:
+            # The classes of the first field where rule `found` holds, grouped by the rules before it there;
+            # on the other fields, its box less theirs.
+            outside.append({position: every_first & ~masks[found]})
+            groups: dict[tuple[int, ...], int] = {}
+            mask = masks[found]
+            while mask:
+                bit = mask & -mask
+                mask ^= bit
+                before = tuple(live(by_class[bit.bit_length() - 1], found))
+                groups[before] = groups.get(before, 0) | bit
+            for before, classes in groups.items():
+                parts = [box(found)]
+                for rule in before:
+                    parts = _subtract(parts, box(rule), every)
+                for part in parts:
+                    inside.append({position: classes, **part})
+                for part in _subtract_all([{}], parts, every):
+                    outside.append({position: classes, **part})
+        else:
+            key = (first_dim, id(values), index, allowed, tuple((p, id(m)) for p, _, _, m in rest))
+            cached = self._none.get(key)
+            if cached is None:
+                groups = {}
+                for cls, rules in enumerate(by_class):
+                    held = tuple(live(rules, self.end))
+                    groups[held] = groups.get(held, 0) | (1 << cls)
+                for held, classes in groups.items():
+                    parts = [{}]
+                    for rule in held:
+                        parts = _subtract(parts, box(rule), every)
+                    for part in parts:
+                        inside.append({position: classes, **part})
+                    for part in _subtract_all([{}], parts, every):
+                        outside.append({position: classes, **part})
+                cached = self._none[key] = (inside, outside)
+            inside, outside = cached
+        tracer.restrict(inside, outside)
+        return found
+
+
+def _subtract(parts: list[dict[int, int]], box: Mapping[int, int], every: Mapping[int, int]) -> list[dict[int, int]]:
+    """Disjoint parts (per position, the classes; a position not named: every class) less a box."""
+    out: list[dict[int, int]] = []
+    for part in parts:
+        if any(not (part.get(p, every[p]) & m) for p, m in box.items()):
+            out.append(part)
+            continue
+        current = dict(part)
+        for p, m in box.items():
+            here = current.get(p, every[p])
+            if here & ~m:
+                out.append({**current, p: here & ~m})
+            current[p] = here & m
+    return out
+
+
+def _subtract_all(
+    parts: list[dict[int, int]], boxes: Sequence[Mapping[int, int]], every: Mapping[int, int]
+) -> list[dict[int, int]]:
+    for box in boxes:
+        parts = _subtract(parts, box, every)
+    return parts
+
+
+def _dispatch_runs(chain: Chain, plans: Sequence[tuple[_Plan, ...]]) -> tuple[_Dispatch | None, ...] | None:
+    """The dispatch runs of a chain: maximal runs of at least ``_DISPATCH_MIN`` skippable rules (see
+    ``_SKIPPABLE``) that all test one field (address or port match: the one that makes the longest run),
+    keyed by it and by the other fields some rules of the run test."""
+    keyed: list[dict[str, tuple[Callable[[Any], Hashable], bool]]] = []
+    for rule_plans in plans:
+        fields: dict[str, tuple[Callable[[Any], Hashable], bool]] = {}
+        if all(plan[0] in _SKIPPABLE for plan in rule_plans):
+            for plan in rule_plans:
+                if (plan[0] is _ADDRESS or plan[0] is _PORT) and plan[1] in _DISPATCH_FIELDS:
+                    fields.setdefault(plan[1], (plan[2], plan[3]))
+        keyed.append(fields)
+    slots: list[_Dispatch | None] = [None] * len(plans)
+    found = False
+    start = 0
+    while start < len(keyed):
+        best: tuple[int, str | None] = (start, None)
+        for field in _DISPATCH_FIELDS:
+            end = start
+            while end < len(keyed) and field in keyed[end]:
+                end += 1
+            if end > best[0]:
+                best = (end, field)
+        end, first = best
+        if first is not None and end - start >= _DISPATCH_MIN:
+            tests = keyed[start:end]
+            more = [f for f in _DISPATCH_FIELDS if f != first and any(f in t for t in tests)]
+            run = _Dispatch((first, *more), start, end, tests)
+            slots[start:end] = [run] * (end - start)
+            found = True
+            start = end
+        else:
+            start += 1
+    return tuple(slots) if found else None
 
 
 _CACHE: dict[int, tuple[Ruleset, Environment, Interpreter]] = {}
@@ -981,6 +1208,16 @@ class _Run:
                     chain, index = stack.pop()
                     continue
                 return self._policy(hook, table, chain, base, "end of chain")
+            if not self.record:
+                runs = self.interpreter.dispatch(chain)
+                if runs is not None:
+                    run = runs[index]
+                    if run is not None:
+                        following = self._dispatch_next(run, index)
+                        if following != index:
+                            self.visits += following - index
+                            index = following
+                            continue
             rule = chain.rules[index]
             self.visits += 1
             if self.visits > MAX_RULE_VISITS:
@@ -1092,6 +1329,31 @@ class _Run:
                     )
                 case _:
                     assert_never(target)
+
+    def _dispatch_next(self, run: _Dispatch, index: int) -> int:
+        """The first rule of ``run`` from ``index`` on whose tests of the run's fields all hold: the rules
+        before it do not match. Through the tracer, the region keeps the classes on which exactly those
+        rules fail (one combined constraint for all of them) and leaves the rest to one other run."""
+        tracer = self.tracer
+        allowed: frozenset[int] | None = None
+        symbolic: list[tuple[str, str]] = []
+        for field in run.fields:
+            value = self.dst if field == "dst" else self.dport if field == "dport" else self.src
+            sym = self.sym[field] if tracer is not None else None
+            if sym is None:
+                if value is None:
+                    return index
+                hits = frozenset(run.hits(field, value))
+                allowed = hits if allowed is None else allowed & hits
+            elif isinstance(sym, str) and all(sym != dim for _, dim in symbolic):
+                symbolic.append((field, sym))
+            else:
+                return index
+        if not symbolic:
+            assert allowed is not None
+            return min((j for j in allowed if j >= index), default=run.end)
+        assert tracer is not None
+        return run.split(tracer, symbolic, index, allowed)
 
     def _policy(self, hook: Hook, table: Table, chain: Chain, base: BaseChain, why: str) -> _Outcome:
         if self.record:

@@ -17,12 +17,14 @@ from typing import Any
 
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshredirect.compiler import compile_policy
 from meshredirect.ir import Family
 from meshredirect.node import mesh_environment
 from meshredirect.policy import Policy
 from meshredirect.readers.iptables import read_iptables
+from meshredirect.semantics import interpreter as interpreter_module
 from meshredirect.semantics.check import Checker, checker
 from meshredirect.semantics.classes import ClassSpace, Root, mark_classes
 from meshredirect.semantics.explore import Explorer, Leaf, Run
@@ -208,6 +210,177 @@ def test_a_program_that_takes_one_branch_of_a_choice_behind_the_explorers_back_i
 
     with pytest.raises(AssertionError, match=r"do not cover the classes once per choice|behaves as"):
         assert_sound(check.space, one_branch, sample=100)
+
+
+# ----------------------------------------------------------------------------- dispatch runs
+#
+# Untraced evaluations jump over runs of rules keyed by a destination address, a port or a source address
+# (kube-proxy's KUBE-SERVICES and KUBE-NODEPORTS, Docker's DNAT and MASQUERADE rules): during exploration
+# one combined constraint stands for the rules skipped. Exploration with dispatch is compared with
+# concrete evaluation, rule by rule (an interpreter without dispatch), on every branch of every choice.
+
+_DSTS = ["10.96.0.1", "10.96.0.2", "10.96.0.3", "10.96.0.0/30", "10.244.0.5", "127.0.0.1"]
+_SRCS = ["10.244.0.5", "10.244.0.0/24", "127.0.0.6", "10.0.0.9"]
+_PORTS = ["53", "80", "443", "8080", "80:90"]
+_TARGETS = [
+    "-j DNAT --to-destination 10.244.1.7:8080",
+    "-j DNAT --to-destination 10.244.1.8",
+    "-j REDIRECT --to-ports 15001",
+    "-j RETURN",
+    "-j ACCEPT",
+    "-j MARK --set-xmark 0x4000/0x4000",
+    "-j SUB",
+]
+
+
+@st.composite
+def dispatch_rules(draw: st.DrawFn, primary: str | None = None) -> str:
+    """One rule of a run keyed by ``primary`` (it always tests it), with other tests and a target."""
+    primary = primary or draw(st.sampled_from(["dst", "dport", "src"]))
+    parts: list[str] = []
+    if primary == "src" or draw(st.booleans()):
+        parts.append(("! " if draw(st.booleans()) else "") + "-s " + draw(st.sampled_from(_SRCS)))
+    if primary == "dst" or draw(st.booleans()):
+        parts.append(("! " if draw(st.integers(0, 4)) == 0 else "") + "-d " + draw(st.sampled_from(_DSTS)))
+    if draw(st.integers(0, 5)) == 0:
+        parts.append("-o lo")
+    if primary == "dport" or draw(st.booleans()):
+        negate = "! " if draw(st.integers(0, 4)) == 0 else ""
+        parts.append(f"-p tcp -m tcp {negate}--dport " + draw(st.sampled_from(_PORTS)))
+    elif draw(st.booleans()):
+        parts.append("-p " + draw(st.sampled_from(["tcp", "udp"])))
+    if draw(st.integers(0, 5)) == 0:
+        parts.append("-m owner --uid-owner 1337")
+    if draw(st.integers(0, 3)) == 0:
+        parts.append("-m statistic --mode random --probability 0.50000000000")
+    parts.append(draw(st.sampled_from(_TARGETS)))
+    return "-A SVC " + " ".join(parts)
+
+
+@st.composite
+def dispatch_rulesets(draw: st.DrawFn) -> str:
+    """A nat table whose chain SVC (from OUTPUT and PREROUTING) holds a run of rules keyed by one field."""
+    primary = draw(st.sampled_from(["dst", "dport", "src"]))
+    rules = draw(st.lists(dispatch_rules(primary), min_size=8, max_size=14))
+    tail = draw(
+        st.sampled_from(
+            ["", "-A SVC -p tcp -j REDIRECT --to-ports 15006", "-A SVC -m mark --mark 0x4000/0x4000 -j ACCEPT"]
+        )
+    )
+    return "\n".join(
+        [
+            "*nat",
+            ":PREROUTING ACCEPT [0:0]",
+            ":INPUT ACCEPT [0:0]",
+            ":OUTPUT ACCEPT [0:0]",
+            ":POSTROUTING ACCEPT [0:0]",
+            ":SUB - [0:0]",
+            ":SVC - [0:0]",
+            "-A PREROUTING -j SVC",
+            "-A OUTPUT -j SVC",
+            "-A SUB -m statistic --mode random --probability 0.50000000000 -j DNAT --to-destination 10.244.2.1:80",
+            "-A SUB -j DNAT --to-destination 10.244.2.2:80",
+            *rules,
+            *([tail] if tail else []),
+            "COMMIT",
+            "",
+        ]
+    )
+
+
+def dispatch_program(ruleset: Any, env: Environment) -> Program:
+    """The verdict: explored with dispatch runs, evaluated concretely rule by rule (no dispatch)."""
+    fast = Interpreter(ruleset, env)
+    plain = Interpreter(ruleset, env)
+    plain.use_dispatch = False
+    explored, concrete = verdict_program(fast), verdict_program(plain)
+
+    def program(connection: Any, run: Run | None, symbols: Mapping[str, str] | None, choices: Choices | None) -> Any:
+        return (explored if run is not None else concrete)(connection, run, symbols, choices)
+
+    return program
+
+
+def _dispatch_space(text: str) -> tuple[Any, Environment, ClassSpace]:
+    ruleset = read_iptables(text)
+    env = Environment.default().covering(ruleset)
+    space = ClassSpace([ruleset], env, families=(Family.IPV4,))
+    runs = Interpreter(ruleset, env).dispatch(ruleset.tables[0].chain("SVC"))
+    assert runs is not None and runs[0] is not None, "the generated chain has no dispatch run"
+    return ruleset, env, space
+
+
+@settings(max_examples=25, deadline=None)
+@given(dispatch_rulesets())
+def test_dispatch_runs_explore_as_rule_by_rule_evaluation_on_every_branch(text: str) -> None:
+    ruleset, env, space = _dispatch_space(text)
+    assert_sound(space, dispatch_program(ruleset, env), seed=2, instantiate=instantiate_verdict, sample=150)
+
+
+#: A run of KUBE-SERVICES-like rules where the first rule that may match is not the only one.
+_OVERLAPPING = "\n".join(
+    [
+        "*nat",
+        ":PREROUTING ACCEPT [0:0]",
+        ":INPUT ACCEPT [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        ":POSTROUTING ACCEPT [0:0]",
+        ":SUB - [0:0]",
+        ":SVC - [0:0]",
+        "-A OUTPUT -j SVC",
+        "-A SUB -j RETURN",
+        *(
+            f"-A SVC -d 10.96.0.{i}/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.244.1.{i}:80"
+            for i in range(8)
+        ),
+        "-A SVC -d 10.96.0.0/29 -p tcp -m tcp --dport 80:90 -j DNAT --to-destination 10.244.9.9:80",
+        "-A SVC -d 10.96.0.3/32 -j REDIRECT --to-ports 15001",
+        "COMMIT",
+        "",
+    ]
+)
+
+
+def test_the_dispatch_test_is_sound_on_a_fixed_run() -> None:
+    ruleset, env, space = _dispatch_space(_OVERLAPPING)
+    assert assert_sound(space, dispatch_program(ruleset, env), instantiate=instantiate_verdict) > 50
+
+
+def test_a_dispatch_that_skips_a_rule_it_must_not_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    honest = interpreter_module._Dispatch.hits
+
+    def skips_the_first(self: Any, field: str, value: Any) -> tuple[int, ...]:
+        return honest(self, field, value)[1:]
+
+    monkeypatch.setattr(interpreter_module._Dispatch, "hits", skips_the_first)
+    ruleset, env, space = _dispatch_space(_OVERLAPPING)
+    with pytest.raises(AssertionError, match="behaves as"):
+        assert_sound(space, dispatch_program(ruleset, env), instantiate=instantiate_verdict)
+
+
+def test_a_dispatch_that_drops_the_rest_of_the_region_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    honest = Run.restrict
+
+    def drops_the_rest(self: Run, inside: Any, outside: Any) -> None:
+        honest(self, inside, [])
+
+    monkeypatch.setattr(Run, "restrict", drops_the_rest)
+    ruleset, env, space = _dispatch_space(_OVERLAPPING)
+    with pytest.raises(AssertionError, match="do not cover"):
+        assert_sound(space, dispatch_program(ruleset, env), instantiate=instantiate_verdict)
+
+
+def test_a_node_dump_with_dispatch_runs_checks_soundly() -> None:
+    check, plain = _node(services=9, containers=9), _node(services=9, containers=9)
+    plain.interpreter.use_dispatch = False
+    chains = [chain for table in check.interpreter.ruleset.tables for chain in table.chains]
+    assert sum(check.interpreter.dispatch(chain) is not None for chain in chains) >= 3
+    explored, concrete = properties_program(check), properties_program(plain)
+
+    def program(connection: Any, run: Run | None, symbols: Mapping[str, str] | None, choices: Choices | None) -> Any:
+        return (explored if run is not None else concrete)(connection, run, symbols, choices)
+
+    assert assert_sound(check.space, program, sample=120) > 100
 
 
 def test_regions_partition_the_product() -> None:

@@ -131,6 +131,7 @@ from meshredirect.ir import (
     OwnerKind,
     OwnerMatch,
     PortMatch,
+    Protocol,
     ProtocolMatch,
     Redirect,
     Reject,
@@ -612,7 +613,7 @@ class _Dispatch:
     of one decision per rule; the rest of the region goes to one other run.
     """
 
-    __slots__ = ("_masks", "_none", "end", "exact", "fields", "lacking", "others", "start")
+    __slots__ = ("_masks", "_none", "_possible", "end", "exact", "fields", "lacking", "others", "plans", "start")
 
     def __init__(
         self,
@@ -620,8 +621,11 @@ class _Dispatch:
         start: int,
         end: int,
         tests: Sequence[Mapping[str, tuple[Callable[[Any], Hashable], bool]]],
+        plans: Sequence[tuple[_Plan, ...]],
     ) -> None:
         self.fields, self.start, self.end = fields, start, end
+        self.plans = tuple(plans)
+        self._possible: dict[tuple[Protocol, Family], frozenset[int]] = {}
         self.exact: dict[str, dict[Hashable, tuple[int, ...]]] = {}
         self.others: dict[str, tuple[tuple[int, Callable[[Any], Hashable], bool], ...]] = {}
         self.lacking: dict[str, tuple[int, ...]] = {}
@@ -646,6 +650,19 @@ class _Dispatch:
         # Per field and tuple of class values (one explorer's): the rules' masks and each class's rules.
         self._masks: dict[tuple[str, int], tuple[tuple[Any, ...], dict[int, int], list[tuple[int, ...]]]] = {}
         self._none: dict[Hashable, tuple[list[dict[int, int]], list[dict[int, int]]]] = {}
+
+    def possible(self, protocol: Protocol, family: Family) -> frozenset[int]:
+        """The rules of the run that a connection of ``protocol`` and ``family`` may match (the others
+        test another protocol or family: they do not match, as ``_Run._rule_matches`` finds first)."""
+        key = (protocol, family)
+        found = self._possible.get(key)
+        if found is None:
+            found = self._possible[key] = frozenset(
+                index
+                for index, plans in enumerate(self.plans, self.start)
+                if not any(_excludes(plan, protocol, family) for plan in plans)
+            )
+        return found
 
     def hits(self, field: str, value: Any) -> tuple[int, ...]:
         """The (sorted) rules of the run whose test of ``field`` holds for ``value`` (or that test none)."""
@@ -701,12 +718,11 @@ class _Dispatch:
             if all(m.get(rule, 0) >> r & 1 for _, _, r, m in rest):
                 found = rule
                 break
-        inside: list[dict[int, int]] = []
-        outside: list[dict[int, int]] = []
+        inside: list[dict[int, int]]
+        outside: list[dict[int, int]]
         if found < self.end:
             # The classes of the first field where rule `found` holds, grouped by the rules before it there;
             # on the other fields, its box less theirs.
-            outside.append({position: every_first & ~masks[found]})
             groups: dict[tuple[int, ...], int] = {}
             mask = masks[found]
             while mask:
@@ -714,14 +730,8 @@ class _Dispatch:
                 mask ^= bit
                 before = tuple(live(by_class[bit.bit_length() - 1], found))
                 groups[before] = groups.get(before, 0) | bit
-            for before, classes in groups.items():
-                parts = [box(found)]
-                for rule in before:
-                    parts = _subtract(parts, box(rule), every)
-                for part in parts:
-                    inside.append({position: classes, **part})
-                for part in _subtract_all([{}], parts, every):
-                    outside.append({position: classes, **part})
+            inside, outside = _grouped(position, groups, box(found), box, every)
+            outside.append({position: every_first & ~masks[found]})
         else:
             key = (first_dim, id(values), index, allowed, tuple((p, id(m)) for p, _, _, m in rest))
             cached = self._none.get(key)
@@ -730,18 +740,53 @@ class _Dispatch:
                 for cls, rules in enumerate(by_class):
                     held = tuple(live(rules, self.end))
                     groups[held] = groups.get(held, 0) | (1 << cls)
-                for held, classes in groups.items():
-                    parts = [{}]
-                    for rule in held:
-                        parts = _subtract(parts, box(rule), every)
-                    for part in parts:
-                        inside.append({position: classes, **part})
-                    for part in _subtract_all([{}], parts, every):
-                        outside.append({position: classes, **part})
-                cached = self._none[key] = (inside, outside)
+                cached = self._none[key] = _grouped(position, groups, {}, box, every)
             inside, outside = cached
         tracer.restrict(inside, outside)
         return found
+
+
+def _excludes(plan: _Plan, protocol: Protocol, family: Family) -> bool:
+    """Whether a prepared match fails on every connection of ``protocol`` and ``family``."""
+    kind = plan[0]
+    if kind is _PROTOCOL:
+        return bool((protocol is plan[1]) == plan[2])
+    if kind is _FAMILY:
+        return family is not plan[1]
+    if kind is _ADDRESS:
+        return family.version not in plan[4]
+    if kind is _PORT:
+        return protocol is not plan[4]
+    return False
+
+
+def _grouped(
+    position: int,
+    groups: Mapping[tuple[int, ...], int],
+    first: Mapping[int, int],
+    box: Callable[[int], Mapping[int, int]],
+    every: Mapping[int, int],
+) -> tuple[list[dict[int, int]], list[dict[int, int]]]:
+    """For groups of classes of the first field (at ``position``), each with rules that hold there: the
+    part of the other fields in ``first`` and in none of the rules' boxes (inside) and the rest (outside),
+    as disjoint parts; parts equal on the other fields are merged across groups (their classes of the first
+    field are disjoint)."""
+    inside: dict[tuple[tuple[int, int], ...], int] = {}
+    outside: dict[tuple[tuple[int, int], ...], int] = {}
+    for rules, classes in groups.items():
+        parts = [dict(first)]
+        for rule in rules:
+            parts = _subtract(parts, box(rule), every)
+        for part in parts:
+            key = tuple(sorted(part.items()))
+            inside[key] = inside.get(key, 0) | classes
+        for part in _subtract_all([{}], parts, every):
+            key = tuple(sorted(part.items()))
+            outside[key] = outside.get(key, 0) | classes
+    return (
+        [{position: classes, **dict(key)} for key, classes in inside.items()],
+        [{position: classes, **dict(key)} for key, classes in outside.items()],
+    )
 
 
 def _subtract(parts: list[dict[int, int]], box: Mapping[int, int], every: Mapping[int, int]) -> list[dict[int, int]]:
@@ -795,7 +840,7 @@ def _dispatch_runs(chain: Chain, plans: Sequence[tuple[_Plan, ...]]) -> tuple[_D
         if first is not None and end - start >= _DISPATCH_MIN:
             tests = keyed[start:end]
             more = [f for f in _DISPATCH_FIELDS if f != first and any(f in t for t in tests)]
-            run = _Dispatch((first, *more), start, end, tests)
+            run = _Dispatch((first, *more), start, end, tests, plans[start:end])
             slots[start:end] = [run] * (end - start)
             found = True
             start = end
@@ -1335,7 +1380,7 @@ class _Run:
         before it do not match. Through the tracer, the region keeps the classes on which exactly those
         rules fail (one combined constraint for all of them) and leaves the rest to one other run."""
         tracer = self.tracer
-        allowed: frozenset[int] | None = None
+        allowed = run.possible(self.c.protocol, self.family)
         symbolic: list[tuple[str, str]] = []
         for field in run.fields:
             value = self.dst if field == "dst" else self.dport if field == "dport" else self.src
@@ -1343,14 +1388,12 @@ class _Run:
             if sym is None:
                 if value is None:
                     return index
-                hits = frozenset(run.hits(field, value))
-                allowed = hits if allowed is None else allowed & hits
+                allowed = allowed.intersection(run.hits(field, value))
             elif isinstance(sym, str) and all(sym != dim for _, dim in symbolic):
                 symbolic.append((field, sym))
             else:
                 return index
         if not symbolic:
-            assert allowed is not None
             return min((j for j in allowed if j >= index), default=run.end)
         assert tracer is not None
         return run.split(tracer, symbolic, index, allowed)

@@ -400,15 +400,16 @@ class Explorer:
         if found is not None and (by_value or found[0] is key):
             return found[1]
         outcomes: dict[Hashable, int] = {}
+        per_class: list[Hashable] = []
         for index, value in enumerate(self.values[dim]):
             if transform is not None:
                 value = (value & transform[0]) ^ transform[1]
             outcome = key(value)
+            per_class.append(outcome)
             outcomes[outcome] = outcomes.get(outcome, 0) | (1 << index)
         cache[cache_key] = (key, outcomes)
         if transform is None:
             # The fast path of Run.resolve: by the test's identity, each class's outcome at hand.
-            per_class = [next(o for o, m in outcomes.items() if m >> i & 1) for i in range(len(self.values[dim]))]
             self.fast.setdefault(id(key), {})[dim] = (key, self.position[dim], outcomes, per_class)
         return outcomes
 

@@ -1237,6 +1237,8 @@ class _Run:
     def _chain(self, hook: Hook, table: Table, chain: Chain, base: BaseChain) -> _Outcome:
         stack: list[tuple[Chain, int]] = []
         index = 0
+        runs_of: Chain | None = None  # the chain `runs` belongs to
+        runs: tuple[_Dispatch | None, ...] | None = None
         while True:
             if index >= len(chain.rules):
                 if stack:
@@ -1254,7 +1256,8 @@ class _Run:
                     continue
                 return self._policy(hook, table, chain, base, "end of chain")
             if not self.record:
-                runs = self.interpreter.dispatch(chain)
+                if runs_of is not chain:
+                    runs_of, runs = chain, self.interpreter.dispatch(chain)
                 if runs is not None:
                     run = runs[index]
                     if run is not None:

@@ -24,10 +24,11 @@ from meshredirect.ir import Family
 from meshredirect.node import mesh_environment
 from meshredirect.policy import Policy
 from meshredirect.readers.iptables import read_iptables
+from meshredirect.semantics import explore as explore_module
 from meshredirect.semantics import interpreter as interpreter_module
 from meshredirect.semantics.check import Checker, checker
 from meshredirect.semantics.classes import ClassSpace, Root, mark_classes
-from meshredirect.semantics.explore import Explorer, Leaf, Run
+from meshredirect.semantics.explore import Eq, Explorer, In, Leaf, Run
 from meshredirect.semantics.interpreter import Choices, Interpreter
 from meshredirect.semantics.model import Environment
 from meshredirect.testing.node_dump import node_dump
@@ -381,6 +382,52 @@ def test_a_node_dump_with_dispatch_runs_checks_soundly() -> None:
         return (explored if run is not None else concrete)(connection, run, symbols, choices)
 
     assert assert_sound(check.space, program, sample=120) > 100
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(st.integers(0, 30), min_size=1, max_size=12, unique=True),
+    st.frozensets(st.integers(0, 40), max_size=15),
+    st.sampled_from(["eq", "in", "contains"]),
+)
+def test_membership_partitions_are_looked_up_as_the_test_says(
+    values: list[int], members: frozenset[int], kind: str
+) -> None:
+    """Eq, In of a frozenset and frozenset.__contains__ are partitioned by looking the members up: the same
+    classes as the test evaluated on every class, and the fast path of Run.resolve agrees."""
+    key: Callable[[Any], Any]
+    if kind == "eq":
+        key = Eq(min(members, default=0))
+    elif kind == "in":
+        key = In(members)
+    else:
+        key = members.__contains__
+    explorer = Explorer({"x": values})
+    expected: dict[Any, int] = {}
+    for index, value in enumerate(values):
+        expected[key(value)] = expected.get(key(value), 0) | 1 << index
+    assert explorer.partition("x", key) == expected
+    run = Run(explorer, [((1 << len(values)) - 1,)])
+    assert run.resolve("x", key)[1] == key(values[0])
+
+
+def test_membership_partitions_of_fixed_members() -> None:
+    explorer = Explorer({"x": [3, 5, 7]})
+    assert explorer.partition("x", In(frozenset({5, 9}))) == {True: 0b010, False: 0b101}
+    assert explorer.partition("x", Eq(7)) == {True: 0b100, False: 0b011}
+    assert explorer.partition("x", In(frozenset({8}))) == {False: 0b111}
+
+
+def test_a_membership_lookup_that_misses_a_member_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    honest = explore_module._members
+
+    def one_less(key: Any) -> Any:
+        members = honest(key)
+        return None if members is None else tuple(sorted(members))[1:]
+
+    monkeypatch.setattr(explore_module, "_members", one_less)
+    with pytest.raises(AssertionError):
+        test_membership_partitions_are_looked_up_as_the_test_says()
 
 
 def test_regions_partition_the_product() -> None:

@@ -377,6 +377,7 @@ class Explorer:
         ] = {}
         #: The partitions of tests of stable identity: id(test) -> dim -> (test, position, outcomes, per class).
         self.fast: dict[int, dict[str, tuple[object, int, dict[Hashable, int], list[Hashable]]]] = {}
+        self._indices: dict[str, dict[Hashable, int] | None] = {}
         self.runs = 0
 
     @property
@@ -401,6 +402,28 @@ class Explorer:
             return found[1]
         outcomes: dict[Hashable, int] = {}
         per_class: list[Hashable] = []
+        members = _members(key) if transform is None else None
+        index_of = self._index(dim) if members is not None else None
+        if members is not None and index_of is not None and len(members) <= len(index_of):
+            # A test of membership in a set of values: the classes whose value is a member, looked up.
+            count = len(index_of)
+            inside = 0
+            for member in members:
+                at = index_of.get(member)
+                if at is not None:
+                    inside |= 1 << at
+            if inside:
+                outcomes[True] = inside
+            if inside != (1 << count) - 1:
+                outcomes[False] = ((1 << count) - 1) & ~inside
+            per_class = [False] * count
+            while inside:
+                bit = inside & -inside
+                inside ^= bit
+                per_class[bit.bit_length() - 1] = True
+            cache[cache_key] = (key, outcomes)
+            self.fast.setdefault(id(key), {})[dim] = (key, self.position[dim], outcomes, per_class)
+            return outcomes
         for index, value in enumerate(self.values[dim]):
             if transform is not None:
                 value = (value & transform[0]) ^ transform[1]
@@ -412,6 +435,19 @@ class Explorer:
             # The fast path of Run.resolve: by the test's identity, each class's outcome at hand.
             self.fast.setdefault(id(key), {})[dim] = (key, self.position[dim], outcomes, per_class)
         return outcomes
+
+    def _index(self, dim: str) -> dict[Hashable, int] | None:
+        """Each class's value -> its index, when the values are hashable and distinct (else None)."""
+        if dim not in self._indices:
+            index: dict[Hashable, int] | None
+            try:
+                index = {value: i for i, value in enumerate(self.values[dim])}
+            except TypeError:
+                index = None
+            if index is not None and len(index) != len(self.values[dim]):
+                index = None
+            self._indices[dim] = index
+        return self._indices[dim]
 
     def explore(self, program: Callable[[Run], R], region: Mapping[str, Sequence[int]] | None = None) -> list[Leaf[R]]:
         """Every distinct path of ``program``, each with the region of classes it covers.
@@ -446,6 +482,19 @@ class Explorer:
             )
             stack.extend(reversed(run.alternatives))
         return leaves
+
+
+def _members(key: Callable[[Any], Hashable]) -> frozenset[Hashable] | tuple[Hashable] | None:
+    """The values a test of membership holds for (``Eq``, ``In`` of a frozenset, ``frozenset.__contains__``),
+    or None for any other test. Such a test is True exactly on those values and False on every other."""
+    if isinstance(key, Eq):
+        return (key.other,)
+    if isinstance(key, In):
+        return key.members if isinstance(key.members, frozenset) else None
+    owner = getattr(key, "__self__", None)
+    if isinstance(owner, frozenset) and getattr(key, "__name__", "") == "__contains__":
+        return owner
+    return None
 
 
 def _merge(boxes: list[Box]) -> list[Box]:

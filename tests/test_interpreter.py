@@ -477,6 +477,12 @@ def test_a_random_match_is_a_choice_point_every_outcome_of_which_is_possible() -
     # Forced choices replay a path; a connection whose rule's other matches fail meets no choice point.
     assert interpreter.evaluate(connection, choices=(False, False)).verdict == outcomes[2].verdict
     assert interpreter.evaluate(app(dst="10.96.0.11")).choices == ()
+    # The evaluation's text lists the outcomes taken; one without a choice point says nothing of them.
+    assert (
+        outcomes[1].explain().splitlines()[-1]
+        == "random choices taken: no match, matched (the other outcomes are possible too)"
+    )
+    assert "random choices" not in interpreter.evaluate(app(dst="10.96.0.11")).explain()
 
 
 @pytest.mark.parametrize(

@@ -423,6 +423,7 @@ class Interpreter:
         self._stages: dict[tuple[str, str], tuple[_Stage, ...]] = {}
         self._plans: dict[int, tuple[Rule, tuple[_Plan, ...]]] = {}
         self._dispatch: dict[int, tuple[Chain, tuple[_Dispatch | None, ...] | None]] = {}
+        self._member_tests: dict[Hashable, Callable[[Any], Hashable]] = {}
         #: Whether untraced evaluations jump over runs of rules keyed by one field (see :class:`_Dispatch`).
         self.use_dispatch = True
         env = self.env
@@ -465,6 +466,14 @@ class Interpreter:
         self._dispatch[id(chain)] = (chain, runs)
         return runs
 
+    def _member_test(self, members: Any) -> Callable[[Any], Hashable]:
+        """One test per set of members (rules that test equal sets share it: the explorer partitions the
+        classes by a test once, by its identity)."""
+        found = self._member_tests.get(members)
+        if found is None:
+            found = self._member_tests[members] = _member_test(members)
+        return found
+
     def _plan(self, match: Match) -> _Plan:
         match match:
             case ProtocolMatch():
@@ -475,15 +484,15 @@ class Interpreter:
                 addresses = match.addresses
                 field = "src" if match.direction is Direction.SOURCE else "dst"
                 versions = frozenset(n.version for n in addresses)
-                return (_ADDRESS, field, _member_test(addresses), match.negate, versions)
+                return (_ADDRESS, field, self._member_test(addresses), match.negate, versions)
             case PortMatch():
                 field = "sport" if match.direction is Direction.SOURCE else "dport"
-                return (_PORT, field, _member_test(match.ports), match.negate, match.protocol)
+                return (_PORT, field, self._member_test(match.ports), match.negate, match.protocol)
             case InterfaceMatch():
                 return (_IIF if match.direction is Direction.SOURCE else _OIF, match.matches)
             case OwnerMatch():
                 field = "uid" if match.kind is OwnerKind.UID else "gid"
-                return (_OWNER, field, _member_test(match.ids), match.negate, match.socketless)
+                return (_OWNER, field, self._member_test(match.ids), match.negate, match.socketless)
             case MarkMatch() | ConnmarkMatch():
                 return (
                     _MARK if isinstance(match, MarkMatch) else _CTMARK,

@@ -608,6 +608,8 @@ _SKIPPABLE: Final = frozenset(
 _DISPATCH_FIELDS: Final = ("dst", "dport", "src")
 #: Runs shorter than this are walked rule by rule.
 _DISPATCH_MIN: Final = 8
+#: A run keeps the class masks of at most this many (field, explorer) pairs.
+_DISPATCH_CACHE: Final = 64
 
 
 class _Dispatch:
@@ -696,6 +698,10 @@ class _Dispatch:
             by_class.append(hits)
             for rule in hits:
                 masks[rule] = masks.get(rule, 0) | (1 << position)
+        if len(self._masks) >= _DISPATCH_CACHE:
+            # Both at once: the keys of `_none` name (by id) values and masks that `_masks` keeps alive.
+            self._masks.clear()
+            self._none.clear()
         self._masks[(field, id(values))] = (values, masks, by_class)
         return masks, by_class
 

@@ -18,8 +18,8 @@ from meshredirect.semantics.check import Property, check, checker
 from meshredirect.semantics.interpreter import Interpreter
 from meshredirect.semantics.model import Connection, Environment, Origin, Socket
 from meshredirect.semantics.proxy import Arrival, ProxyModel, follow
+from meshredirect.testing.strategies import connections, policies
 from meshredirect.values import AddressSet
-from strategies import connections, policies
 
 DEFAULT = Policy()
 ENV = Environment.for_policy(DEFAULT)

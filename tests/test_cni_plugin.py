@@ -45,9 +45,9 @@ from meshredirect.policy import Policy
 from meshredirect.readers.iptables import read_iptables
 from meshredirect.semantics.equivalence import equivalent
 from meshredirect.semantics.model import Environment
+from meshredirect.testing.strategies import policies
 from meshredirect.values import IdSet
 from meshredirect_nftables import NftLowering
-from strategies import policies
 
 EXECUTABLE = shutil.which("meshredirect-cni", path=str(Path(__file__).resolve().parent.parent / ".venv" / "bin"))
 PREVIOUS = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/x"}], "ips": []}

@@ -165,3 +165,10 @@ def test_the_containerfile_builds_the_entry_points_from_the_project() -> None:
     for line in re.findall(r"^COPY (.+)$", text, re.MULTILINE):
         for source in shlex.split(line)[:-1]:
             assert (ROOT / source).exists(), f"Containerfile copies {source}, which does not exist"
+
+
+def test_the_image_carries_what_both_rule_backends_need() -> None:
+    text = (ROOT / "deploy" / "Containerfile").read_text()
+    installed = set(re.findall(r"[a-z0-9.+-]+", text.split("apt-get install", 1)[1].split("&&", 1)[0]))
+    assert {"iptables", "nftables", "python3-nftables", "iproute2", "util-linux"} <= installed
+    assert "import nftables; nftables.Nftables()" in text, "the build proves the bindings load"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -52,14 +51,15 @@ from meshredirect.ir import (
 )
 from meshredirect.policy import DnsCapture, Policy
 from meshredirect.presets import preset
+from meshredirect.testing.pytest_plugin import require
 from meshredirect.testing.samples import SAMPLE_MATCHES, SAMPLE_TARGETS
+from meshredirect.testing.strategies import policies
 from meshredirect.values import AddressSet, IdSet, PortSet
 from meshredirect_ebpf import ConnectCall, EbpfBackend, Environment, Refused, Rewritten, Route, Unchanged, decide
 from meshredirect_ebpf.environment import MarkRoute
 from meshredirect_ebpf.limits import HASH_ENTRIES_MAX, MAPS_PER_PROGRAM_MAX, OBJECT_NAME_MAX
 from meshredirect_ebpf.lowering import lower
 from meshredirect_ebpf.maps import lpm_key, map_definitions, maps_document, read_entries
-from strategies import policies
 
 GOLDEN: Final = Path(__file__).parent / "golden" / "ebpf"
 ENV: Final = Environment.pod("10.0.0.5", "fd00::5")
@@ -462,10 +462,8 @@ def test_rendering_matches_golden(name: str, update_goldens: bool) -> None:
 
 def _clang() -> str:
     found = shutil.which("clang")
-    if found is None:
-        if os.environ.get("MESHREDIRECT_REQUIRE_KERNEL") == "1":
-            pytest.fail("clang is not installed (Debian package clang)")
-        pytest.skip("clang is not installed (Debian package clang)")
+    require(None if found is not None else "clang is not installed (Debian package clang)")
+    assert found is not None
     return found
 
 

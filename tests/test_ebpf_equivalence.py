@@ -24,11 +24,11 @@ from meshredirect.compiler import compile_policy
 from meshredirect.ir import OwnerMatch, Return, Ruleset
 from meshredirect.policy import DnsCapture, Policy
 from meshredirect.presets import PRESETS, preset
+from meshredirect.testing.strategies import policies
 from meshredirect_ebpf import EbpfBackend
 from meshredirect_ebpf.lowering import lower
 from meshredirect_ebpf.plan import IntegerSet
 from meshredirect_ebpf.proof import environment_of, prove
-from strategies import policies
 
 #: At least 300 generated policies per run (the issue's acceptance); each proof takes ~0.1 s.
 EXAMPLES: Final = 300

@@ -32,7 +32,7 @@ from meshredirect.semantics.explore import Eq, Explorer, In, Leaf, Run
 from meshredirect.semantics.interpreter import Choices, Interpreter
 from meshredirect.semantics.model import Environment
 from meshredirect.testing.node_dump import node_dump
-from strategies import policies
+from meshredirect.testing.strategies import policies
 
 #: Above this many class combinations a root is checked on a random sample of them.
 EXHAUSTIVE_LIMIT = 1500

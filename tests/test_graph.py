@@ -46,7 +46,7 @@ from meshredirect.ir import (
 )
 from meshredirect.policy import Policy
 from meshredirect.testing.samples import SAMPLE_MATCHES, SAMPLE_TARGETS
-from strategies import policies
+from meshredirect.testing.strategies import policies
 
 GOLDEN = Path(__file__).parent / "golden" / "graph"
 

@@ -100,6 +100,10 @@ REFUSED = [
      "xt_owner cannot match socketless packets positively"),
     (_rule_of(ProtocolMatch(protocol=Protocol.UDP), PortMatch(protocol=Protocol.TCP, ports=PortSet.of(1))),
      "conflicting protocols in one rule"),
+    (_rule_of(ProtocolMatch(protocol=Protocol.TCP, negate=True), ProtocolMatch(protocol=Protocol.TCP)),
+     "conflicting protocols in one rule"),
+    (_rule_of(ProtocolMatch(protocol=Protocol.TCP), ProtocolMatch(protocol=Protocol.TCP, negate=True)),
+     "conflicting protocols in one rule"),
     (_rule_of(UnknownMatch(dialect="nftables", tokens=("meta", "cpu", "1"))), "an unknown nftables match has no iptables form"),
     (_rule_of(target=Redirect(ports=PortSet.of(1, 3))), "iptables NAT targets take one port or one range"),
     (_rule_of(AddressMatch(direction=Direction.SOURCE, addresses=AddressSet.of("1.1.1.1")),
@@ -108,7 +112,16 @@ REFUSED = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("rule", "reason"), REFUSED, ids=[r for _, r in REFUSED])
+def test_the_same_protocol_test_twice_is_one_test() -> None:
+    for negate in (False, True):
+        twice = _rule_of(
+            ProtocolMatch(protocol=Protocol.TCP, negate=negate), ProtocolMatch(protocol=Protocol.TCP, negate=negate)
+        )
+        once = _rule_of(ProtocolMatch(protocol=Protocol.TCP, negate=negate))
+        assert BACKEND.rule_tokens(Family.IPV4, twice) == BACKEND.rule_tokens(Family.IPV4, once)
+
+
+@pytest.mark.parametrize(("rule", "reason"), REFUSED, ids=[f"{i}-{r}" for i, (_, r) in enumerate(REFUSED)])
 def test_what_iptables_cannot_express_is_refused_naming_the_node(rule: Rule, reason: str) -> None:
     with pytest.raises(UnsupportedError) as info:
         BACKEND.rule_tokens(Family.IPV4, rule)

@@ -76,8 +76,8 @@ from meshredirect.policy import Policy
 from meshredirect.presets import PRESETS, preset
 from meshredirect.readers.iptables import read_iptables
 from meshredirect.testing.samples import SAMPLE_MATCHES, SAMPLE_TARGETS, TARGET_PLACES
+from meshredirect.testing.strategies import policies
 from meshredirect.values import AddressSet, IdSet, PortSet
-from strategies import policies
 
 GROUPS = {"java": 1001, "ftp": 1002}
 TCP = Protocol.TCP

@@ -583,18 +583,11 @@ def test_validation_is_skipped_with_a_warning_in_a_dry_run() -> None:
     )
 
 
-def test_native_nftables_is_refused_clearly() -> None:
-    from meshredirect.backend import available_backends
-
+def test_native_nftables_prints_and_applies_through_the_nftables_backend() -> None:
     status, out, err = run_cli("-n", "--enable-ipv6=false", "--native-nftables")
-    if "nftables" in available_backends():
-        assert status == 0 and out
-    else:
-        assert (status, out) == (3, "")
-        assert err == (
-            "meshredirect istio-iptables: error: --native-nftables needs the nftables backend, which is not "
-            "installed (run without it)\n"
-        )
+    assert (status, err) == (0, "")
+    assert out.startswith("table ip istio\ndelete table ip istio\ntable ip istio {\n    chain nat-OUTPUT {\n")
+    assert "iptables" not in out
 
 
 def test_environment_reaches_the_command() -> None:

@@ -52,11 +52,11 @@ from meshredirect.ir import (
 from meshredirect.policy import Policy
 from meshredirect.readers.nftables import read_nft_json
 from meshredirect.testing.samples import SAMPLE_MATCHES, SAMPLE_TARGETS, TARGET_PLACES, coverage_gaps
+from meshredirect.testing.strategies import policies
 from meshredirect.values import AddressSet, IdSet, PortSet
 from meshredirect_nftables import PRIORITY_OFFSET, TPROXY_DROP_COMMENT, NftablesJsonBackend, NftLowering
 from meshredirect_nftables.lowering import merge_lookups
 from meshredirect_nftables.text import statement_text
-from strategies import policies
 
 LOWERING = NftLowering()
 MATCHES = [m for items in SAMPLE_MATCHES.values() for m in items]

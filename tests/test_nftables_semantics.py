@@ -34,9 +34,9 @@ from meshredirect.policy import Policy
 from meshredirect.readers.nftables import read_nft_json
 from meshredirect.semantics.equivalence import equivalence_report
 from meshredirect.semantics.model import Environment
+from meshredirect.testing.strategies import policies
 from meshredirect.values import IdSet
 from meshredirect_nftables import NftLowering
-from strategies import policies
 
 LOWERING = NftLowering()
 #: Each example runs the class enumeration of two rulesets: keep CI well under its budget.

@@ -11,8 +11,8 @@ from meshredirect.node import detect_mesh, environment_for_rules
 from meshredirect.policy import InterceptionMode, LoopbackCapture, Policy
 from meshredirect.readers.iptables import read_iptables
 from meshredirect.semantics.model import MarkRoute
+from meshredirect.testing.strategies import policies
 from meshredirect.values import IdSet
-from strategies import policies
 
 GROUPS = {"java": 1001, "ftp": 1002}
 

@@ -12,8 +12,8 @@ from meshredirect.errors import PolicyError, UnsafePolicyError
 from meshredirect.ir import Family
 from meshredirect.policy import DnsCapture, InterceptionMode, Policy
 from meshredirect.presets import preset
+from meshredirect.testing.strategies import policies
 from meshredirect.values import ALL, AddressSet, IdSet, PortSet
-from strategies import policies
 
 
 def test_default_is_istio_production() -> None:

@@ -15,8 +15,8 @@ from meshredirect.frontends.policy_file import _parser, format_file, format_poli
 from meshredirect.ir import Family
 from meshredirect.policy import DnsCapture, InterceptionMode, LoopbackCapture, Policy
 from meshredirect.presets import PRESETS, preset
+from meshredirect.testing.strategies import policies
 from meshredirect.values import ALL, AddressSet, IdSet, PortSet
-from strategies import policies
 
 # ----------------------------------------------------------------------------- every statement and clause
 

@@ -13,8 +13,8 @@ from meshredirect.policy import InterceptionMode, LoopbackCapture, Policy
 from meshredirect.presets import PRESETS, preset
 from meshredirect.semantics.equivalence import Difference, equivalent
 from meshredirect.semantics.model import Origin
+from meshredirect.testing.strategies import policies
 from meshredirect.values import ALL, IdSet, PortSet
-from strategies import policies
 
 
 def test_linkerd_values_follow_proxy_init_defaults() -> None:

@@ -277,8 +277,8 @@ class IptablesLowering:
         match node:
             case ProtocolMatch():
                 if parts.protocol is not None:
-                    if parts.protocol is node.protocol and not node.negate:
-                        return
+                    if parts.protocol is node.protocol and parts.protocol_negated == node.negate:
+                        return  # the same test twice
                     raise UnsupportedError(self.name, node, "conflicting protocols in one rule")
                 parts.protocol = node.protocol
                 parts.protocol_negated = node.negate

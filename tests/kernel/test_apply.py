@@ -25,7 +25,6 @@ from meshredirect.apply.base import FAMILIES, ApplyFailed
 from meshredirect.apply.iptables import IptablesApplier, VariantChoice
 from meshredirect.apply.netns import Target
 from meshredirect.apply.routing import TproxyRoute, routes_for
-from meshredirect.backend import available_backends
 from meshredirect.cli import main
 from meshredirect.compiler import compile_policy
 from meshredirect.errors import BackendNotFoundError, EnvironmentProblem, PolicyError
@@ -33,15 +32,13 @@ from meshredirect.ir import Family, Jump, Rule, Ruleset, Table
 from meshredirect.policy import Policy
 from meshredirect.testing.netns import NetNamespace
 from meshredirect.testing.state import kernel_state, without_empty_tables
-from strategies import policies
+from meshredirect.testing.strategies import policies
 
 pytestmark = pytest.mark.kernel
 
 VARIANTS = ("nft", "legacy")
-#: (backend, iptables variant): both iptables variants, and nftables where this build has its backend.
-BACKENDS = [("iptables", "nft"), ("iptables", "legacy")] + (
-    [("nftables", None)] if "nftables-json" in available_backends() else []
-)
+#: (backend, iptables variant): both iptables variants, and nftables.
+BACKENDS = [("iptables", "nft"), ("iptables", "legacy"), ("nftables", None)]
 BACKEND_IDS = [f"{b}-{v}" if v else b for b, v in BACKENDS]
 
 FOREIGN_V6 = """\
@@ -402,11 +399,6 @@ def test_cli_apply_cleanup_and_their_reports(ns: Target, capsys: pytest.CaptureF
             "network namespace /var/run/netns/mr-no-such-namespace does not exist",
         ),
         (["apply", "--netns", "mr-x", "-p", "0"], 2, "outbound_port: expected a port number 1-65535, got '0'"),
-        *(
-            [(["apply", "--backend", "nftables", "--netns", "/proc/self/ns/net", "--dry-run"], 3, "nftables")]
-            if "nftables-json" not in available_backends()
-            else []
-        ),
     ],
 )
 def test_cli_errors_exit_with_a_message_and_change_nothing(

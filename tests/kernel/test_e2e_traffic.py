@@ -22,31 +22,22 @@ import pytest
 from conftest import require_kernel
 from meshredirect.apply.actions import apply
 from meshredirect.apply.routing import routes_for
-from meshredirect.backend import available_backends
-from meshredirect.compiler import ChainNames, compile_policy
+from meshredirect.compiler import compile_policy
 from meshredirect.ir import (
-    AddressMatch,
-    Chain,
-    Direction,
     Family,
-    InterfaceMatch,
-    MarkMatch,
-    OwnerMatch,
-    Return,
-    Rule,
     Ruleset,
-    Table,
 )
 from meshredirect.policy import Policy
+from meshredirect.semantics import Environment
+from meshredirect.testing.assertions import LoopError, assert_loop_free
+from meshredirect.testing.mutations import Mutation, mutate
 from meshredirect.testing.pod import PodNetwork
 from meshredirect.testing.proxy import ProxyProcess, Reply, Server, hops_of, probe
 
 pytestmark = pytest.mark.kernel
 
-#: (backend, iptables variant): both iptables variants, and nftables where this build has its backend.
-BACKENDS: Final = (("iptables", "nft"), ("iptables", "legacy")) + (
-    (("nftables", None),) if "nftables-json" in available_backends() else ()
-)
+#: (backend, iptables variant): both iptables variants, and nftables.
+BACKENDS: Final = (("iptables", "nft"), ("iptables", "legacy"), ("nftables", None))
 MODES: Final = ("REDIRECT", "TPROXY")
 FAMILIES: Final = (4, 6)
 APP_PORT: Final = 8080
@@ -160,58 +151,25 @@ def test_exclusions_and_the_health_port_bypass_the_proxy(
 # ----------------------------------------------------------------------------- broken rulesets loop
 
 
-def _without(ruleset: Ruleset, table_name: str, chain_name: str, drop: Any) -> Ruleset:
-    tables = []
-    for table in ruleset.tables:
-        if table.name == table_name:
-            chains = []
-            for chain in table.chains:
-                if chain.name == chain_name:
-                    kept = tuple(rule for rule in chain.rules if not drop(rule))
-                    assert len(kept) < len(chain.rules), f"nothing to remove from {table_name} {chain_name}"
-                    chain = Chain(name=chain.name, rules=kept, base=chain.base)
-                chains.append(chain)
-            table = Table(family=table.family, name=table.name, chains=tuple(chains))
-        tables.append(table)
-    return attrs.evolve(ruleset, tables=tuple(tables))
+def broken_for(policy: Policy, mutation: Mutation) -> Ruleset:
+    """The policy's rules with one mistake (:mod:`meshredirect.testing.mutations`)."""
+    return mutate(compile_policy(policy), mutation, Environment.for_policy(policy).proxy)
 
 
-def without_owner_exemptions(ruleset: Ruleset, policy: Policy) -> Ruleset:
-    """The proxy's uid and gid no longer return from nat OUTPUT: its upstream connections are captured."""
-
-    def exemption(rule: Rule) -> bool:
-        return isinstance(rule.target, Return) and len(rule.matches) == 1 and isinstance(rule.matches[0], OwnerMatch)
-
-    return _without(ruleset, "nat", ChainNames(policy.chain_prefix).output, exemption)
-
-
-def without_passthrough_exemption(ruleset: Ruleset, policy: Policy) -> Ruleset:
-    """The proxy's inbound passthrough (from 127.0.0.6 / ::6; with TPROXY, marked) no longer returns."""
-
-    def exemption(rule: Rule) -> bool:
-        if not isinstance(rule.target, Return) or not any(isinstance(m, InterfaceMatch) for m in rule.matches):
-            return False
-        return any(
-            (isinstance(m, AddressMatch) and m.direction is Direction.SOURCE) or isinstance(m, MarkMatch)
-            for m in rule.matches
-        )
-
-    return _without(ruleset, "nat", ChainNames(policy.chain_prefix).output, exemption)
-
-
-def predicted_loop(ruleset: Ruleset) -> bool:
-    """Whether the semantics engine finds a loop."""
-    from meshredirect.semantics.check import Property, check
-
-    return bool(check(ruleset).of(Property.LOOP))
+def predicted_loop(ruleset: Ruleset, policy: Policy) -> bool:
+    """Whether the semantics engine finds a loop (:func:`meshredirect.testing.assertions.assert_loop_free`)."""
+    try:
+        assert_loop_free(ruleset, Environment.for_policy(policy))
+    except LoopError:
+        return True
+    return False
 
 
 @pytest.mark.parametrize("v", FAMILIES, ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("breakage", ["owner exemptions removed", "passthrough exemption removed"])
 def test_a_broken_ruleset_makes_a_real_loop_that_ends_at_the_hop_bound(cell: Cell, v: int, breakage: str) -> None:
-    ruleset = compile_policy(cell.policy)
     outbound = breakage.startswith("owner")
-    broken = (without_owner_exemptions if outbound else without_passthrough_exemption)(ruleset, cell.policy)
+    broken = broken_for(cell.policy, Mutation.DROP_PROXY_EXEMPTIONS if outbound else Mutation.DROP_PASSTHROUGH)
     where = cell.net.pod_target
     apply(broken, backend=cell.backend, netns=where, variant=cell.variant, routing=routes_for(cell.policy))
     try:
@@ -230,7 +188,7 @@ def test_a_broken_ruleset_makes_a_real_loop_that_ends_at_the_hop_bound(cell: Cel
             assert hops_of(accepts) == list(range(1, MAX_HOPS + 2))
             assert {event["kind"] for event in accepts[1:]} == {kind}
             assert {tuple(event["original"]) for event in accepts} == {(A["peer" if outbound else "pod"][v], APP_PORT)}
-        assert predicted_loop(broken), "the semantics engine does not predict the loop the kernel shows"
+        assert predicted_loop(broken, cell.policy), "the semantics engine does not predict the loop the kernel shows"
     finally:
         outcome = apply(cell.policy, backend=cell.backend, netns=where, variant=cell.variant)
         assert outcome.changed
@@ -238,4 +196,5 @@ def test_a_broken_ruleset_makes_a_real_loop_that_ends_at_the_hop_bound(cell: Cel
 
 def test_the_correct_ruleset_is_predicted_loop_free() -> None:
     for mode in MODES:
-        assert not predicted_loop(compile_policy(policy_for(mode)))
+        policy = policy_for(mode)
+        assert not predicted_loop(compile_policy(policy), policy)

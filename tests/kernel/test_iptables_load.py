@@ -25,7 +25,7 @@ from meshredirect.ir import Family, Ruleset
 from meshredirect.policy import Policy
 from meshredirect.presets import preset
 from meshredirect.testing.netns import NetNamespace
-from strategies import policies
+from meshredirect.testing.strategies import policies
 
 pytestmark = pytest.mark.kernel
 

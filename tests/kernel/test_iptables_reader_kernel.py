@@ -174,7 +174,7 @@ def test_generated_rulesets_read_back_from_the_kernel_as_loaded(family: Family) 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_generated_policies_read_back_from_the_kernel_as_loaded(variant: str) -> None:
     """Compiled generated policies, loaded with the restore backend's input, read back as the oracle says."""
-    from strategies import policies
+    from meshredirect.testing.strategies import policies
 
     with NetNamespace() as ns:
 

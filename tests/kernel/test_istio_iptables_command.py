@@ -121,6 +121,24 @@ def test_cleanup_only_removes_ours_and_nothing_else() -> None:
         assert normalise_save(ns.run(["iptables-nft-save"]).stdout) == normalise_save(before)
 
 
+def test_native_nftables_applies_our_table_alone_and_cleanup_removes_only_it() -> None:
+    with NetNamespace() as ns:
+        ns.run(["nft", "add table inet other"])
+        ns.run(["nft", "add chain inet other out { type nat hook output priority -100; }"])
+        before = ns.run(["nft", "list", "ruleset"]).stdout
+        status, out, err = run("--network-namespace", ns.name, "--enable-ipv6=false", "--native-nftables", *PRODUCTION)
+        assert (status, err) == (0, "")
+        assert out.startswith(f"apply: network namespace /var/run/netns/{ns.name}, backend nftables\n")
+        listed = ns.run(["nft", "list", "ruleset"]).stdout
+        assert "table ip istio {" in listed and "table ip6 istio" not in listed and "table inet other {" in listed
+        assert ours(ns) == ""  # no iptables rules of ours: nftables alone
+        status, out, _ = run("--network-namespace", ns.name, "--enable-ipv6=false", "--native-nftables", *PRODUCTION)
+        assert status == 0 and out.endswith("nothing changed: already up to date\n")
+        status, _, _ = run("--network-namespace", ns.name, "--native-nftables", "--cleanup-only")
+        assert status == 0
+        assert ns.run(["nft", "list", "ruleset"]).stdout == before
+
+
 def test_tproxy_sets_up_and_cleanup_removes_policy_routing() -> None:
     tproxy = [*PRODUCTION, "-m", "TPROXY", "--enable-ipv6=true"]
     with NetNamespace() as ns:

@@ -1,4 +1,4 @@
-"""Proofs across dialects that need the iptables reader (meshredirect.readers.iptables): skipped without it.
+"""Proofs across dialects, through the iptables reader (meshredirect.readers.iptables) and the nft JSON reader.
 
 - Ours: for every Istio case, the IR read from our iptables-save rendering and the IR read from our nft JSON
   treat every class of connections alike (each rendering is what the kernel holds: see

@@ -61,9 +61,9 @@ from meshredirect.semantics.equivalence import equivalence_report
 from meshredirect.semantics.model import Environment
 from meshredirect.testing.netns import NetNamespace
 from meshredirect.testing.samples import SAMPLE_MATCHES, SAMPLE_TARGETS, TARGET_PLACES
+from meshredirect.testing.strategies import policies
 from meshredirect.values import AddressSet, IdSet, PortSet
 from meshredirect_nftables import NftLowering
-from strategies import policies
 
 pytestmark = pytest.mark.kernel
 

@@ -34,9 +34,9 @@ from meshredirect.policy import InterceptionMode, Policy
 from meshredirect.semantics.interpreter import Dropped, Evaluation, Passed, Redirected, TProxied, evaluate
 from meshredirect.semantics.model import Connection, Environment
 from meshredirect.testing.netns import NetNamespace
+from meshredirect.testing.strategies import policies
 from meshredirect.testing.traffic import describe
 from meshredirect.values import AddressSet, All, PortSet
-from strategies import policies
 
 pytestmark = pytest.mark.kernel
 

@@ -13,7 +13,6 @@ from kernel.unprivileged import run_cli_as
 from meshredirect.apply.actions import apply, cleanup
 from meshredirect.apply.netns import Target
 from meshredirect.apply.validation import validate
-from meshredirect.backend import available_backends
 from meshredirect.cli import main
 from meshredirect.errors import EnvironmentProblem, PolicyError
 from meshredirect.ir import Family
@@ -36,10 +35,8 @@ def pod() -> Iterator[Target]:
         yield net.pod_target
 
 
-#: (backend, iptables variant): both iptables variants, and nftables where this build has its backend.
-BACKENDS = [("iptables", "nft"), ("iptables", "legacy")] + (
-    [("nftables", None)] if "nftables-json" in available_backends() else []
-)
+#: (backend, iptables variant): both iptables variants, and nftables.
+BACKENDS = [("iptables", "nft"), ("iptables", "legacy"), ("nftables", None)]
 
 
 @pytest.mark.parametrize(("backend", "variant"), BACKENDS, ids=[f"{b}-{v}" if v else b for b, v in BACKENDS])
@@ -185,15 +182,11 @@ def test_validate_runs_unprivileged_in_its_own_namespace(pod: Target) -> None:
     assert status == 3 and "validate in another network namespace needs root" in output
 
 
-if "nftables-json" in available_backends():  # defined where the build has the nftables backend (no skip)
-
-    def test_validate_names_causes_from_our_nftables_tables(pod: Target) -> None:
-        (outbound,) = validate(Policy(), netns=pod, timeout=QUICK, backend="nftables").checks[:1]
-        assert outbound.cause == (
-            "rules absent: no nftables table ip istio (run meshredirect apply --backend nftables)"
-        )
-        apply(Policy(outbound_port=15011), backend="nftables", netns=pod)
-        (outbound,) = validate(Policy(), netns=pod, timeout=QUICK, backend="nftables").checks[:1]
-        assert not outbound.ok and outbound.cause == (
-            "our nftables table ip istio differs from the policy's (applied with other options?): re-apply"
-        )
+def test_validate_names_causes_from_our_nftables_tables(pod: Target) -> None:
+    (outbound,) = validate(Policy(), netns=pod, timeout=QUICK, backend="nftables").checks[:1]
+    assert outbound.cause == "rules absent: no nftables table ip istio (run meshredirect apply --backend nftables)"
+    apply(Policy(outbound_port=15011), backend="nftables", netns=pod)
+    (outbound,) = validate(Policy(), netns=pod, timeout=QUICK, backend="nftables").checks[:1]
+    assert not outbound.ok and outbound.cause == (
+        "our nftables table ip istio differs from the policy's (applied with other options?): re-apply"
+    )

@@ -6,8 +6,8 @@ them), builds the policy they describe, and programs it. ``--dry-run`` prints
 the rules and touches nothing; ``--cleanup-only`` removes ours;
 ``--run-validation`` checks with real connections that capture works and exits
 126 when it does not (Istio's code for it). Rules are applied through
-:mod:`meshredirect.apply`; ``--native-nftables`` needs the nftables backend and
-is refused clearly without it.
+:mod:`meshredirect.apply`; ``--native-nftables`` prints and applies them
+through the nftables backend instead (one table of ours, one transaction).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ VALIDATION_FAILED = 126
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshredirect.errors import EnvironmentProblem
     from meshredirect.frontends.istio_flags import format_help, parse_istio_flags
 
     flags = parse_istio_flags(args.argv, os.environ)
@@ -50,12 +49,6 @@ def run(args: argparse.Namespace) -> int:
     variant = flags.text("force-iptables-binary") or None
     backend, render_as = "iptables", "iptables-save"
     if flags.flag("native-nftables"):
-        from meshredirect.backend import available_backends
-
-        if "nftables" not in available_backends():
-            raise EnvironmentProblem(
-                "--native-nftables needs the nftables backend, which is not installed", remedy="run without it"
-            )
         backend = render_as = "nftables"
 
     # Cleanup removes our rules of both families whatever the pod's addresses: no IPv6 detection then.

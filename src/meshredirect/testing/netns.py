@@ -28,12 +28,18 @@ from typing import Final
 
 __all__ = ["NETNS_DIR", "CommandFailed", "NetNamespace", "iptables_tool", "kernel_unavailable"]
 
+#: Where ``ip netns`` keeps the namespaces it names (a namespace's :attr:`NetNamespace.path` is in it).
 NETNS_DIR: Final = Path("/var/run/netns")
 _counter = itertools.count()
 
 
 def kernel_unavailable() -> str | None:
-    """Why real-kernel tests cannot run here, or None when they can."""
+    """Why real-kernel tests cannot run here, or None when they can.
+
+    >>> reason = kernel_unavailable()
+    >>> reason is None or reason.startswith("needs ")
+    True
+    """
     if os.geteuid() != 0:
         return "needs root (network namespaces and netfilter rules)"
     if shutil.which("ip") is None:
@@ -42,22 +48,41 @@ def kernel_unavailable() -> str | None:
 
 
 def iptables_tool(tool: str, *, family: int = 4, variant: str = "nft") -> str:
-    """The executable name of an iptables tool: ``iptables_tool("restore", family=6, variant="legacy")``
-    is ``ip6tables-legacy-restore``; ``tool`` is ``""`` for the main command."""
+    """The executable name of an iptables tool; ``tool`` is ``""`` for the main command.
+
+    >>> iptables_tool("restore", family=6, variant="legacy")
+    'ip6tables-legacy-restore'
+    >>> iptables_tool("")
+    'iptables-nft'
+    """
     base = "ip6tables" if family == 6 else "iptables"
     suffix = f"-{tool}" if tool else ""
     return f"{base}-{variant}{suffix}"
 
 
 class CommandFailed(subprocess.CalledProcessError):
-    """A command in a namespace failed; the message carries its standard error."""
+    """A command in a namespace failed; the message carries its standard error.
+
+    >>> print(CommandFailed(2, ["iptables-restore"], "", "iptables-restore: line 2 failed\\n"))
+    Command '['iptables-restore']' returned non-zero exit status 2.
+    iptables-restore: line 2 failed
+    """
 
     def __str__(self) -> str:
         return f"{super().__str__()}\n{(self.stderr or '').strip()}"
 
 
 class NetNamespace:
-    """A named network namespace created on enter and deleted on exit."""
+    """A named network namespace created on enter and deleted on exit (also when the block fails).
+
+    >>> ns = NetNamespace("mr-example")
+    >>> ns.path, ns.created
+    (PosixPath('/var/run/netns/mr-example'), False)
+    >>> if kernel_unavailable() is None:
+    ...     with NetNamespace() as ns:
+    ...         assert ns.path.exists() and "lo" in ns.run(["ip", "-o", "link"]).stdout
+    ...     assert not ns.path.exists()
+    """
 
     def __init__(self, name: str | None = None) -> None:
         self.name = name or f"mr-{os.getpid()}-{next(_counter)}"

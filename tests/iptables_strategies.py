@@ -37,6 +37,7 @@ from meshredirect.ir import (
     MarkMatch,
     Masquerade,
     Match,
+    NatFlag,
     OwnerKind,
     OwnerMatch,
     PortMatch,
@@ -59,6 +60,7 @@ from meshredirect.ir import (
 )
 from meshredirect.testing.strategies import address_sets, id_sets, interface_names, port_sets
 from meshredirect.values import MAX_MARK, PortSet
+from meshredirect_iptables.lowering import NAT_TARGET_FLAGS
 
 #: The address types ip6tables' addrtype match takes.
 IPV6_ADDRTYPES = (
@@ -194,13 +196,16 @@ def targets(family: Family, table: str, chains: tuple[str, ...]) -> st.SearchStr
     if table in ("filter", "mangle", "raw"):
         anywhere.append(st.sampled_from([Reject(), Reject(with_="tcp-reset")]))
     if table == "nat":
-        anywhere.append(st.builds(Redirect, ports=st.one_of(st.none(), single_ports)))
-        anywhere.append(st.builds(Masquerade, ports=st.one_of(st.none(), single_ports)))
+        anywhere.append(st.builds(Redirect, ports=st.one_of(st.none(), single_ports), flags=_flags("REDIRECT")))
+        anywhere.append(st.builds(Masquerade, ports=st.one_of(st.none(), single_ports), flags=_flags("MASQUERADE")))
         for node in (Snat, Dnat):
             anywhere.append(
-                st.builds(node, addresses=_nat_addresses(family), ports=st.one_of(st.none(), single_ports)).filter(
-                    lambda t: t.addresses is not None or t.ports is not None
-                )
+                st.builds(
+                    node,
+                    addresses=_nat_addresses(family),
+                    ports=st.one_of(st.none(), single_ports),
+                    flags=_flags(node.__name__.upper()),
+                ).filter(lambda t: t.addresses is not None or t.ports is not None)
             )
     if table == "mangle":
         anywhere.append(
@@ -215,6 +220,11 @@ def targets(family: Family, table: str, chains: tuple[str, ...]) -> st.SearchStr
     if table == "raw":
         anywhere.append(st.builds(CtZone, zone=st.integers(0, 65535)))
     return st.one_of(*anywhere)
+
+
+def _flags(target: str) -> st.SearchStrategy[frozenset[NatFlag]]:
+    """Port-selection flags the iptables extension of ``target`` takes."""
+    return st.frozensets(st.sampled_from(sorted(NAT_TARGET_FLAGS[target], key=lambda f: f.value)))
 
 
 @st.composite

@@ -91,6 +91,9 @@ REFUSED_MATCHES: Final = {
     "UnknownMatch": "an unknown iptables match",
 }
 REFUSED_TARGETS: Final = {
+    "Redirect(ports=PortSet('15001'), flags=frozenset({<NatFlag.RANDOM: 'random'>}))": (
+        "--random: connect() rewrites to one fixed port; it has no NAT port selection to flag"
+    ),
     "TProxy": "TPROXY hands packets arriving from outside to a transparent socket; connect() sees none",
     "SetMark": "marks belong to packets and conntrack, which do not exist at connect()",
     "ConnmarkSave": "marks belong to packets and conntrack, which do not exist at connect()",

@@ -12,19 +12,26 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable, Iterator, Mapping
+from fractions import Fraction
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshredirect.compiler import compile_policy
 from meshredirect.ir import Family
+from meshredirect.node import mesh_environment
 from meshredirect.policy import Policy
+from meshredirect.readers.iptables import read_iptables
+from meshredirect.semantics import explore as explore_module
+from meshredirect.semantics import interpreter as interpreter_module
 from meshredirect.semantics.check import Checker, checker
 from meshredirect.semantics.classes import ClassSpace, Root, mark_classes
-from meshredirect.semantics.explore import Explorer, Leaf, Run
-from meshredirect.semantics.interpreter import Interpreter
+from meshredirect.semantics.explore import Eq, Explorer, In, Leaf, Run
+from meshredirect.semantics.interpreter import Choices, Interpreter
 from meshredirect.semantics.model import Environment
+from meshredirect.testing.node_dump import node_dump
 from meshredirect.testing.strategies import policies
 
 #: Above this many class combinations a root is checked on a random sample of them.
@@ -34,9 +41,10 @@ SAMPLE = 600
 
 def combinations(
     leaves: list[Leaf[Any]], explorer: Explorer, rng: random.Random, sample: int = SAMPLE
-) -> Iterator[tuple[Leaf[Any], dict[str, Any]]]:
-    """(leaf, values) for every combination the leaves cover, or a sample when there are many."""
+) -> Iterator[tuple[int, ...]]:
+    """Class indices of every combination the leaves cover, or of a sample when there are many."""
     total = sum(leaf.size for leaf in leaves)
+    seen: set[tuple[int, ...]] = set()
     for leaf in leaves:
         for box in leaf.boxes:
             members = [[i for i in range(m.bit_length()) if m >> i & 1] for m in box]
@@ -49,18 +57,38 @@ def combinations(
                 share = max(1, sample * count // total)
                 picks = (tuple(rng.choice(m) for m in members) for _ in range(min(share, count)))
             for combo in picks:
-                yield leaf, {d: explorer.values[d][i] for d, i in zip(explorer.dims, combo, strict=True)}
+                if combo not in seen:
+                    seen.add(combo)
+                    yield combo
+
+
+#: A program under test: (connection, run or None, symbols or None, forced choices or None) -> result.
+Program = Callable[[Any, Run | None, Mapping[str, str] | None, Choices | None], Any]
+
+
+def concrete_branches(program: Program, connection: Any) -> dict[tuple[bool, ...], Any]:
+    """The result of every sequence of outcomes of the choice points, evaluated concretely one by one."""
+    found: dict[tuple[bool, ...], Any] = {}
+    todo: list[tuple[bool, ...]] = [()]
+    while todo:
+        forced = todo.pop()
+        choices = Choices(forced)
+        result = program(connection, None, None, choices)
+        taken = tuple(choices.taken)
+        found[taken] = result
+        todo.extend((*taken[:i], not taken[i]) for i in range(len(forced), len(taken)))
+    return found
 
 
 def assert_sound(
     space: ClassSpace,
-    program: Callable[[Any, Run | None, Mapping[str, str] | None], Any],
+    program: Program,
     seed: int = 0,
     instantiate: Callable[[Any, Any], Any] = lambda result, connection: result,
     sample: int = SAMPLE,
 ) -> int:
-    """Explore every root of ``space`` with ``program`` and compare each covered combination with a
-    concrete run of it; returns how many combinations were compared."""
+    """Explore every root of ``space`` with ``program`` and compare each covered combination with concrete
+    runs of it, one per sequence of choices; returns how many combinations were compared."""
     rng = random.Random(seed)
     compared = 0
     for root in space.roots:
@@ -68,33 +96,35 @@ def assert_sound(
         symbols = space.symbols(root)
 
         def symbolic(run: Run, root: Root = root, symbols: Mapping[str, str] = symbols) -> Any:
-            return program(space.connection(root, {d: run.value(d) for d in root.dims}), run, symbols)
+            return program(space.connection(root, {d: run.value(d) for d in root.dims}), run, symbols, None)
 
         leaves = explorer.explore(symbolic)
-        assert sum(leaf.size for leaf in leaves) == root.count(), "the regions do not partition the classes"
-        for leaf, values in combinations(leaves, explorer, rng, sample):
-            connection = space.connection(root, values)
-            concrete = program(connection, None, None)
-            claimed = instantiate(leaf.result, connection)
-            assert concrete == claimed, (
-                f"{connection} behaves as {concrete}, but its path ({leaf.example}) says {claimed}"
-            )
+        # Each combination lies in one leaf per sequence of choices: a complete tree of outcomes.
+        weighted = sum(Fraction(leaf.size, 2 ** len(leaf.choices)) for leaf in leaves)
+        assert weighted == root.count(), "the regions do not cover the classes once per choice"
+        for combo in combinations(leaves, explorer, rng, sample):
+            indices = dict(zip(explorer.dims, combo, strict=True))
+            connection = space.connection(root, {d: explorer.values[d][i] for d, i in indices.items()})
+            concrete = concrete_branches(program, connection)
+            claimed = {leaf.choices: instantiate(leaf.result, connection) for leaf in leaves if indices in leaf}
+            assert concrete == claimed, f"{connection} behaves as {concrete}, but its paths say {claimed}"
             compared += 1
     return compared
 
 
-def properties_program(check: Checker) -> Callable[[Any, Run | None, Mapping[str, str] | None], Any]:
-    def program(connection: Any, run: Run | None, symbols: Mapping[str, str] | None) -> Any:
-        return frozenset(p for p, _ in check.violations_of(connection, symbols=symbols, tracer=run))
+def properties_program(check: Checker) -> Program:
+    def program(connection: Any, run: Run | None, symbols: Mapping[str, str] | None, choices: Choices | None) -> Any:
+        found = check.violations_of(connection, symbols=symbols, tracer=run, choices=choices)
+        return frozenset(p for p, _ in found)
 
     return program
 
 
-def verdict_program(interpreter: Interpreter) -> Callable[[Any, Run | None, Mapping[str, str] | None], Any]:
+def verdict_program(interpreter: Interpreter) -> Program:
     """The verdict; during exploration its fields that stand for a dimension are kept as ("sym", dim)."""
 
-    def program(connection: Any, run: Run | None, symbols: Mapping[str, str] | None) -> Any:
-        evaluation = interpreter.evaluate(connection, trace=False, symbols=symbols, tracer=run)
+    def program(connection: Any, run: Run | None, symbols: Mapping[str, str] | None, choices: Choices | None) -> Any:
+        evaluation = interpreter.evaluate(connection, trace=False, symbols=symbols, tracer=run, choices=choices)
         verdict = evaluation.verdict
         fields = []
         for name in ("address", "port", "mark", "local", "reject"):
@@ -151,12 +181,261 @@ def test_a_program_that_branches_behind_the_explorers_back_is_caught() -> None:
     policy = Policy()
     check = checker(policy)
 
-    def cheating(connection: Any, run: Run | None, symbols: Mapping[str, str] | None) -> Any:
-        honest = properties_program(check)(connection, run, symbols)
+    def cheating(connection: Any, run: Run | None, symbols: Mapping[str, str] | None, choices: Choices | None) -> Any:
+        honest = properties_program(check)(connection, run, symbols, choices)
         return (honest, connection.dport == 8080)  # reads the port without a decision
 
     with pytest.raises(AssertionError, match="behaves as"):
         assert_sound(check.space, cheating)
+
+
+def _node(services: int = 3, containers: int = 2) -> Checker:
+    """The checker ``meshredirect verify`` runs on a small node dump (Istio, kube-proxy, Docker)."""
+    ruleset = read_iptables(node_dump(services=services, endpoints=3, containers=containers))
+    return checker(ruleset, mesh_environment(ruleset)[1])
+
+
+def test_a_node_with_random_endpoint_choices_checks_soundly_on_every_branch() -> None:
+    check = _node()
+    assert assert_sound(check.space, properties_program(check), sample=300) > 100
+    interpreter = check.interpreter
+    assert assert_sound(check.space, verdict_program(interpreter), instantiate=instantiate_verdict, sample=300) > 100
+
+
+def test_a_program_that_takes_one_branch_of_a_choice_behind_the_explorers_back_is_caught() -> None:
+    check = _node(services=2, containers=0)
+
+    def one_branch(connection: Any, run: Run | None, symbols: Mapping[str, str] | None, choices: Choices | None) -> Any:
+        # Always the default outcome during exploration: the other endpoints are never seen.
+        return properties_program(check)(connection, run, symbols, choices if run is None else Choices())
+
+    with pytest.raises(AssertionError, match=r"do not cover the classes once per choice|behaves as"):
+        assert_sound(check.space, one_branch, sample=100)
+
+
+# ----------------------------------------------------------------------------- dispatch runs
+#
+# Untraced evaluations jump over runs of rules keyed by a destination address, a port or a source address
+# (kube-proxy's KUBE-SERVICES and KUBE-NODEPORTS, Docker's DNAT and MASQUERADE rules): during exploration
+# one combined constraint stands for the rules skipped. Exploration with dispatch is compared with
+# concrete evaluation, rule by rule (an interpreter without dispatch), on every branch of every choice.
+
+_DSTS = ["10.96.0.1", "10.96.0.2", "10.96.0.3", "10.96.0.0/30", "10.244.0.5", "127.0.0.1"]
+_SRCS = ["10.244.0.5", "10.244.0.0/24", "127.0.0.6", "10.0.0.9"]
+_PORTS = ["53", "80", "443", "8080", "80:90"]
+_TARGETS = [
+    "-j DNAT --to-destination 10.244.1.7:8080",
+    "-j DNAT --to-destination 10.244.1.8",
+    "-j REDIRECT --to-ports 15001",
+    "-j RETURN",
+    "-j ACCEPT",
+    "-j MARK --set-xmark 0x4000/0x4000",
+    "-j SUB",
+]
+
+
+@st.composite
+def dispatch_rules(draw: st.DrawFn, primary: str | None = None) -> str:
+    """One rule of a run keyed by ``primary`` (it always tests it), with other tests and a target."""
+    primary = primary or draw(st.sampled_from(["dst", "dport", "src"]))
+    parts: list[str] = []
+    if primary == "src" or draw(st.booleans()):
+        parts.append(("! " if draw(st.booleans()) else "") + "-s " + draw(st.sampled_from(_SRCS)))
+    if primary == "dst" or draw(st.booleans()):
+        parts.append(("! " if draw(st.integers(0, 4)) == 0 else "") + "-d " + draw(st.sampled_from(_DSTS)))
+    if draw(st.integers(0, 5)) == 0:
+        parts.append("-o lo")
+    if primary == "dport" or draw(st.booleans()):
+        negate = "! " if draw(st.integers(0, 4)) == 0 else ""
+        parts.append(f"-p tcp -m tcp {negate}--dport " + draw(st.sampled_from(_PORTS)))
+    elif draw(st.booleans()):
+        parts.append("-p " + draw(st.sampled_from(["tcp", "udp"])))
+    if draw(st.integers(0, 5)) == 0:
+        parts.append("-m owner --uid-owner 1337")
+    if draw(st.integers(0, 3)) == 0:
+        parts.append("-m statistic --mode random --probability 0.50000000000")
+    parts.append(draw(st.sampled_from(_TARGETS)))
+    return "-A SVC " + " ".join(parts)
+
+
+@st.composite
+def dispatch_rulesets(draw: st.DrawFn) -> str:
+    """A nat table whose chain SVC (from OUTPUT and PREROUTING) holds a run of rules keyed by one field."""
+    primary = draw(st.sampled_from(["dst", "dport", "src"]))
+    rules = draw(st.lists(dispatch_rules(primary), min_size=8, max_size=14))
+    tail = draw(
+        st.sampled_from(
+            ["", "-A SVC -p tcp -j REDIRECT --to-ports 15006", "-A SVC -m mark --mark 0x4000/0x4000 -j ACCEPT"]
+        )
+    )
+    return "\n".join(
+        [
+            "*nat",
+            ":PREROUTING ACCEPT [0:0]",
+            ":INPUT ACCEPT [0:0]",
+            ":OUTPUT ACCEPT [0:0]",
+            ":POSTROUTING ACCEPT [0:0]",
+            ":SUB - [0:0]",
+            ":SVC - [0:0]",
+            "-A PREROUTING -j SVC",
+            "-A OUTPUT -j SVC",
+            "-A SUB -m statistic --mode random --probability 0.50000000000 -j DNAT --to-destination 10.244.2.1:80",
+            "-A SUB -j DNAT --to-destination 10.244.2.2:80",
+            *rules,
+            *([tail] if tail else []),
+            "COMMIT",
+            "",
+        ]
+    )
+
+
+def dispatch_program(ruleset: Any, env: Environment) -> Program:
+    """The verdict: explored with dispatch runs, evaluated concretely rule by rule (no dispatch); a concrete
+    evaluation with dispatch runs must agree with the latter."""
+    fast = Interpreter(ruleset, env)
+    plain = Interpreter(ruleset, env)
+    plain.use_dispatch = False
+    explored, concrete = verdict_program(fast), verdict_program(plain)
+
+    def program(connection: Any, run: Run | None, symbols: Mapping[str, str] | None, choices: Choices | None) -> Any:
+        if run is not None:
+            return explored(connection, run, symbols, choices)
+        result = concrete(connection, None, None, choices)
+        assert choices is not None
+        replayed = Choices(choices.taken)
+        assert explored(connection, None, None, replayed) == result, f"{connection}: dispatch differs concretely"
+        assert replayed.taken == choices.taken
+        return result
+
+    return program
+
+
+def _dispatch_space(text: str) -> tuple[Any, Environment, ClassSpace]:
+    ruleset = read_iptables(text)
+    env = Environment.default().covering(ruleset)
+    space = ClassSpace([ruleset], env, families=(Family.IPV4,))
+    runs = Interpreter(ruleset, env).dispatch(ruleset.tables[0].chain("SVC"))
+    assert runs is not None and runs[0] is not None, "the generated chain has no dispatch run"
+    return ruleset, env, space
+
+
+@settings(max_examples=25, deadline=None)
+@given(dispatch_rulesets())
+def test_dispatch_runs_explore_as_rule_by_rule_evaluation_on_every_branch(text: str) -> None:
+    ruleset, env, space = _dispatch_space(text)
+    assert_sound(space, dispatch_program(ruleset, env), seed=2, instantiate=instantiate_verdict, sample=150)
+
+
+#: A run of KUBE-SERVICES-like rules where the first rule that may match is not the only one.
+_OVERLAPPING = "\n".join(
+    [
+        "*nat",
+        ":PREROUTING ACCEPT [0:0]",
+        ":INPUT ACCEPT [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        ":POSTROUTING ACCEPT [0:0]",
+        ":SUB - [0:0]",
+        ":SVC - [0:0]",
+        "-A OUTPUT -j SVC",
+        "-A SUB -j RETURN",
+        *(
+            f"-A SVC -d 10.96.0.{i}/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.244.1.{i}:80"
+            for i in range(8)
+        ),
+        "-A SVC -d 10.96.0.0/29 -p tcp -m tcp --dport 80:90 -j DNAT --to-destination 10.244.9.9:80",
+        "-A SVC -d 10.96.0.3/32 -j REDIRECT --to-ports 15001",
+        "COMMIT",
+        "",
+    ]
+)
+
+
+def test_the_dispatch_test_is_sound_on_a_fixed_run() -> None:
+    ruleset, env, space = _dispatch_space(_OVERLAPPING)
+    assert assert_sound(space, dispatch_program(ruleset, env), instantiate=instantiate_verdict) > 50
+
+
+def test_a_dispatch_that_skips_a_rule_it_must_not_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    honest = interpreter_module._Dispatch.hits
+
+    def skips_the_first(self: Any, field: str, value: Any) -> tuple[int, ...]:
+        return honest(self, field, value)[1:]
+
+    monkeypatch.setattr(interpreter_module._Dispatch, "hits", skips_the_first)
+    ruleset, env, space = _dispatch_space(_OVERLAPPING)
+    with pytest.raises(AssertionError, match=r"behaves as|dispatch differs concretely"):
+        assert_sound(space, dispatch_program(ruleset, env), instantiate=instantiate_verdict)
+
+
+def test_a_dispatch_that_drops_the_rest_of_the_region_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    honest = Run.restrict
+
+    def drops_the_rest(self: Run, inside: Any, outside: Any) -> None:
+        honest(self, inside, [])
+
+    monkeypatch.setattr(Run, "restrict", drops_the_rest)
+    ruleset, env, space = _dispatch_space(_OVERLAPPING)
+    with pytest.raises(AssertionError, match="do not cover"):
+        assert_sound(space, dispatch_program(ruleset, env), instantiate=instantiate_verdict)
+
+
+def test_a_node_dump_with_dispatch_runs_checks_soundly() -> None:
+    check, plain = _node(services=9, containers=9), _node(services=9, containers=9)
+    plain.interpreter.use_dispatch = False
+    chains = [chain for table in check.interpreter.ruleset.tables for chain in table.chains]
+    assert sum(check.interpreter.dispatch(chain) is not None for chain in chains) >= 3
+    explored, concrete = properties_program(check), properties_program(plain)
+
+    def program(connection: Any, run: Run | None, symbols: Mapping[str, str] | None, choices: Choices | None) -> Any:
+        return (explored if run is not None else concrete)(connection, run, symbols, choices)
+
+    assert assert_sound(check.space, program, sample=120) > 100
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(st.integers(0, 30), min_size=1, max_size=12, unique=True),
+    st.frozensets(st.integers(0, 40), max_size=15),
+    st.sampled_from(["eq", "in", "contains"]),
+)
+def test_membership_partitions_are_looked_up_as_the_test_says(
+    values: list[int], members: frozenset[int], kind: str
+) -> None:
+    """Eq, In of a frozenset and frozenset.__contains__ are partitioned by looking the members up: the same
+    classes as the test evaluated on every class, and the fast path of Run.resolve agrees."""
+    key: Callable[[Any], Any]
+    if kind == "eq":
+        key = Eq(min(members, default=0))
+    elif kind == "in":
+        key = In(members)
+    else:
+        key = members.__contains__
+    explorer = Explorer({"x": values})
+    expected: dict[Any, int] = {}
+    for index, value in enumerate(values):
+        expected[key(value)] = expected.get(key(value), 0) | 1 << index
+    assert explorer.partition("x", key) == expected
+    run = Run(explorer, [((1 << len(values)) - 1,)])
+    assert run.resolve("x", key)[1] == key(values[0])
+
+
+def test_membership_partitions_of_fixed_members() -> None:
+    explorer = Explorer({"x": [3, 5, 7]})
+    assert explorer.partition("x", In(frozenset({5, 9}))) == {True: 0b010, False: 0b101}
+    assert explorer.partition("x", Eq(7)) == {True: 0b100, False: 0b011}
+    assert explorer.partition("x", In(frozenset({8}))) == {False: 0b111}
+
+
+def test_a_membership_lookup_that_misses_a_member_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    honest = explore_module._members
+
+    def one_less(key: Any) -> Any:
+        members = honest(key)
+        return None if members is None else tuple(sorted(members))[1:]
+
+    monkeypatch.setattr(explore_module, "_members", one_less)
+    with pytest.raises(AssertionError):
+        test_membership_partitions_are_looked_up_as_the_test_says()
 
 
 def test_regions_partition_the_product() -> None:

@@ -14,6 +14,7 @@ import pytest
 from meshredirect.ir import (
     Accept,
     AddressMatch,
+    AddressRange,
     BaseChain,
     Chain,
     ChainPolicy,
@@ -36,8 +37,11 @@ from meshredirect.ir import (
     Jump,
     Log,
     MarkMatch,
+    Masquerade,
+    NatFlag,
     OwnerKind,
     OwnerMatch,
+    PortMatch,
     Protocol,
     ProtocolMatch,
     Redirect,
@@ -58,6 +62,7 @@ from meshredirect.semantics.interpreter import (
     ChainEnd,
     Dropped,
     Event,
+    Interpreter,
     MatchResult,
     Passed,
     Redirected,
@@ -427,7 +432,6 @@ def test_conntrack_state_is_invalid_in_raw_then_new_then_dnat() -> None:
     "match",
     [
         IpSetMatch(name="mesh", flags=(Direction.DESTINATION,)),
-        StatisticMatch(probability=0.5),
         UnknownMatch(dialect="iptables", tokens=("-m", "bpf")),
     ],
 )
@@ -442,6 +446,88 @@ def test_an_undecidable_match_gives_unknown_never_a_silent_match(match: object) 
         Passed,
     )
     assert isinstance(evaluate(rs(ipt("nat", (Hook.OUTPUT, [rule(Log(), match)]))), app(), ENV).verdict, Passed)
+
+
+def _service(*probabilities: float) -> Ruleset:
+    """kube-proxy's shape: a service chain spreading over endpoint chains with random matches."""
+    spread = [rule(Jump(chain=f"SEP{i}"), StatisticMatch(probability=p)) for i, p in enumerate(probabilities, 1)]
+    spread.append(rule(Jump(chain=f"SEP{len(probabilities) + 1}")))
+    endpoints = [
+        (f"SEP{i}", [rule(Dnat(addresses=AddressRange(first=v(f"10.244.0.{i}"), last=v(f"10.244.0.{i}"))), TCP)])
+        for i in range(1, len(probabilities) + 2)
+    ]
+    return rs(ipt("nat", (Hook.OUTPUT, [rule(Jump(chain="SVC"), dst("10.96.0.10/32"))]), ("SVC", spread), *endpoints))
+
+
+def test_a_random_match_is_a_choice_point_every_outcome_of_which_is_possible() -> None:
+    interpreter = Interpreter(_service(1 / 3, 1 / 2), ENV)
+    connection = app(dst="10.96.0.10")
+    outcomes = interpreter.evaluate_all(connection)
+    assert [(e.choices, str(e.verdict)) for e in outcomes] == [
+        ((True,), "redirected to 10.244.0.1:80"),
+        ((False, True), "redirected to 10.244.0.2:80"),
+        ((False, False), "redirected to 10.244.0.3:80"),
+    ]
+    # One evaluation takes the default (matched) and says so on the rule it chose at.
+    default = interpreter.evaluate(connection)
+    assert default.choices == (True,) and default.verdict == outcomes[0].verdict
+    (chosen,) = [visit for visit in default.visits() if visit.chain == "SVC"]
+    assert chosen.result is MatchResult.MATCHED
+    assert chosen.note is not None and "random choice" in chosen.note and "other outcome is possible" in chosen.note
+    # Forced choices replay a path; a connection whose rule's other matches fail meets no choice point.
+    assert interpreter.evaluate(connection, choices=(False, False)).verdict == outcomes[2].verdict
+    assert interpreter.evaluate(app(dst="10.96.0.11")).choices == ()
+    # The evaluation's text lists the outcomes taken; one without a choice point says nothing of them.
+    assert (
+        outcomes[1].explain().splitlines()[-1]
+        == "random choices taken: no match, matched (the other outcomes are possible too)"
+    )
+    assert "random choices" not in interpreter.evaluate(app(dst="10.96.0.11")).explain()
+
+
+@pytest.mark.parametrize(
+    ("match", "matched"),
+    [
+        (StatisticMatch(probability=1.0), True),
+        (StatisticMatch(probability=0.0), False),
+        (StatisticMatch(probability=1.0, negate=True), False),
+        (StatisticMatch(every=1), True),
+        (StatisticMatch(every=1, negate=True), False),
+    ],
+)
+def test_a_statistic_match_that_cannot_go_both_ways_is_no_choice(match: StatisticMatch, matched: bool) -> None:
+    evaluation = evaluate(rs(ipt("nat", (Hook.OUTPUT, [rule(REDIRECT_15001, match)]))), app(), ENV)
+    assert evaluation.choices == ()
+    assert isinstance(evaluation.verdict, Redirected if matched else Passed)
+
+
+@pytest.mark.parametrize("match", [StatisticMatch(probability=0.5), StatisticMatch(every=2, negate=True)])
+def test_both_outcomes_of_a_choice_point_are_explored(match: StatisticMatch) -> None:
+    interpreter = Interpreter(rs(ipt("nat", (Hook.OUTPUT, [rule(REDIRECT_15001, match)]))), ENV)
+    verdicts = {str(e.verdict) for e in interpreter.evaluate_all(app())}
+    assert verdicts == {"redirected to 127.0.0.1:15001", "passed to 93.184.216.34:80 (sent out)"}
+
+
+def test_nat_that_picks_ports_at_random_changes_where_nothing_goes_but_the_source_port_is_unknown() -> None:
+    masquerade = rule(Masquerade(flags={NatFlag.RANDOM_FULLY}))  # kube-proxy's
+    sport_test = rule(Drop(), PortMatch(protocol=Protocol.TCP, ports=PortSet.of(43210), direction=Direction.SOURCE))
+    known = evaluate(rs(ipt("nat", (Hook.POSTROUTING, [masquerade]))), app(), ENV)
+    assert known.verdict == Passed(address=v("93.184.216.34"), port=80, local=False)
+    assert known.connection.src == v("10.0.0.5")
+    # Over lo the packet meets INPUT after POSTROUTING: a test of its (random) source port cannot be decided.
+    looped = rs(ipt("nat", (Hook.POSTROUTING, [masquerade])), ipt("filter", (Hook.INPUT, [sport_test])))
+    unknown = evaluate(looped, app(dst="10.0.0.5", dport=8080), ENV)
+    assert isinstance(unknown.verdict, Unknown) and "picked at random" in unknown.verdict.reason
+    # Without the flag the port is kept (a free tuple is assumed) and the test is decided.
+    plain = rs(ipt("nat", (Hook.POSTROUTING, [rule(Masquerade())])), ipt("filter", (Hook.INPUT, [sport_test])))
+    assert isinstance(evaluate(plain, app(dst="10.0.0.5", dport=8080), ENV).verdict, Dropped)
+    # A destination NAT to one port with --random goes to that port; to a range, the port is random.
+    one = Redirect(ports=PortSet.of(15001), flags={NatFlag.RANDOM})
+    assert evaluate(rs(ipt("nat", (Hook.OUTPUT, [rule(one)]))), app(), ENV).verdict == Redirected(
+        address=v("127.0.0.1"), port=15001
+    )
+    many = Redirect(ports=PortSet.of((15001, 15002)), flags={NatFlag.RANDOM})
+    assert isinstance(evaluate(rs(ipt("nat", (Hook.OUTPUT, [rule(many)]))), app(), ENV).verdict, Unknown)
 
 
 def test_an_unknown_target_gives_unknown() -> None:

@@ -53,12 +53,14 @@ EXPECTED_MATCHES = [
 ]  # fmt: skip
 EXPECTED_TARGETS = [
     "-j ACCEPT", "-j DROP", "-j RETURN", "", "-j MESH_NEXT", "-g MESH_NEXT", "-j REDIRECT --to-ports 15001",
-    "-j REDIRECT", "-j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff",
+    "-j REDIRECT", "-j REDIRECT --to-ports 15001 --random", "-j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff",
     "-j TPROXY --on-port 15006 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1", "-j MARK --set-xmark 0x53a/0xffffffff",
     "-j MARK --set-xmark 0x4000/0x4000", "-j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff",
     "-j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff", "-j CONNMARK --set-xmark 0x7/0xffffffff",
-    "-j CT --zone 2", "-j MASQUERADE", "-j MASQUERADE --to-ports 1024-2048", "-j SNAT --to-source 10.0.0.1",
-    "-j DNAT --to-destination 10.244.1.5:8080", "-j REJECT --reject-with icmp-port-unreachable",
+    "-j CT --zone 2", "-j MASQUERADE", "-j MASQUERADE --to-ports 1024-2048", "-j MASQUERADE --random-fully",
+    "-j SNAT --to-source 10.0.0.1", "-j SNAT --to-source 10.0.0.1-10.0.0.4 --random --random-fully --persistent",
+    "-j DNAT --to-destination 10.244.1.5:8080", "-j DNAT --to-destination 10.244.1.5:8080 --random --persistent",
+    "-j REJECT --reject-with icmp-port-unreachable",
     "-j REJECT --reject-with tcp-reset", '-j LOG --log-prefix "mesh: "', "-j LOG --log-level 6", "-j NOTRACK",
 ]  # fmt: skip
 

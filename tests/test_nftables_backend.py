@@ -77,13 +77,15 @@ EXPECTED_MATCHES = [
 ]  # fmt: skip
 EXPECTED_TARGETS = [
     "accept", "drop", "return", "", "jump mangle-MESH_NEXT", "goto mangle-MESH_NEXT",
-    "meta l4proto tcp redirect to :15001", "meta l4proto tcp redirect",
+    "meta l4proto tcp redirect to :15001", "meta l4proto tcp redirect", "meta l4proto tcp redirect to :15001 random",
     "meta l4proto tcp tproxy to :15006 meta mark set 0x539 accept | meta l4proto tcp drop",
     "meta l4proto tcp tproxy to 127.0.0.1:15006 meta mark set meta mark & 0xfffffffe ^ 0x1 accept"
     " | meta l4proto tcp drop",
     "meta mark set 0x53a", "meta mark set meta mark & 0xffffbfff ^ 0x4000", "ct mark set meta mark",
     "meta mark set ct mark", "ct mark set 0x7", "ct zone set 2", "meta l4proto tcp masquerade",
-    "meta l4proto tcp masquerade to :1024-2048", "snat to 10.0.0.1", "meta l4proto tcp dnat to 10.244.1.5:8080",
+    "meta l4proto tcp masquerade to :1024-2048", "meta l4proto tcp masquerade fully-random", "snat to 10.0.0.1",
+    "snat to 10.0.0.1-10.0.0.4 random,fully-random,persistent", "meta l4proto tcp dnat to 10.244.1.5:8080",
+    "meta l4proto tcp dnat to 10.244.1.5:8080 random,persistent",
     "reject with icmp type port-unreachable", "meta l4proto tcp reject with tcp reset", 'log prefix "mesh: "',
     "log level info", "refused: an unknown iptables target has no nftables form",
 ]  # fmt: skip

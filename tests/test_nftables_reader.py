@@ -19,10 +19,12 @@ from meshredirect.ir import (
     FULL_MASK,
     Accept,
     AddressMatch,
+    AddressRange,
     ConnmarkSave,
     CtState,
     CtStateMatch,
     Direction,
+    Dnat,
     Drop,
     Family,
     FamilyMatch,
@@ -30,16 +32,20 @@ from meshredirect.ir import (
     Jump,
     Log,
     MarkMatch,
+    Masquerade,
+    NatFlag,
     OwnerKind,
     OwnerMatch,
     PortMatch,
     Protocol,
     ProtocolMatch,
+    Redirect,
     Reject,
     Return,
     Rule,
     Ruleset,
     SetMark,
+    Snat,
     TProxy,
     UnknownMatch,
     UnknownTarget,
@@ -181,6 +187,27 @@ def test_several_statements_become_several_rules_only_where_that_is_exact() -> N
     tcp = (ProtocolMatch(protocol=Protocol.TCP),)
     assert rules[:2] == [Rule(matches=tcp, target=Log(prefix="x: ")), Rule(matches=tcp, target=Accept())]
     assert isinstance(rules[2].target, UnknownTarget) and rules[2].matches == (MarkMatch(value=1),)
+
+
+def test_nat_port_selection_flags_are_read_as_nft_prints_them() -> None:
+    # As `nft -j list ruleset` printed these rules loaded into a namespace: one flag as a string, several as a list.
+    rules = read_rules(
+        [{"masquerade": {"flags": "fully-random"}}],
+        [{"masquerade": {"port": {"range": [1000, 2000]}, "flags": ["random", "fully-random"]}}],
+        [{"snat": {"addr": "1.2.3.4", "flags": "persistent"}}],
+        [{"dnat": {"addr": "1.2.3.4", "port": 80, "flags": ["random", "persistent"]}}],
+        [{"redirect": {"flags": "random"}}],
+        [{"redirect": {"flags": "sometimes"}}],
+    )
+    one = AddressRange(first=ipaddress.ip_address("1.2.3.4"), last=ipaddress.ip_address("1.2.3.4"))
+    assert [r.target for r in rules[:5]] == [
+        Masquerade(flags={NatFlag.RANDOM_FULLY}),
+        Masquerade(ports=PortSet.of((1000, 2000)), flags={NatFlag.RANDOM, NatFlag.RANDOM_FULLY}),
+        Snat(addresses=one, flags={NatFlag.PERSISTENT}),
+        Dnat(addresses=one, ports=PortSet.of(80), flags={NatFlag.RANDOM, NatFlag.PERSISTENT}),
+        Redirect(flags={NatFlag.RANDOM}),
+    ]
+    assert isinstance(rules[5].target, UnknownTarget)  # a flag the IR does not know is not guessed
 
 
 def test_what_has_no_ir_form_is_kept_as_unknown_never_guessed() -> None:

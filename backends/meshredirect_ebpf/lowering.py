@@ -68,6 +68,7 @@ from meshredirect.ir import (
     MarkMatch,
     Masquerade,
     Match,
+    NatFlag,
     OwnerKind,
     OwnerMatch,
     PortMatch,
@@ -436,6 +437,11 @@ class _Lowering:
             case Goto():
                 return GoTo(function=self.names(table, target.chain))
             case Redirect():
+                if target.flags:
+                    flags = ", ".join(f"--{flag.value}" for flag in NatFlag if flag in target.flags)
+                    raise _unsupported(
+                        target, f"{flags}: connect() rewrites to one fixed port; it has no NAT port selection to flag"
+                    )
                 others = _rule_protocols(rule, context) - {Protocol.TCP, Protocol.UDP}
                 if others:
                     shown = ", ".join(sorted(p.value if p else "other" for p in others))

@@ -50,6 +50,7 @@ from meshredirect.ir import (
     MarkMatch,
     Masquerade,
     Match,
+    NatFlag,
     OwnerKind,
     OwnerMatch,
     PortMatch,
@@ -81,6 +82,13 @@ _CTSTATE_ORDER: Final = tuple(CtState)
 DEFAULT_LOG_LEVEL: Final = 4
 #: The ``dialect`` readers give nodes they keep as iptables tokens.
 DIALECT: Final = "iptables"
+#: The port-selection flags each NAT target extension takes.
+NAT_TARGET_FLAGS: Final[dict[str, frozenset[NatFlag]]] = {
+    "REDIRECT": frozenset({NatFlag.RANDOM}),
+    "MASQUERADE": frozenset({NatFlag.RANDOM, NatFlag.RANDOM_FULLY}),
+    "SNAT": frozenset({NatFlag.RANDOM, NatFlag.RANDOM_FULLY, NatFlag.PERSISTENT}),
+    "DNAT": frozenset({NatFlag.RANDOM, NatFlag.PERSISTENT}),
+}
 
 Tokens = list[str]
 
@@ -388,9 +396,10 @@ class IptablesLowering:
             case Goto():
                 return ["-g", target.chain]
             case Redirect():
-                if target.ports is None:
-                    return ["-j", "REDIRECT"]
-                return ["-j", "REDIRECT", "--to-ports", self._single_range(target, target.ports, "-")]
+                tokens = ["-j", "REDIRECT"]
+                if target.ports is not None:
+                    tokens += ["--to-ports", self._single_range(target, target.ports, "-")]
+                return tokens + self._nat_flags(target, "REDIRECT")
             case TProxy():
                 if family is Family.INET:
                     raise UnsupportedError(self.name, target, "TPROXY needs an IPv4 or IPv6 table")
@@ -422,13 +431,14 @@ class IptablesLowering:
             case CtZone():
                 return ["-j", "CT", "--zone", str(target.zone)]
             case Masquerade():
-                if target.ports is None:
-                    return ["-j", "MASQUERADE"]
-                return ["-j", "MASQUERADE", "--to-ports", self._single_range(target, target.ports, "-")]
+                tokens = ["-j", "MASQUERADE"]
+                if target.ports is not None:
+                    tokens += ["--to-ports", self._single_range(target, target.ports, "-")]
+                return tokens + self._nat_flags(target, "MASQUERADE")
             case Snat() | Dnat():
                 option = "--to-source" if isinstance(target, Snat) else "--to-destination"
                 name = "SNAT" if isinstance(target, Snat) else "DNAT"
-                return ["-j", name, option, self._nat_to(family, target)]
+                return ["-j", name, option, self._nat_to(family, target), *self._nat_flags(target, name)]
             case Reject():
                 return ["-j", "REJECT", "--reject-with", target.with_ or self._default_reject(family)]
             case Log():
@@ -446,6 +456,18 @@ class IptablesLowering:
                 return ["-j", target.name, *target.tokens]
             case _:
                 assert_never(target)
+
+    def _nat_flags(self, target: Redirect | Masquerade | Snat | Dnat, name: str) -> list[str]:
+        """The target's port-selection flags, in the order iptables-save prints them."""
+        takes = NAT_TARGET_FLAGS[name]
+        tokens = []
+        for flag in NatFlag:  # (the enum's order is iptables-save's)
+            if flag not in target.flags:
+                continue
+            if flag not in takes:
+                raise UnsupportedError(self.name, target, f"{name} takes no --{flag.value}")
+            tokens.append("--" + flag.value)
+        return tokens
 
     def _single_range(self, node: object, ports: PortSet, sep: str) -> str:
         if not ports.is_single():

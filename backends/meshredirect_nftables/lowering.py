@@ -97,6 +97,7 @@ from meshredirect.ir import (
     MarkMatch,
     Masquerade,
     Match,
+    NatFlag,
     OwnerKind,
     OwnerMatch,
     PortMatch,
@@ -510,13 +511,14 @@ class NftLowering:
             case Goto():
                 return [{"goto": {"target": target.chain}}]
             case Redirect():
-                if target.ports is None:
-                    return [{"redirect": None}]
-                self._need_protocol(rule, target)
-                return [{"redirect": {"port": self._single_range(target, target.ports)}}]
+                spec: dict[str, Json] = _nat_flags(target)
+                if target.ports is not None:
+                    self._need_protocol(rule, target)
+                    spec = {"port": self._single_range(target, target.ports), **spec}
+                return [{"redirect": spec or None}]
             case TProxy():
                 self._need_protocol(rule, target)
-                spec: dict[str, Json] = {}
+                spec = {}
                 if target.address is not None:
                     if _version_of(family) not in (None, target.address.version):
                         raise UnsupportedError(self.name, target, f"an IPv{target.address.version} address here")
@@ -543,10 +545,11 @@ class NftLowering:
             case CtZone():
                 return [{"mangle": {"key": {"ct": {"key": "zone"}}, "value": target.zone}}]
             case Masquerade():
-                if target.ports is None:
-                    return [{"masquerade": None}]
-                self._need_protocol(rule, target)
-                return [{"masquerade": {"port": self._single_range(target, target.ports)}}]
+                spec = _nat_flags(target)
+                if target.ports is not None:
+                    self._need_protocol(rule, target)
+                    spec = {"port": self._single_range(target, target.ports), **spec}
+                return [{"masquerade": spec or None}]
             case Snat() | Dnat():
                 key = "snat" if isinstance(target, Snat) else "dnat"
                 spec = {}
@@ -568,7 +571,7 @@ class NftLowering:
                     spec["port"] = self._single_range(target, target.ports)
                 if not spec:
                     raise UnsupportedError(self.name, target, "a NAT statement needs an address or a port")
-                return [{key: spec}]
+                return [{key: spec | _nat_flags(target)}]
             case Reject():
                 return [self._reject(family, target)]
             case Log():
@@ -619,6 +622,22 @@ class NftLowering:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+#: nft's names of the NAT port-selection flags, in the order nft prints them.
+NFT_NAT_FLAGS: Final = {
+    NatFlag.RANDOM: "random",
+    NatFlag.RANDOM_FULLY: "fully-random",
+    NatFlag.PERSISTENT: "persistent",
+}
+
+
+def _nat_flags(target: Redirect | Masquerade | Snat | Dnat) -> dict[str, Json]:
+    """``{"flags": ...}`` of a NAT statement (one name, or a list of them), or nothing."""
+    names: list[Json] = [name for flag, name in NFT_NAT_FLAGS.items() if flag in target.flags]
+    if not names:
+        return {}
+    return {"flags": names[0] if len(names) == 1 else names}
 
 
 def _nfproto(match: FamilyMatch) -> str:

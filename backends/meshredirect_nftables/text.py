@@ -147,7 +147,10 @@ def statement_text(statement: Json) -> str:
         if ":" in address and "port" in spec:
             address = f"[{address}]"
         port = f":{expression_text(spec['port'])}" if "port" in spec else ""
-        return f"{kind}{family} to {address}{port}"
+        flags = spec.get("flags", [])
+        flags_text = " " + ",".join([flags] if isinstance(flags, str) else flags) if flags else ""
+        to = f" to {address}{port}" if address or port else ""
+        return f"{kind}{family}{to}{flags_text}"
     if kind == "tproxy":
         family = f" {spec['family']}" if "family" in spec else ""
         address = spec.get("addr", "")

@@ -67,6 +67,7 @@ __all__ = [
     "MarkMatch",
     "Masquerade",
     "Match",
+    "NatFlag",
     "OwnerKind",
     "OwnerMatch",
     "PortMatch",
@@ -178,6 +179,25 @@ class AddrType(enum.Enum):
     THROW = "THROW"
     NAT = "NAT"
     XRESOLVE = "XRESOLVE"
+
+
+class NatFlag(enum.Enum):
+    """How a NAT target picks the ports (and, with ``persistent``, the address of a range) it maps to.
+
+    They never change where a connection goes (its new destination, or which source address it takes
+    when the target names one address), only which port the kernel picks when it must pick one.
+    """
+
+    #: ``--random``: randomised port selection (``NF_NAT_RANGE_PROTO_RANDOM``).
+    RANDOM = "random"
+    #: ``--random-fully``: fully randomised port selection (``NF_NAT_RANGE_PROTO_RANDOM_FULLY``).
+    RANDOM_FULLY = "random-fully"
+    #: ``--persistent``: the same client keeps the same address of a range (``NF_NAT_RANGE_PERSISTENT``).
+    PERSISTENT = "persistent"
+
+
+def _frozenset_of_flags(value: Iterable[NatFlag]) -> frozenset[NatFlag]:
+    return frozenset(value)
 
 
 def _frozenset_of_states(value: Iterable[CtState]) -> frozenset[CtState]:
@@ -387,6 +407,7 @@ class Redirect:
     """NAT: send the connection to a local port (OUTPUT: 127.0.0.1/::1; PREROUTING: the incoming interface's address)."""
 
     ports: PortSet | None = None
+    flags: frozenset[NatFlag] = attrs.field(factory=frozenset, converter=_frozenset_of_flags)
 
 
 @attrs.frozen(kw_only=True)
@@ -448,19 +469,28 @@ class AddressRange:
 
 @attrs.frozen(kw_only=True)
 class Masquerade:
+    """NAT: the source becomes the outgoing interface's address (and a port of ``ports``, when given)."""
+
     ports: PortSet | None = None
+    flags: frozenset[NatFlag] = attrs.field(factory=frozenset, converter=_frozenset_of_flags)
 
 
 @attrs.frozen(kw_only=True)
 class Snat:
+    """NAT: the source becomes an address of ``addresses`` (and a port of ``ports``)."""
+
     addresses: AddressRange | None = None
     ports: PortSet | None = None
+    flags: frozenset[NatFlag] = attrs.field(factory=frozenset, converter=_frozenset_of_flags)
 
 
 @attrs.frozen(kw_only=True)
 class Dnat:
+    """NAT: the destination becomes an address of ``addresses`` (and a port of ``ports``)."""
+
     addresses: AddressRange | None = None
     ports: PortSet | None = None
+    flags: frozenset[NatFlag] = attrs.field(factory=frozenset, converter=_frozenset_of_flags)
 
 
 @attrs.frozen(kw_only=True)

@@ -55,7 +55,7 @@ from meshredirect.semantics.model import (
 )
 from meshredirect.values import IdSet, IPAddress
 
-__all__ = ["Mesh", "Verification", "detect_mesh", "environment_for_rules", "verify_rules"]
+__all__ = ["Mesh", "Verification", "detect_mesh", "environment_for_rules", "mesh_environment", "verify_rules"]
 
 #: Istio's ports, the fallback when the rules do not say (a mesh that captures only one way).
 DEFAULT_OUTBOUND_PORT: Final = 15001
@@ -402,6 +402,39 @@ def verify_rules(
     """
     from meshredirect.semantics.check import check
 
+    mesh, env = mesh_environment(
+        ruleset,
+        uids=uids,
+        gids=gids,
+        outbound_port=outbound_port,
+        inbound_port=inbound_port,
+        tunnel_port=tunnel_port,
+        dns_port=dns_port,
+        passthrough=passthrough,
+    )
+    return Verification(mesh=mesh, env=env, report=check(ruleset, env))
+
+
+def mesh_environment(
+    ruleset: Ruleset,
+    *,
+    uids: IdSet | None = None,
+    gids: IdSet | None = None,
+    outbound_port: int | None = None,
+    inbound_port: int | None = None,
+    tunnel_port: int | None = None,
+    dns_port: int | None = None,
+    passthrough: Iterable[IPAddress] = (),
+) -> tuple[Mesh, Environment]:
+    """The mesh :func:`verify_rules` proves things about (found, then overridden by what is given) and the
+    environment it assumes: :func:`environment_for_rules` with that mesh's proxy.
+
+    >>> from meshredirect.compiler import compile_policy
+    >>> from meshredirect.policy import Policy
+    >>> mesh, env = mesh_environment(compile_policy(Policy()), tunnel_port=15008)
+    >>> env.proxy.outbound_port, env.proxy.inbound_port, env.proxy.tunnel_port
+    (15001, 15006, 15008)
+    """
     mesh = detect_mesh(ruleset)
     given = tuple(passthrough)
     mesh = attrs.evolve(
@@ -415,4 +448,4 @@ def verify_rules(
     )
     proxy = attrs.evolve(mesh.proxy(), tunnel_port=tunnel_port)
     env = attrs.evolve(environment_for_rules(ruleset), proxy=proxy, rerouted_interfaces=mesh.rerouted)
-    return Verification(mesh=mesh, env=env, report=check(ruleset, env))
+    return mesh, env

@@ -60,6 +60,7 @@ from meshredirect.ir import (
     MarkMatch,
     Masquerade,
     Match,
+    NatFlag,
     OwnerMatch,
     PortMatch,
     ProtocolMatch,
@@ -175,11 +176,17 @@ def _nat_to(addresses: AddressRange | None, ports: PortSet | None) -> str:
     return text
 
 
+def _nat_flags(flags: frozenset[NatFlag]) -> str:
+    return "".join(f" {flag.value}" for flag in NatFlag if flag in flags)
+
+
 def describe_target(target: Target) -> str:
     """A target in the rule notation.
 
     >>> describe_target(Redirect(ports=PortSet.of(15001)))
     'REDIRECT :15001'
+    >>> describe_target(Masquerade(flags=frozenset({NatFlag.RANDOM_FULLY})))
+    'MASQUERADE random-fully'
     >>> describe_target(SetMark(value=0x4000, mask=0x4000))
     'MARK set 0x4000/0x4000'
     """
@@ -196,8 +203,8 @@ def describe_target(target: Target) -> str:
             return f"jump {chain}"
         case Goto(chain=chain):
             return f"goto {chain}"
-        case Redirect(ports=ports):
-            return "REDIRECT" + (f" :{_intervals(ports)}" if ports is not None else "")
+        case Redirect(ports=ports, flags=flags):
+            return "REDIRECT" + (f" :{_intervals(ports)}" if ports is not None else "") + _nat_flags(flags)
         case TProxy(port=port, address=address, mark=mark, mask=mask):
             text = f"TPROXY {address if address is not None else ''}:{port}"
             if mark is not None:
@@ -215,12 +222,12 @@ def describe_target(target: Target) -> str:
             return f"CONNMARK set {value}" if mask == FULL_MASK else f"CONNMARK set {value:#x}/{mask:#x}"
         case CtZone(zone=zone):
             return f"CT zone {zone}"
-        case Masquerade(ports=ports):
-            return "MASQUERADE" + _nat_to(None, ports)
-        case Snat(addresses=addresses, ports=ports):
-            return "SNAT" + _nat_to(addresses, ports)
-        case Dnat(addresses=addresses, ports=ports):
-            return "DNAT" + _nat_to(addresses, ports)
+        case Masquerade(ports=ports, flags=flags):
+            return "MASQUERADE" + _nat_to(None, ports) + _nat_flags(flags)
+        case Snat(addresses=addresses, ports=ports, flags=flags):
+            return "SNAT" + _nat_to(addresses, ports) + _nat_flags(flags)
+        case Dnat(addresses=addresses, ports=ports, flags=flags):
+            return "DNAT" + _nat_to(addresses, ports) + _nat_flags(flags)
         case Reject(with_=with_):
             return "REJECT" + (f" with {with_}" if with_ else "")
         case Log(prefix=prefix, level=level):

@@ -55,6 +55,7 @@ from meshredirect.ir import (
     MarkMatch,
     Masquerade,
     Match,
+    NatFlag,
     OwnerKind,
     OwnerMatch,
     PortMatch,
@@ -263,13 +264,13 @@ _MARK_OPS = tuple(_targ(op) for op in ("set-xmark", "set-mark", "and-mark", "or-
 TARGET_MODULES: Final[dict[str, _Module]] = {
     m.name: m
     for m in (
-        _Module("REDIRECT", (_targ("to-ports"), _targ("random", arity=0, supported=False)), table="nat"),
+        _Module("REDIRECT", (_targ("to-ports"), _targ("random", arity=0)), table="nat"),
         _Module(
             "MASQUERADE",
             (
                 _targ("to-ports"),
-                _targ("random", arity=0, supported=False),
-                _targ("random-fully", arity=0, supported=False),
+                _targ("random", arity=0),
+                _targ("random-fully", arity=0),
             ),
             table="nat",
         ),
@@ -277,9 +278,9 @@ TARGET_MODULES: Final[dict[str, _Module]] = {
             "SNAT",
             (
                 _targ("to-source"),
-                _targ("random", arity=0, supported=False),
-                _targ("random-fully", arity=0, supported=False),
-                _targ("persistent", arity=0, supported=False),
+                _targ("random", arity=0),
+                _targ("random-fully", arity=0),
+                _targ("persistent", arity=0),
             ),
             table="nat",
         ),
@@ -287,8 +288,8 @@ TARGET_MODULES: Final[dict[str, _Module]] = {
             "DNAT",
             (
                 _targ("to-destination"),
-                _targ("random", arity=0, supported=False),
-                _targ("persistent", arity=0, supported=False),
+                _targ("random", arity=0),
+                _targ("persistent", arity=0),
             ),
             table="nat",
         ),
@@ -1060,18 +1061,18 @@ class _Rule:
         return ports
 
     def _target_redirect(self, loaded: _Loaded, options: dict[str, _Given]) -> Target:
-        return Redirect(ports=self._nat_ports(options.get("to-ports")))
+        return Redirect(ports=self._nat_ports(options.get("to-ports")), flags=_nat_flags(options))
 
     def _target_masquerade(self, loaded: _Loaded, options: dict[str, _Given]) -> Target:
-        return Masquerade(ports=self._nat_ports(options.get("to-ports")))
+        return Masquerade(ports=self._nat_ports(options.get("to-ports")), flags=_nat_flags(options))
 
     def _target_snat(self, loaded: _Loaded, options: dict[str, _Given]) -> Target:
         addresses, ports = self._nat_to(self._require(loaded, options, "to-source"))
-        return Snat(addresses=addresses, ports=ports)
+        return Snat(addresses=addresses, ports=ports, flags=_nat_flags(options))
 
     def _target_dnat(self, loaded: _Loaded, options: dict[str, _Given]) -> Target:
         addresses, ports = self._nat_to(self._require(loaded, options, "to-destination"))
-        return Dnat(addresses=addresses, ports=ports)
+        return Dnat(addresses=addresses, ports=ports, flags=_nat_flags(options))
 
     def _nat_to(self, given: _Given) -> tuple[AddressRange | None, PortSet | None]:
         """``[ADDR[-ADDR]][:PORT[-PORT]]``; IPv6 writes the addresses in brackets when ports follow."""
@@ -1260,6 +1261,11 @@ def _unknown_option_message(text: str, loaded: list[_Loaded]) -> str:
 
 def _given_tokens(given: _Given) -> list[str]:
     return [*(["!"] if given.negate else []), f"--{given.option.name}", *(quote(v.value) for v in given.values)]
+
+
+def _nat_flags(options: dict[str, _Given]) -> frozenset[NatFlag]:
+    """The port-selection flags given to a NAT target (each target's module lists those it takes)."""
+    return frozenset(flag for flag in NatFlag if flag.value in options)
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

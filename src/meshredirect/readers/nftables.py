@@ -109,6 +109,7 @@ from meshredirect.ir import (
     MarkMatch,
     Masquerade,
     Match,
+    NatFlag,
     OwnerKind,
     OwnerMatch,
     PortMatch,
@@ -151,6 +152,8 @@ DIALECT: Final = "nftables"
 FAMILY_NAMES: Final[dict[Family, str]] = {Family.IPV4: "ip", Family.IPV6: "ip6", Family.INET: "inet"}
 _FAMILY_OF: Final = {name: family for family, name in FAMILY_NAMES.items()}
 #: Families whose tables act outside the IP hooks the IR models; their tables are not read.
+#: nft's names of the NAT port-selection flags.
+_NAT_FLAGS: Final = {"random": NatFlag.RANDOM, "fully-random": NatFlag.RANDOM_FULLY, "persistent": NatFlag.PERSISTENT}
 _OTHER_FAMILIES: Final = frozenset({"arp", "bridge", "netdev"})
 HOOK_NAMES: Final[dict[Hook, str]] = {hook: hook.value.lower() for hook in Hook}
 _HOOK_OF: Final = {name: hook for hook, name in HOOK_NAMES.items()}
@@ -858,14 +861,17 @@ class _RuleReader:
         if key in ("jump", "goto"):
             return Jump(chain=spec["target"]) if key == "jump" else Goto(chain=spec["target"])
         if key == "redirect":
-            return Redirect(ports=self.nat_ports(spec, allowed={"port"}))
+            return Redirect(ports=self.nat_ports(spec, allowed={"port", "flags"}), flags=_nat_flags(spec))
         if key == "masquerade":
-            return Masquerade(ports=self.nat_ports(spec, allowed={"port"}))
+            return Masquerade(ports=self.nat_ports(spec, allowed={"port", "flags"}), flags=_nat_flags(spec))
         if key in ("snat", "dnat"):
-            allowed = {"port", "addr", "family"}
+            allowed = {"port", "addr", "family", "flags"}
             ports = self.nat_ports(spec, allowed=allowed)
             addresses = self.nat_addresses(spec.get("addr")) if spec and "addr" in spec else None
-            return Snat(addresses=addresses, ports=ports) if key == "snat" else Dnat(addresses=addresses, ports=ports)
+            flags = _nat_flags(spec)
+            if key == "snat":
+                return Snat(addresses=addresses, ports=ports, flags=flags)
+            return Dnat(addresses=addresses, ports=ports, flags=flags)
         if key == "mangle":
             return self.mangle(spec)
         if key == "reject":
@@ -883,7 +889,7 @@ class _RuleReader:
         if spec is None:
             return None
         if set(spec) - allowed:
-            raise _Unknown  # flags such as random or persistent
+            raise _Unknown  # an option the IR does not model
         if "port" not in spec:
             return None
         return PortSet(tuple(self.intervals(spec["port"], _port_interval)))
@@ -1049,3 +1055,14 @@ def read_nft_json(
     builder = _Builder(_Document(text, path), {"users": users or {}, "groups": groups or {}})
     builder.run()
     return builder.ruleset()
+
+
+def _nat_flags(spec: Json) -> frozenset[NatFlag]:
+    """The flags of a NAT statement (one name or a list); a flag the IR does not know is not modelled."""
+    if not spec or "flags" not in spec:
+        return frozenset()
+    names = spec["flags"]
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or any(name not in _NAT_FLAGS for name in names):
+        raise _Unknown
+    return frozenset(_NAT_FLAGS[name] for name in names)

@@ -237,7 +237,7 @@ class Checker:
                 if not leaf.result:
                     continue
                 connection = self.space.connection(root, leaf.example)
-                chain = follow(self.interpreter, connection, model=self.model)
+                chain = follow(self.interpreter, connection, model=self.model, choices=leaf.choices)
                 description = self.space.describe(root, leaf.region)
                 for prop, message in leaf.result:
                     violations.append(
@@ -257,10 +257,25 @@ class Checker:
         )
 
     def violations_of(
-        self, connection: Connection, *, symbols: Mapping[str, str] | None = None, tracer: Tracer | None = None
+        self,
+        connection: Connection,
+        *,
+        symbols: Mapping[str, str] | None = None,
+        tracer: Tracer | None = None,
+        choices: Sequence[bool] | None = None,
     ) -> tuple[tuple[Property, str], ...]:
-        """The properties ``connection`` violates, with messages (through ``tracer`` during the proof)."""
-        chain = follow(self.interpreter, connection, model=self.model, symbols=symbols, tracer=tracer, trace=False)
+        """The properties ``connection`` violates, with messages (through ``tracer`` during the proof);
+        ``choices``: the outcomes of the choice points along its chain (default: the tracer's, else each
+        point's default)."""
+        chain = follow(
+            self.interpreter,
+            connection,
+            model=self.model,
+            symbols=symbols,
+            tracer=tracer,
+            trace=False,
+            choices=choices,
+        )
         return tuple(self._violations(connection, chain, tracer))
 
     # ------------------------------------------------------------------ properties

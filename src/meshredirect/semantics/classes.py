@@ -119,6 +119,10 @@ class Constants:
     families: list[Family] = attrs.Factory(list)
     #: Addresses worth using as representatives (the pod's, the passthrough source...).
     preferred: list[IPAddress] = attrs.Factory(list)
+    # The members of each list of ``networks`` as a set (rebuilt when the list changed behind its back).
+    _network_sets: dict[tuple[Family, Direction], set[AddressSet]] = attrs.field(
+        factory=dict, init=False, repr=False, eq=False
+    )
 
     def add_networks(self, direction: Direction | None, addresses: Iterable[IPNetwork | IPAddress]) -> None:
         """Networks compared with the source, the destination, or (None) both."""
@@ -129,8 +133,12 @@ class Constants:
                 continue
             for d in (Direction.SOURCE, Direction.DESTINATION) if direction is None else (direction,):
                 bucket = self.networks.setdefault((family, d), [])
-                if part not in bucket:
+                seen = self._network_sets.get((family, d))
+                if seen is None or len(seen) != len(bucket):
+                    seen = self._network_sets[(family, d)] = set(bucket)
+                if part not in seen:
                     bucket.append(part)
+                    seen.add(part)
 
     def add_ports(self, protocol: Protocol | None, direction: Direction, ports: PortSet | Iterable[int]) -> None:
         members = ports if isinstance(ports, PortSet) else PortSet.of(*ports)

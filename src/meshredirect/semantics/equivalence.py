@@ -11,7 +11,11 @@ example connection, both evaluations (with their traces) and a short
 description of the class of connections it stands for.
 
 A verdict the interpreter cannot decide (:class:`~meshredirect.semantics.interpreter.Unknown`)
-is a difference too: equivalence that cannot be proven is not claimed.
+is a difference too: equivalence that cannot be proven is not claimed. A ruleset
+with choice points (a random ``statistic`` match) may give one connection
+several evaluations, one per combination of outcomes
+(:meth:`~meshredirect.semantics.interpreter.Interpreter.evaluate_all`); two
+rulesets agree on a connection when each may do whatever the other may do.
 
 >>> from meshredirect.compiler import compile_policy
 >>> from meshredirect.policy import Policy
@@ -48,7 +52,14 @@ from meshredirect.semantics.interpreter import (
 )
 from meshredirect.semantics.model import Connection, Environment
 
-__all__ = ["Difference", "EquivalenceReport", "compare_evaluations", "equivalence_report", "equivalent"]
+__all__ = [
+    "Difference",
+    "EquivalenceReport",
+    "compare_evaluations",
+    "compare_outcomes",
+    "equivalence_report",
+    "equivalent",
+]
 
 
 @attrs.frozen(kw_only=True)
@@ -103,28 +114,53 @@ def equivalence_report(
         explorer = root.explorer()
         symbols = space.symbols(root)
 
-        def program(run: Run, root: Root = root, symbols: Mapping[str, str] = symbols) -> tuple[Connection, str] | None:
+        def program(run: Run, root: Root = root, symbols: Mapping[str, str] = symbols) -> _Found | None:
             connection = space.connection(root, {d: run.value(d) for d in root.dims})
-            ea = first.evaluate(connection, trace=False, symbols=symbols, tracer=run)
-            eb = second.evaluate(connection, trace=False, symbols=symbols, tracer=run)
-            aspect = compare_evaluations(ea, eb, run)
-            return None if aspect is None else (connection, aspect)
+            outcomes_a = first.evaluate_all(connection, trace=False, symbols=symbols, tracer=run)
+            outcomes_b = second.evaluate_all(connection, trace=False, symbols=symbols, tracer=run)
+            found = compare_outcomes(outcomes_a, outcomes_b, run)
+            return None if found is None else (connection, *found)
 
         for leaf in explorer.explore(program):
             if leaf.result is None:
                 continue
-            connection, aspect = leaf.result
+            connection, aspect, choices_a, choices_b = leaf.result
             differences.append(
                 Difference(
                     example=connection,
-                    first=first.evaluate(connection),
-                    second=second.evaluate(connection),
+                    first=first.evaluate(connection, choices=choices_a),
+                    second=second.evaluate(connection, choices=choices_b),
                     description=space.describe(root, leaf.region),
                     aspect=aspect,
                 )
             )
         paths += explorer.runs
     return EquivalenceReport(differences=tuple(differences), classes=space.count(), paths=paths)
+
+
+#: A difference found on a path: the connection, what differs, and the choices of each side's evaluation shown.
+_Found = tuple[Connection, str, tuple[bool, ...], tuple[bool, ...]]
+
+
+def compare_outcomes(
+    first: Sequence[Evaluation], second: Sequence[Evaluation], run: Run | None = None
+) -> tuple[str, tuple[bool, ...], tuple[bool, ...]] | None:
+    """Whether two rulesets may do the same things to a connection: every evaluation one may give (one per
+    combination of outcomes of its choice points, e.g. random matches) the other may give too.
+
+    Returns what differs and the choices of an evaluation of each side that shows it, or None.
+    """
+    if len(first) == 1 and len(second) == 1:
+        aspect = compare_evaluations(first[0], second[0], run)
+        return None if aspect is None else (aspect, first[0].choices, second[0].choices)
+    for ours, theirs, swap in ((first, second, False), (second, first, True)):
+        for one in ours:
+            if any(compare_evaluations(one, other, run) is None for other in theirs):
+                continue
+            aspect = compare_evaluations(one, theirs[0], run) or "verdict"
+            pair = (theirs[0].choices, one.choices) if swap else (one.choices, theirs[0].choices)
+            return aspect, *pair
+    return None
 
 
 def compare_evaluations(ea: Evaluation, eb: Evaluation, run: Run | None = None) -> str | None:

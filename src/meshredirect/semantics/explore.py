@@ -17,10 +17,19 @@ whichever of its matches fails. Each run covers a region on which the
 program behaves identically, and the regions partition the whole product:
 together they are a proof over every class combination, with far fewer runs.
 
+A program may also meet *choice points*, where it may go either way whatever
+the connection (kube-proxy's ``-m statistic`` picking an endpoint): it asks
+:meth:`Run.choose`, the run takes one outcome and leaves the other, on its
+region as it stands, to a later run that replays the same outcomes up to that
+point. Leaves then cover every class combination once per sequence of
+outcomes (:attr:`Leaf.choices`), so a property that must hold whatever the
+choices is proven on every branch.
+
 Soundness rests on one rule: the program branches on a dimension's value only
-through :meth:`Run.decide` / :meth:`Run.decide_all`. ``tests/test_explore.py``
-checks it by comparing the explorer with brute-force enumeration of the full
-product.
+through :meth:`Run.decide` / :meth:`Run.decide_all`, and on anything else only
+through :meth:`Run.choose`. ``tests/test_explore.py`` checks it by comparing
+the explorer with brute-force enumeration of the full product and of every
+sequence of choices.
 
 >>> explorer = Explorer({"x": [0, 1, 2, 3], "y": ["a", "b"]})
 >>> def program(run):
@@ -118,6 +127,20 @@ class Tracer:
     def decide_constraints(self, constraints: Mapping[int, int], holds: bool) -> bool:  # pragma: no cover
         raise NotImplementedError
 
+    def choose(self) -> bool:  # pragma: no cover - interface
+        """The outcome of a choice point (the program may go either way): both are explored."""
+        raise NotImplementedError
+
+    def classes(self, dim: str) -> tuple[int, tuple[Any, ...], int]:  # pragma: no cover - interface
+        """(position of the dimension, its classes' values, the representative's class)."""
+        raise NotImplementedError
+
+    def restrict(
+        self, inside: Sequence[Mapping[int, int]], outside: Sequence[Mapping[int, int]]
+    ) -> None:  # pragma: no cover - interface
+        """Keep the part of the region in ``inside``, leave the part in ``outside`` to another run."""
+        raise NotImplementedError
+
 
 def probe(tracer: Tracer | None, value: Any, sym: Sym | None, key: Callable[[Any], Hashable]) -> Any:
     """``key(value)``; through ``tracer`` when the value stands for a dimension (``sym``)."""
@@ -147,13 +170,48 @@ Atom: TypeAlias = tuple["Sym", Callable[[Any], Hashable], Hashable]
 
 
 class Run(Tracer):
-    """One run of a program: the representative values of its region, and the regions it left for later."""
+    """One run of a program: the representative values of its region, and the regions it left for later.
 
-    def __init__(self, explorer: Explorer, region: list[Box]) -> None:
+    A run also replays ``forced`` outcomes at the program's first choice points (see :meth:`choose`).
+    """
+
+    def __init__(self, explorer: Explorer, region: list[Box], forced: tuple[bool, ...] = ()) -> None:
         self.explorer = explorer
         self.region = region
-        self.alternatives: list[list[Box]] = []
+        #: Left for later runs: a region, and the outcomes of the choice points met before it was left.
+        self.alternatives: list[tuple[list[Box], tuple[bool, ...]]] = []
         self.index = tuple(_lowest_bit(mask) for mask in region[0])
+        self.forced = forced
+        #: The outcomes taken at the choice points met so far.
+        self.taken: list[bool] = []
+
+    def choose(self) -> bool:
+        """A choice point: the program may go either way on every connection of the region. The run
+        replays its forced outcome, or takes True and leaves False, on its current region, to another run."""
+        position = len(self.taken)
+        if position < len(self.forced):
+            taken = self.forced[position]
+        else:
+            taken = True
+            self.alternatives.append((list(self.region), (*self.taken, False)))
+        self.taken.append(taken)
+        return taken
+
+    def classes(self, dim: str) -> tuple[int, tuple[Any, ...], int]:
+        """(position of the dimension, its classes' values, the representative's class)."""
+        position = self.explorer.position[dim]
+        return position, self.explorer.values[dim], self.index[position]
+
+    def restrict(self, inside: Sequence[Mapping[int, int]], outside: Sequence[Mapping[int, int]]) -> None:
+        """Keep the part of the region in ``inside`` and leave the part in ``outside``, as one region, to
+        another run. Each is a union of disjoint parts (per position, the classes wanted; positions not
+        named: any class); together they must partition every combination, and ``inside`` must hold the
+        representative (the caller's obligations: a wrong split makes the exploration unsound, which
+        ``tests/test_explore.py`` shows is caught)."""
+        left = _cut(self.region, outside)
+        self.region = _cut(self.region, inside)
+        if left:
+            self.alternatives.append((_merge(left), tuple(self.taken)))
 
     def value(self, dim: str) -> Any:
         """The representative value of ``dim`` in this run."""
@@ -215,7 +273,8 @@ class Run(Tracer):
                     split = (*box[:position], part, *box[position + 1 :])
                     (kept if other == outcome else others.setdefault(other, [])).append(split)
         self.region = kept
-        self.alternatives.extend(others.values())
+        taken = tuple(self.taken)
+        self.alternatives.extend((boxes, taken) for boxes in others.values())
         return outcome
 
     def decide_all(self, atoms: Sequence[Atom]) -> bool:
@@ -254,7 +313,7 @@ class Run(Tracer):
                 matched.append(current)
         kept, left = (matched, missed) if holds else (missed, matched)
         if left:
-            self.alternatives.append(_merge(left))
+            self.alternatives.append((_merge(left), tuple(self.taken)))
         self.region = kept
         return holds
 
@@ -268,6 +327,8 @@ class Leaf(Generic[R]):
     boxes: tuple[Box, ...]
     example: Mapping[str, Any]
     dims: tuple[str, ...]
+    #: The outcomes the run took at the program's choice points (replay them to reproduce the result).
+    choices: tuple[bool, ...] = ()
 
     @property
     def size(self) -> int:
@@ -316,6 +377,7 @@ class Explorer:
         ] = {}
         #: The partitions of tests of stable identity: id(test) -> dim -> (test, position, outcomes, per class).
         self.fast: dict[int, dict[str, tuple[object, int, dict[Hashable, int], list[Hashable]]]] = {}
+        self._indices: dict[str, dict[Hashable, int] | None] = {}
         self.runs = 0
 
     @property
@@ -339,17 +401,53 @@ class Explorer:
         if found is not None and (by_value or found[0] is key):
             return found[1]
         outcomes: dict[Hashable, int] = {}
+        per_class: list[Hashable] = []
+        members = _members(key) if transform is None else None
+        index_of = self._index(dim) if members is not None else None
+        if members is not None and index_of is not None and len(members) <= len(index_of):
+            # A test of membership in a set of values: the classes whose value is a member, looked up.
+            count = len(index_of)
+            inside = 0
+            for member in members:
+                at = index_of.get(member)
+                if at is not None:
+                    inside |= 1 << at
+            if inside:
+                outcomes[True] = inside
+            if inside != (1 << count) - 1:
+                outcomes[False] = ((1 << count) - 1) & ~inside
+            per_class = [False] * count
+            while inside:
+                bit = inside & -inside
+                inside ^= bit
+                per_class[bit.bit_length() - 1] = True
+            cache[cache_key] = (key, outcomes)
+            self.fast.setdefault(id(key), {})[dim] = (key, self.position[dim], outcomes, per_class)
+            return outcomes
         for index, value in enumerate(self.values[dim]):
             if transform is not None:
                 value = (value & transform[0]) ^ transform[1]
             outcome = key(value)
+            per_class.append(outcome)
             outcomes[outcome] = outcomes.get(outcome, 0) | (1 << index)
         cache[cache_key] = (key, outcomes)
         if transform is None:
             # The fast path of Run.resolve: by the test's identity, each class's outcome at hand.
-            per_class = [next(o for o, m in outcomes.items() if m >> i & 1) for i in range(len(self.values[dim]))]
             self.fast.setdefault(id(key), {})[dim] = (key, self.position[dim], outcomes, per_class)
         return outcomes
+
+    def _index(self, dim: str) -> dict[Hashable, int] | None:
+        """Each class's value -> its index, when the values are hashable and distinct (else None)."""
+        if dim not in self._indices:
+            index: dict[Hashable, int] | None
+            try:
+                index = {value: i for i, value in enumerate(self.values[dim])}
+            except TypeError:
+                index = None
+            if index is not None and len(index) != len(self.values[dim]):
+                index = None
+            self._indices[dim] = index
+        return self._indices[dim]
 
     def explore(self, program: Callable[[Run], R], region: Mapping[str, Sequence[int]] | None = None) -> list[Leaf[R]]:
         """Every distinct path of ``program``, each with the region of classes it covers.
@@ -366,9 +464,9 @@ class Explorer:
         if not all(start):
             return []
         leaves: list[Leaf[R]] = []
-        stack: list[list[Box]] = [[tuple(start)]]
+        stack: list[tuple[list[Box], tuple[bool, ...]]] = [([tuple(start)], ())]
         while stack:
-            run = Run(self, stack.pop())
+            run = Run(self, *stack.pop())
             result = program(run)
             self.runs += 1
             if self.runs > MAX_RUNS:
@@ -379,10 +477,24 @@ class Explorer:
                     boxes=tuple(run.region),
                     example={dim: self.values[dim][run.index[p]] for p, dim in enumerate(self.dims)},
                     dims=self.dims,
+                    choices=tuple(run.taken),
                 )
             )
             stack.extend(reversed(run.alternatives))
         return leaves
+
+
+def _members(key: Callable[[Any], Hashable]) -> frozenset[Hashable] | tuple[Hashable] | None:
+    """The values a test of membership holds for (``Eq``, ``In`` of a frozenset, ``frozenset.__contains__``),
+    or None for any other test. Such a test is True exactly on those values and False on every other."""
+    if isinstance(key, Eq):
+        return (key.other,)
+    if isinstance(key, In):
+        return key.members if isinstance(key.members, frozenset) else None
+    owner = getattr(key, "__self__", None)
+    if isinstance(owner, frozenset) and getattr(key, "__name__", "") == "__contains__":
+        return owner
+    return None
 
 
 def _merge(boxes: list[Box]) -> list[Box]:
@@ -397,6 +509,23 @@ def _merge(boxes: list[Box]) -> list[Box]:
         if len(merged) < len(boxes):
             boxes = [(*rest[:position], mask, *rest[position:]) for rest, mask in merged.items()]
     return boxes
+
+
+def _cut(region: list[Box], parts: Sequence[Mapping[int, int]]) -> list[Box]:
+    """The boxes of ``region`` inside a union of disjoint parts (per position, the classes wanted)."""
+    out: list[Box] = []
+    for box in region:
+        for part in parts:
+            current = box
+            for position, mask in part.items():
+                here = current[position] & mask
+                if not here:
+                    break
+                if here != current[position]:
+                    current = (*current[:position], here, *current[position + 1 :])
+            else:
+                out.append(current)
+    return out
 
 
 def _lowest_bit(mask: int) -> int:

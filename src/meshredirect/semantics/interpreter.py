@@ -54,10 +54,23 @@ Kernel facts encoded here (each has a unit test in ``tests/test_interpreter.py``
    tracked (it looped back) cannot get one.
 9. Conntrack state: INVALID before conntrack attaches (raw), then NEW
    (plus DNAT / SNAT once a mapping changed the connection).
-10. A match the interpreter cannot decide (ipset, statistic, unknown
-    matches, ``addrtype --limit-iface``) is "unknown", never a silent match:
-    a rule with an unknown match and a target with an effect ends the
-    evaluation with :class:`Unknown`; an unknown target does too.
+10. A match the interpreter cannot decide (ipset, unknown matches,
+    ``addrtype --limit-iface``) is "unknown", never a silent match: a rule
+    with an unknown match and a target with an effect ends the evaluation
+    with :class:`Unknown`; an unknown target does too. So is a test of the
+    source port after a NAT target picked it at random (``--random``,
+    ``--random-fully``: where the connection goes does not change, which
+    port it leaves from does), and a destination NAT to a range of ports
+    with ``--random``.
+11. A ``statistic`` match (random, or every n-th packet) may go either way
+    for the first packet of a new connection: it is a *choice point*. The
+    rule's other matches are tested first; when they hold, the evaluation
+    takes one outcome: the one ``choices`` forces, else the tracer's (the
+    proof explorer branches and covers both), else :data:`DEFAULT_CHOICE`
+    (matched). The trace notes the choice on the rule's visit and
+    :attr:`Evaluation.choices` lists the outcomes taken;
+    :meth:`Interpreter.evaluate_all` gives every possible evaluation. A
+    probability of 1 (or ``--every 1``) always matches and 0 never does.
 
 >>> from meshredirect.compiler import compile_policy
 >>> from meshredirect.policy import Policy
@@ -76,7 +89,7 @@ from __future__ import annotations
 import enum
 import functools
 import ipaddress
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, Final, TypeAlias, assert_never
 
 import attrs
@@ -114,9 +127,11 @@ from meshredirect.ir import (
     MarkMatch,
     Masquerade,
     Match,
+    NatFlag,
     OwnerKind,
     OwnerMatch,
     PortMatch,
+    Protocol,
     ProtocolMatch,
     Redirect,
     Reject,
@@ -131,14 +146,16 @@ from meshredirect.ir import (
     UnknownMatch,
     UnknownTarget,
 )
-from meshredirect.notation import describe_rule
+from meshredirect.notation import describe_match, describe_rule
 from meshredirect.semantics.explore import Eq, In, MarkSym, Sym, Tracer
 from meshredirect.semantics.model import LOOPBACK_INTERFACE, Connection, Environment, Origin, Socket
 from meshredirect.values import MAX_MARK, AddressSet, IdSet, IPAddress, PortSet
 
 __all__ = [
+    "DEFAULT_CHOICE",
     "ROUTED",
     "ChainEnd",
+    "Choices",
     "Dropped",
     "Evaluation",
     "Event",
@@ -184,6 +201,10 @@ _CTMARK: Final = "ctmark"
 _CTSTATE: Final = "ctstate"
 _ADDRTYPE: Final = "addrtype"
 _UNKNOWN: Final = "unknown"
+_CHOICE: Final = "choice"
+_CONSTANT: Final = "constant"
+#: NAT flags that make the kernel pick a port at random.
+_RANDOM_PORTS: Final = frozenset({NatFlag.RANDOM, NatFlag.RANDOM_FULLY})
 
 
 def _member_test(members: Any) -> Callable[[Any], Hashable]:
@@ -338,6 +359,8 @@ class Evaluation:
     symbols: Mapping[str, Sym] = attrs.field(factory=dict, eq=False, repr=False)
     #: A local connection's outgoing interface as first routed (before any NAT or mark rerouted it).
     first_oif: str | None = None
+    #: The outcomes this evaluation took at its choice points (random matches: True matched), in order.
+    choices: tuple[bool, ...] = ()
 
     @property
     def rewritten(self) -> Connection:
@@ -353,6 +376,9 @@ class Evaluation:
         for entry in self.trace:
             lines.append(str(entry) if isinstance(entry, Event) and entry.text.startswith("==") else f"  {entry}")
         lines.append(f"verdict: {self.verdict}")
+        if self.choices:
+            taken = ", ".join("matched" if c else "no match" for c in self.choices)
+            lines.append(f"random choices taken: {taken} (the other outcomes are possible too)")
         return "\n".join(lines)
 
 
@@ -396,6 +422,10 @@ class Interpreter:
         self.env = env if env is not None else Environment.default()
         self._stages: dict[tuple[str, str], tuple[_Stage, ...]] = {}
         self._plans: dict[int, tuple[Rule, tuple[_Plan, ...]]] = {}
+        self._dispatch: dict[int, tuple[Chain, tuple[_Dispatch | None, ...] | None]] = {}
+        self._member_tests: dict[Hashable, Callable[[Any], Hashable]] = {}
+        #: Whether untraced evaluations jump over runs of rules keyed by one field (see :class:`_Dispatch`).
+        self.use_dispatch = True
         env = self.env
         # Tests on symbolic values need functions of stable identity (see explore.Run.decide).
         self.is_local: Callable[[Any], Hashable] = env.is_local
@@ -407,6 +437,9 @@ class Interpreter:
         }
         self.present: Callable[[Any], Hashable] = bool
         self.addr_type: Callable[[Any], Hashable] = lambda address: _addr_type(env, address)
+        #: The mark tests the proof's mark classes are built from (as ``Constants.add_ruleset`` and
+        #: ``Constants.add_environment`` collect them): each is constant on every mark class.
+        self.mark_tests: frozenset[tuple[int, int]] = _mark_tests(ruleset, env)
 
     def stages(self, family: Family, hook: Hook) -> tuple[_Stage, ...]:
         key = (family._value_, hook._value_)  # (enum members hash slowly)
@@ -424,6 +457,23 @@ class Interpreter:
         self._plans[id(rule)] = (rule, plans)
         return plans
 
+    def dispatch(self, chain: Chain) -> tuple[_Dispatch | None, ...] | None:
+        """Per rule of ``chain``, the dispatch run it belongs to (None: none); None when the chain has none."""
+        found = self._dispatch.get(id(chain))
+        if found is not None and found[0] is chain:
+            return found[1]
+        runs = _dispatch_runs(chain, [self.plans(rule) for rule in chain.rules]) if self.use_dispatch else None
+        self._dispatch[id(chain)] = (chain, runs)
+        return runs
+
+    def _member_test(self, members: Any) -> Callable[[Any], Hashable]:
+        """One test per set of members (rules that test equal sets share it: the explorer partitions the
+        classes by a test once, by its identity)."""
+        found = self._member_tests.get(members)
+        if found is None:
+            found = self._member_tests[members] = _member_test(members)
+        return found
+
     def _plan(self, match: Match) -> _Plan:
         match match:
             case ProtocolMatch():
@@ -434,19 +484,21 @@ class Interpreter:
                 addresses = match.addresses
                 field = "src" if match.direction is Direction.SOURCE else "dst"
                 versions = frozenset(n.version for n in addresses)
-                return (_ADDRESS, field, _member_test(addresses), match.negate, versions)
+                return (_ADDRESS, field, self._member_test(addresses), match.negate, versions)
             case PortMatch():
                 field = "sport" if match.direction is Direction.SOURCE else "dport"
-                return (_PORT, field, _member_test(match.ports), match.negate, match.protocol)
+                return (_PORT, field, self._member_test(match.ports), match.negate, match.protocol)
             case InterfaceMatch():
                 return (_IIF if match.direction is Direction.SOURCE else _OIF, match.matches)
             case OwnerMatch():
                 field = "uid" if match.kind is OwnerKind.UID else "gid"
-                return (_OWNER, field, _member_test(match.ids), match.negate, match.socketless)
+                return (_OWNER, field, self._member_test(match.ids), match.negate, match.socketless)
             case MarkMatch() | ConnmarkMatch():
-                mask, value = match.mask, match.value
-                test: Callable[[Any], Hashable] = lambda mark: (mark & mask) == value  # noqa: E731
-                return (_MARK if isinstance(match, MarkMatch) else _CTMARK, test, match.negate)
+                return (
+                    _MARK if isinstance(match, MarkMatch) else _CTMARK,
+                    MarkIs(match.mask, match.value),
+                    match.negate,
+                )
             case CtStateMatch():
                 return (_CTSTATE, match.states, match.negate)
             case AddrTypeMatch():
@@ -459,7 +511,10 @@ class Interpreter:
             case IpSetMatch():
                 return (_UNKNOWN, f"the contents of ipset {match.name!r} are not known")
             case StatisticMatch():
-                return (_UNKNOWN, "a statistic match is random or counts packets")
+                fixed = _statistic_outcome(match)
+                if fixed is not None:
+                    return (_CONSTANT, fixed)
+                return (_CHOICE, describe_match(match))
             case UnknownMatch():
                 return (_UNKNOWN, f"match [{match.dialect}: {' '.join(match.tokens)}] is not modelled")
             case _:
@@ -472,6 +527,7 @@ class Interpreter:
         trace: bool = True,
         symbols: Mapping[str, Sym] | None = None,
         tracer: Tracer | None = None,
+        choices: Choices | Sequence[bool] | None = None,
     ) -> Evaluation:
         """Run the ruleset over ``connection``; ``trace=False`` skips recording the trace (faster).
 
@@ -479,8 +535,46 @@ class Interpreter:
         ``symbols`` says which fields of the connection stand for a dimension (``"oif"`` mapped to
         ``"route"`` means: derived from the destination and the mark by the route function), and
         every test on such a field goes to ``tracer``.
+
+        ``choices`` fixes the outcomes of the choice points the evaluation meets (see :class:`Choices`);
+        without it the tracer chooses (the explorer branches), or, with no tracer, every choice point
+        takes :data:`DEFAULT_CHOICE`. :attr:`Evaluation.choices` says what was taken.
         """
-        return _Run(self, connection, trace, symbols or {}, tracer).evaluate()
+        if choices is not None and not isinstance(choices, Choices):
+            choices = Choices(choices)
+        return _Run(self, connection, trace, symbols or {}, tracer, choices=choices).evaluate()
+
+    def evaluate_all(
+        self,
+        connection: Connection,
+        *,
+        trace: bool = True,
+        symbols: Mapping[str, Sym] | None = None,
+        tracer: Tracer | None = None,
+    ) -> list[Evaluation]:
+        """Every evaluation ``connection`` may get: one per combination of outcomes of its choice points.
+
+        >>> from meshredirect.ir import Chain, Jump, Rule, StatisticMatch, Table, iptables_base_chain
+        >>> nat = Table(family=Family.IPV4, name="nat", chains=(
+        ...     Chain(name="OUTPUT", base=iptables_base_chain("nat", Hook.OUTPUT), rules=(
+        ...         Rule(matches=(StatisticMatch(probability=0.5),), target=Dnat(ports=PortSet.of(81))),
+        ...         Rule(target=Dnat(ports=PortSet.of(82))),
+        ...     )),
+        ... ))
+        >>> interpreter = Interpreter(Ruleset(tables=(nat,)))
+        >>> app = Connection.local(interpreter.env, dst="93.184.216.34", dport=80, uid=1000, gid=1000)
+        >>> [(e.choices, str(e.verdict)) for e in interpreter.evaluate_all(app)]
+        [((True,), 'redirected to 93.184.216.34:81'), ((False,), 'redirected to 93.184.216.34:82')]
+        """
+        found: list[Evaluation] = []
+        todo: list[tuple[bool, ...]] = [()]
+        while todo:
+            forced = todo.pop()
+            evaluation = self.evaluate(connection, trace=trace, symbols=symbols, tracer=tracer, choices=forced)
+            found.append(evaluation)
+            taken = evaluation.choices
+            todo.extend((*taken[:i], not taken[i]) for i in range(len(forced), len(taken)))
+        return found
 
 
 def _build_stages(ruleset: Ruleset, family: Family, hook: Hook) -> tuple[_Stage, ...]:
@@ -505,6 +599,271 @@ def _build_stages(ruleset: Ruleset, family: Family, hook: Hook) -> tuple[_Stage,
     return tuple(stages)
 
 
+#: Plans that neither stop an evaluation nor change its state when another test of their rule fails:
+#: a rule made of these whose test of one field fails does not match, whatever its other tests do.
+_SKIPPABLE: Final = frozenset(
+    {_PROTOCOL, _FAMILY, _ADDRESS, _PORT, _IIF, _OIF, _OWNER, _CTSTATE, _ADDRTYPE, _UNKNOWN, _CHOICE, _CONSTANT}
+)
+#: The fields a dispatch run may be keyed by (not ``sport``: NAT may have made it unknown).
+_DISPATCH_FIELDS: Final = ("dst", "dport", "src")
+#: Runs shorter than this are walked rule by rule.
+_DISPATCH_MIN: Final = 8
+#: A run keeps the class masks of at most this many (field, explorer) pairs.
+_DISPATCH_CACHE: Final = 64
+
+
+class _Dispatch:
+    """A run of consecutive rules of a chain (``start`` to ``end``) that each test a ``fields[0]`` (a
+    destination address, like kube-proxy's KUBE-SERVICES; a destination port, like KUBE-NODEPORTS), and
+    maybe the other ``fields``: a rule without a test of a field takes any value of it.
+
+    A rule of the run whose test of a field fails does not match, whatever its other tests (they are
+    skippable: see ``_SKIPPABLE``). So the first rule that may match is the first whose tests of the
+    fields all hold: :meth:`split` finds it for the explorer's representative and restricts the region,
+    in one step, to the classes on which it is also the first (every rule before it fails on them), instead
+    of one decision per rule; the rest of the region goes to one other run.
+    """
+
+    __slots__ = ("_masks", "_none", "_possible", "end", "exact", "fields", "lacking", "others", "plans", "start")
+
+    def __init__(
+        self,
+        fields: tuple[str, ...],
+        start: int,
+        end: int,
+        tests: Sequence[Mapping[str, tuple[Callable[[Any], Hashable], bool]]],
+        plans: Sequence[tuple[_Plan, ...]],
+    ) -> None:
+        self.fields, self.start, self.end = fields, start, end
+        self.plans = tuple(plans)
+        self._possible: dict[tuple[Protocol, Family], frozenset[int]] = {}
+        self.exact: dict[str, dict[Hashable, tuple[int, ...]]] = {}
+        self.others: dict[str, tuple[tuple[int, Callable[[Any], Hashable], bool], ...]] = {}
+        self.lacking: dict[str, tuple[int, ...]] = {}
+        for field in fields:
+            exact: dict[Hashable, list[int]] = {}
+            others: list[tuple[int, Callable[[Any], Hashable], bool]] = []
+            lacking: list[int] = []
+            for index, rule_tests in enumerate(tests, start):
+                if field not in rule_tests:
+                    lacking.append(index)
+                    continue
+                test, negate = rule_tests[field]
+                members = getattr(test, "__self__", None)
+                if not negate and isinstance(members, frozenset) and getattr(test, "__name__", "") == "__contains__":
+                    for member in members:
+                        exact.setdefault(member, []).append(index)
+                else:
+                    others.append((index, test, negate))
+            self.exact[field] = {member: tuple(indices) for member, indices in exact.items()}
+            self.others[field] = tuple(others)
+            self.lacking[field] = tuple(lacking)
+        # Per field and tuple of class values (one explorer's): the rules' masks and each class's rules.
+        self._masks: dict[tuple[str, int], tuple[tuple[Any, ...], dict[int, int], list[tuple[int, ...]]]] = {}
+        self._none: dict[Hashable, tuple[list[dict[int, int]], list[dict[int, int]]]] = {}
+
+    def possible(self, protocol: Protocol, family: Family) -> frozenset[int]:
+        """The rules of the run that a connection of ``protocol`` and ``family`` may match (the others
+        test another protocol or family: they do not match, as ``_Run._rule_matches`` finds first)."""
+        key = (protocol, family)
+        found = self._possible.get(key)
+        if found is None:
+            found = self._possible[key] = frozenset(
+                index
+                for index, plans in enumerate(self.plans, self.start)
+                if not any(_excludes(plan, protocol, family) for plan in plans)
+            )
+        return found
+
+    def hits(self, field: str, value: Any) -> tuple[int, ...]:
+        """The (sorted) rules of the run whose test of ``field`` holds for ``value`` (or that test none)."""
+        hits = self.exact[field].get(value, ())
+        others = self.others[field]
+        lacking = self.lacking[field]
+        if others or lacking:
+            more = [index for index, test, negate in others if bool(test(value)) != negate]
+            if more or lacking:
+                return tuple(sorted({*hits, *more, *lacking}))
+        return hits
+
+    def masks(self, field: str, values: tuple[Any, ...]) -> tuple[dict[int, int], list[tuple[int, ...]]]:
+        """Per rule, the classes (bit mask) whose value passes its test of ``field``; per class, those rules."""
+        found = self._masks.get((field, id(values)))
+        if found is not None and found[0] is values:
+            return found[1], found[2]
+        masks: dict[int, int] = {}
+        by_class: list[tuple[int, ...]] = []
+        for position, value in enumerate(values):
+            hits = self.hits(field, value)
+            by_class.append(hits)
+            for rule in hits:
+                masks[rule] = masks.get(rule, 0) | (1 << position)
+        if len(self._masks) >= _DISPATCH_CACHE:
+            # Both at once: the keys of `_none` name (by id) values and masks that `_masks` keeps alive.
+            self._masks.clear()
+            self._none.clear()
+        self._masks[(field, id(values))] = (values, masks, by_class)
+        return masks, by_class
+
+    def split(
+        self, tracer: Tracer, symbolic: Sequence[tuple[str, str]], index: int, allowed: frozenset[int] | None
+    ) -> int:
+        """:meth:`_Run._dispatch_next` on the symbolic fields (the others' rules are ``allowed``)."""
+        first_field, first_dim = symbolic[0]
+        position, values, representative = tracer.classes(first_dim)
+        masks, by_class = self.masks(first_field, values)
+        every_first = (1 << len(values)) - 1
+        # The other symbolic fields: position, every class, the representative's class, the rules' masks.
+        rest: list[tuple[int, int, int, dict[int, int]]] = []
+        for field, dim in symbolic[1:]:
+            other_position, other_values, other_representative = tracer.classes(dim)
+            rest.append(
+                (other_position, (1 << len(other_values)) - 1, other_representative, self.masks(field, other_values)[0])
+            )
+        every = {p: e for p, e, _, _ in rest}
+
+        def box(rule: int) -> dict[int, int]:
+            return {p: m.get(rule, 0) for p, _, _, m in rest}
+
+        def live(rules: tuple[int, ...], below: int) -> list[int]:
+            return [r for r in rules if index <= r < below and (allowed is None or r in allowed)]
+
+        found = self.end
+        for rule in live(by_class[representative], self.end):
+            if all(m.get(rule, 0) >> r & 1 for _, _, r, m in rest):
+                found = rule
+                break
+        inside: list[dict[int, int]]
+        outside: list[dict[int, int]]
+        if found < self.end:
+            # The classes of the first field where rule `found` holds, grouped by the rules before it there;
+            # on the other fields, its box less theirs.
+            groups: dict[tuple[int, ...], int] = {}
+            mask = masks[found]
+            while mask:
+                bit = mask & -mask
+                mask ^= bit
+                before = tuple(live(by_class[bit.bit_length() - 1], found))
+                groups[before] = groups.get(before, 0) | bit
+            inside, outside = _grouped(position, groups, box(found), box, every)
+            outside.append({position: every_first & ~masks[found]})
+        else:
+            key = (first_dim, id(values), index, allowed, tuple((p, id(m)) for p, _, _, m in rest))
+            cached = self._none.get(key)
+            if cached is None:
+                groups = {}
+                for cls, rules in enumerate(by_class):
+                    held = tuple(live(rules, self.end))
+                    groups[held] = groups.get(held, 0) | (1 << cls)
+                cached = self._none[key] = _grouped(position, groups, {}, box, every)
+            inside, outside = cached
+        tracer.restrict(inside, outside)
+        return found
+
+
+def _excludes(plan: _Plan, protocol: Protocol, family: Family) -> bool:
+    """Whether a prepared match fails on every connection of ``protocol`` and ``family``."""
+    kind = plan[0]
+    if kind is _PROTOCOL:
+        return bool((protocol is plan[1]) == plan[2])
+    if kind is _FAMILY:
+        return family is not plan[1]
+    if kind is _ADDRESS:
+        return family.version not in plan[4]
+    if kind is _PORT:
+        return protocol is not plan[4]
+    return False
+
+
+def _grouped(
+    position: int,
+    groups: Mapping[tuple[int, ...], int],
+    first: Mapping[int, int],
+    box: Callable[[int], Mapping[int, int]],
+    every: Mapping[int, int],
+) -> tuple[list[dict[int, int]], list[dict[int, int]]]:
+    """For groups of classes of the first field (at ``position``), each with rules that hold there: the
+    part of the other fields in ``first`` and in none of the rules' boxes (inside) and the rest (outside),
+    as disjoint parts; parts equal on the other fields are merged across groups (their classes of the first
+    field are disjoint)."""
+    inside: dict[tuple[tuple[int, int], ...], int] = {}
+    outside: dict[tuple[tuple[int, int], ...], int] = {}
+    for rules, classes in groups.items():
+        parts = [dict(first)]
+        for rule in rules:
+            parts = _subtract(parts, box(rule), every)
+        for part in parts:
+            key = tuple(sorted(part.items()))
+            inside[key] = inside.get(key, 0) | classes
+        for part in _subtract_all([{}], parts, every):
+            key = tuple(sorted(part.items()))
+            outside[key] = outside.get(key, 0) | classes
+    return (
+        [{position: classes, **dict(key)} for key, classes in inside.items()],
+        [{position: classes, **dict(key)} for key, classes in outside.items()],
+    )
+
+
+def _subtract(parts: list[dict[int, int]], box: Mapping[int, int], every: Mapping[int, int]) -> list[dict[int, int]]:
+    """Disjoint parts (per position, the classes; a position not named: every class) less a box."""
+    out: list[dict[int, int]] = []
+    for part in parts:
+        if any(not (part.get(p, every[p]) & m) for p, m in box.items()):
+            out.append(part)
+            continue
+        current = dict(part)
+        for p, m in box.items():
+            here = current.get(p, every[p])
+            if here & ~m:
+                out.append({**current, p: here & ~m})
+            current[p] = here & m
+    return out
+
+
+def _subtract_all(
+    parts: list[dict[int, int]], boxes: Sequence[Mapping[int, int]], every: Mapping[int, int]
+) -> list[dict[int, int]]:
+    for box in boxes:
+        parts = _subtract(parts, box, every)
+    return parts
+
+
+def _dispatch_runs(chain: Chain, plans: Sequence[tuple[_Plan, ...]]) -> tuple[_Dispatch | None, ...] | None:
+    """The dispatch runs of a chain: maximal runs of at least ``_DISPATCH_MIN`` skippable rules (see
+    ``_SKIPPABLE``) that all test one field (address or port match: the one that makes the longest run),
+    keyed by it and by the other fields some rules of the run test."""
+    keyed: list[dict[str, tuple[Callable[[Any], Hashable], bool]]] = []
+    for rule_plans in plans:
+        fields: dict[str, tuple[Callable[[Any], Hashable], bool]] = {}
+        if all(plan[0] in _SKIPPABLE for plan in rule_plans):
+            for plan in rule_plans:
+                if (plan[0] is _ADDRESS or plan[0] is _PORT) and plan[1] in _DISPATCH_FIELDS:
+                    fields.setdefault(plan[1], (plan[2], plan[3]))
+        keyed.append(fields)
+    slots: list[_Dispatch | None] = [None] * len(plans)
+    found = False
+    start = 0
+    while start < len(keyed):
+        best: tuple[int, str | None] = (start, None)
+        for field in _DISPATCH_FIELDS:
+            end = start
+            while end < len(keyed) and field in keyed[end]:
+                end += 1
+            if end > best[0]:
+                best = (end, field)
+        end, first = best
+        if first is not None and end - start >= _DISPATCH_MIN:
+            tests = keyed[start:end]
+            more = [f for f in _DISPATCH_FIELDS if f != first and any(f in t for t in tests)]
+            run = _Dispatch((first, *more), start, end, tests, plans[start:end])
+            slots[start:end] = [run] * (end - start)
+            found = True
+            start = end
+        else:
+            start += 1
+    return tuple(slots) if found else None
+
+
 _CACHE: dict[int, tuple[Ruleset, Environment, Interpreter]] = {}
 _CACHE_SIZE: Final = 16
 
@@ -527,6 +886,33 @@ def evaluate(ruleset: Ruleset, connection: Connection, env: Environment | None =
     See the module docstring for the model and an example.
     """
     return interpreter_for(ruleset, env if env is not None else Environment.default()).evaluate(connection)
+
+
+#: The outcome a choice point takes when nothing else decides (a random match matches).
+DEFAULT_CHOICE: Final = True
+
+
+class Choices:
+    """The outcomes of the choice points of one or more evaluations, in order (a random match: True
+    matches): ``forced`` ones first, then :data:`DEFAULT_CHOICE` for each further point.
+
+    One object can be passed to the evaluations of a chain of connections (the proxy's follow-ups),
+    so that a sequence of outcomes (an explorer leaf's ``choices``) is replayed across them.
+
+    >>> choices = Choices([False])
+    >>> choices.next(), choices.next(), choices.taken
+    (False, True, [False, True])
+    """
+
+    def __init__(self, forced: Sequence[bool] = ()) -> None:
+        self.forced = tuple(forced)
+        self.taken: list[bool] = []
+
+    def next(self) -> bool:
+        position = len(self.taken)
+        taken = self.forced[position] if position < len(self.forced) else DEFAULT_CHOICE
+        self.taken.append(taken)
+        return taken
 
 
 @attrs.frozen
@@ -569,6 +955,8 @@ class _Run:
         record: bool,
         symbols: Mapping[str, Sym],
         tracer: Tracer | None,
+        *,
+        choices: Choices | None = None,
     ) -> None:
         self.interpreter = interpreter
         self.env = interpreter.env
@@ -599,6 +987,9 @@ class _Run:
         self.dport_rewritten = False
         self.tproxy: TProxied | None = None
         self.tproxy_syms: dict[str, Sym | None] = {}
+        self.choices = choices
+        self.taken: list[bool] = []  # the outcomes of the choice points met, in order
+        self.sport_random: str | None = None  # why the source port is unknown (NAT picked it at random)
         self.visits = 0
         self.out_interface: str | None = connection.oif
         self.first_oif: str | None = None
@@ -618,30 +1009,57 @@ class _Run:
             return key(value)
         return self.tracer.decide(sym, key)
 
-    def _test_mark(self, mark: _Mark, key: Callable[[Any], Hashable]) -> Any:
-        if mark.sym is None or mark.sym.constant or self.tracer is None:
-            return key(mark.value)
-        if mark.sym.and_mask != MAX_MARK or mark.sym.xor:
-            # The mark classes are the atoms of the mark tests the rules make on the connection's own
-            # mark; a test on a partly rewritten mark is a new test that could split them.
+    def _routes_locally(self, mark: _Mark) -> bool:
+        """The environment's policy routing of a mark (does it select a table whose default route is local?)."""
+        routes_locally = self.interpreter.routes_locally
+        sym = mark.sym
+        if sym is None or sym.constant or self.tracer is None:
+            return bool(routes_locally(mark.value))
+        if sym.and_mask == MAX_MARK and not sym.xor:
+            return bool(self.tracer.decide(sym.dim, routes_locally))
+        for route in self.env.local_marks:
+            derived = self._derived_mark_test(sym, MarkIs(route.mask, route.value))
+            if derived is True or (derived is not False and self.tracer.decide(sym.dim, derived)):
+                return True
+        return False
+
+    def _derived_mark_test(self, sym: MarkSym, test: MarkIs) -> MarkIs | bool:
+        """A test ``(m & mask) == value`` of a mark that is ``(v & a) ^ x`` of a dimension's value ``v``, as
+        a test of ``v`` itself: ``(v & (a & mask)) == value ^ (x & mask)``, or its constant outcome.
+
+        The mark classes are the atoms of the mark tests the rules and the environment make (see
+        :class:`~meshredirect.semantics.classes.Constants`): a derived test that is not one of them could
+        split a class, and is not claimed (unknown).
+        """
+        mask, value = test.mask & MAX_MARK, test.value
+        if value & ~mask:
+            return False
+        derived_mask = sym.and_mask & mask
+        derived_value = value ^ (sym.xor & mask)
+        if derived_value & ~derived_mask:
+            return False
+        if not derived_mask:
+            return True
+        if (derived_mask, derived_value) not in self.interpreter.mark_tests:
             raise _Stop(
-                Unknown(reason="a mark partly rewritten by MARK/CONNMARK is tested: beyond the proof's classes")
+                Unknown(
+                    reason=f"a mark rewritten by MARK/CONNMARK is tested as {derived_value:#x}/{derived_mask:#x} "
+                    "of its original value: a test beyond the proof's classes"
+                )
             )
-        return self.tracer.decide(mark.sym.dim, key)
+        return MarkIs(derived_mask, derived_value)
 
     def _dst_test(self, key: Callable[[Any], Hashable]) -> Any:
         return self._test("dst", self.dst, key)
 
     def _route(self) -> str:
         """The route function of the environment, as tests on the destination and the mark."""
-        if self._test_mark(self.mark, self.interpreter.routes_locally) or self._dst_test(self.interpreter.is_local):
+        if self._routes_locally(self.mark) or self._dst_test(self.interpreter.is_local):
             return LOOPBACK_INTERFACE
         return str(self._dst_test(self.interpreter.subnet_route))
 
     def _routed_locally(self) -> bool:
-        return bool(
-            self._test_mark(self.mark, self.interpreter.routes_locally) or self._dst_test(self.interpreter.is_local)
-        )
+        return bool(self._routes_locally(self.mark) or self._dst_test(self.interpreter.is_local))
 
     def _has_socket(self) -> bool:
         return bool(self._test("socket", self.socket is not None, self.interpreter.present))
@@ -701,6 +1119,7 @@ class _Run:
             zone=self.zone,
             symbols=symbols,
             first_oif=self.first_oif,
+            choices=tuple(self.taken),
         )
 
     def _local(self) -> Verdict:
@@ -833,6 +1252,8 @@ class _Run:
     def _chain(self, hook: Hook, table: Table, chain: Chain, base: BaseChain) -> _Outcome:
         stack: list[tuple[Chain, int]] = []
         index = 0
+        runs_of: Chain | None = None  # the chain `runs` belongs to
+        runs: tuple[_Dispatch | None, ...] | None = None
         while True:
             if index >= len(chain.rules):
                 if stack:
@@ -849,6 +1270,17 @@ class _Run:
                     chain, index = stack.pop()
                     continue
                 return self._policy(hook, table, chain, base, "end of chain")
+            if not self.record:
+                if runs_of is not chain:
+                    runs_of, runs = chain, self.interpreter.dispatch(chain)
+                if runs is not None:
+                    run = runs[index]
+                    if run is not None:
+                        following = self._dispatch_next(run, index)
+                        if following != index:
+                            self.visits += following - index
+                            index = following
+                            continue
             rule = chain.rules[index]
             self.visits += 1
             if self.visits > MAX_RULE_VISITS:
@@ -857,7 +1289,7 @@ class _Run:
             target = rule.target
             if result is MatchResult.NOT_MATCHED:
                 if self.record:
-                    self._visit((hook, table, chain), index, rule, result)
+                    self._visit((hook, table, chain), index, rule, result, why)
                 index += 1
                 continue
             if result is MatchResult.UNKNOWN:
@@ -869,25 +1301,25 @@ class _Run:
             match target:
                 case Return():
                     if self.record:
-                        self._visit((hook, table, chain), index, rule, result)
+                        self._visit((hook, table, chain), index, rule, result, why)
                     if stack:
                         chain, index = stack.pop()
                         continue
                     return self._policy(hook, table, chain, base, "RETURN from the base chain")
                 case Accept():
-                    self._visit((hook, table, chain), index, rule, result)
+                    self._visit((hook, table, chain), index, rule, result, why)
                     return _Outcome.ACCEPT
                 case Drop():
-                    self._visit((hook, table, chain), index, rule, result)
+                    self._visit((hook, table, chain), index, rule, result, why)
                     return _Outcome.DROP
                 case Reject():
-                    self._visit((hook, table, chain), index, rule, result)
+                    self._visit((hook, table, chain), index, rule, result, why)
                     return _Outcome.REJECT
                 case Continue() | Log():
-                    self._visit((hook, table, chain), index, rule, result)
+                    self._visit((hook, table, chain), index, rule, result, why)
                     index += 1
                 case Jump() | Goto():
-                    self._visit((hook, table, chain), index, rule, result)
+                    self._visit((hook, table, chain), index, rule, result, why)
                     if not table.has_chain(target.chain):
                         raise _Stop(
                             Unknown(reason=f"{table.name} {chain.name} #{index + 1}: no chain {target.chain!r}")
@@ -897,35 +1329,51 @@ class _Run:
                     chain, index = table.chain(target.chain), 0
                 case Redirect() | Dnat():
                     note = self._destination_nat(hook, base, target)
-                    self._visit((hook, table, chain), index, rule, result, note)
+                    self._visit((hook, table, chain), index, rule, result, _join(why, note))
                     return _Outcome.ACCEPT
                 case Snat() | Masquerade():
                     note = self._source_nat(hook, base, target)
-                    self._visit((hook, table, chain), index, rule, result, note)
+                    self._visit((hook, table, chain), index, rule, result, _join(why, note))
                     return _Outcome.ACCEPT
                 case TProxy():
                     note = self._tproxy(hook, target)
-                    self._visit((hook, table, chain), index, rule, result, note)
+                    self._visit((hook, table, chain), index, rule, result, _join(why, note))
                     return _Outcome.ACCEPT
                 case SetMark():
                     old = self.mark.value
                     self.mark = self.mark.xor_mask(~target.mask, target.value)
-                    self._visit((hook, table, chain), index, rule, result, f"mark {old:#x} -> {self.mark.value:#x}")
+                    self._visit(
+                        (hook, table, chain), index, rule, result, _join(why, f"mark {old:#x} -> {self.mark.value:#x}")
+                    )
                     index += 1
                 case ConnmarkSave():
                     old = self.ctmark.value
                     self.ctmark = self.ctmark.combine(~target.ctmask, self.mark, target.nfmask)
-                    self._visit((hook, table, chain), index, rule, result, f"ctmark {old:#x} -> {self.ctmark.value:#x}")
+                    self._visit(
+                        (hook, table, chain),
+                        index,
+                        rule,
+                        result,
+                        _join(why, f"ctmark {old:#x} -> {self.ctmark.value:#x}"),
+                    )
                     index += 1
                 case ConnmarkRestore():
                     old = self.mark.value
                     self.mark = self.mark.combine(~target.nfmask, self.ctmark, target.ctmask)
-                    self._visit((hook, table, chain), index, rule, result, f"mark {old:#x} -> {self.mark.value:#x}")
+                    self._visit(
+                        (hook, table, chain), index, rule, result, _join(why, f"mark {old:#x} -> {self.mark.value:#x}")
+                    )
                     index += 1
                 case ConnmarkSet():
                     old = self.ctmark.value
                     self.ctmark = self.ctmark.xor_mask(~target.mask, target.value)
-                    self._visit((hook, table, chain), index, rule, result, f"ctmark {old:#x} -> {self.ctmark.value:#x}")
+                    self._visit(
+                        (hook, table, chain),
+                        index,
+                        rule,
+                        result,
+                        _join(why, f"ctmark {old:#x} -> {self.ctmark.value:#x}"),
+                    )
                     index += 1
                 case CtZone():
                     if self.tracked:
@@ -935,7 +1383,7 @@ class _Run:
                     else:
                         self.zone = target.zone
                         note = f"zone {target.zone}"
-                    self._visit((hook, table, chain), index, rule, result, note)
+                    self._visit((hook, table, chain), index, rule, result, _join(why, note))
                     index += 1
                 case UnknownTarget():
                     self._visit((hook, table, chain), index, rule, result)
@@ -944,6 +1392,29 @@ class _Run:
                     )
                 case _:
                     assert_never(target)
+
+    def _dispatch_next(self, run: _Dispatch, index: int) -> int:
+        """The first rule of ``run`` from ``index`` on whose tests of the run's fields all hold: the rules
+        before it do not match. Through the tracer, the region keeps the classes on which exactly those
+        rules fail (one combined constraint for all of them) and leaves the rest to one other run."""
+        tracer = self.tracer
+        allowed = run.possible(self.c.protocol, self.family)
+        symbolic: list[tuple[str, str]] = []
+        for field in run.fields:
+            value = self.dst if field == "dst" else self.dport if field == "dport" else self.src
+            sym = self.sym[field] if tracer is not None else None
+            if sym is None:
+                if value is None:
+                    return index
+                allowed = allowed.intersection(run.hits(field, value))
+            elif isinstance(sym, str) and all(sym != dim for _, dim in symbolic):
+                symbolic.append((field, sym))
+            else:
+                return index
+        if not symbolic:
+            return min((j for j in allowed if j >= index), default=run.end)
+        assert tracer is not None
+        return run.split(tracer, symbolic, index, allowed)
 
     def _policy(self, hook: Hook, table: Table, chain: Chain, base: BaseChain, why: str) -> _Outcome:
         if self.record:
@@ -1000,6 +1471,8 @@ class _Run:
             address = self._pick_address(target.addresses, name)
             changed_address = not self._dst_test(Eq(address))
         changed_port = False
+        if target.flags & _RANDOM_PORTS and target.ports is not None and len(target.ports) > 1:
+            raise _Stop(Unknown(reason=f"{name} --random to a range of ports: the kernel picks the port at random"))
         if target.ports is not None and target.ports and not self._test("dport", self.dport, In(target.ports)):
             # Outside the range: the kernel takes its lowest port (inside, the port stays).
             self.dport = target.ports.intervals[0][0]
@@ -1040,6 +1513,11 @@ class _Run:
             self.sport = target.ports.intervals[0][0]
             self.sym["sport"] = None
             changed = True
+        random = target.flags & _RANDOM_PORTS
+        if random and (target.ports is None or len(target.ports) > 1):
+            # Where the connection goes does not change; which source port it leaves from is random.
+            flags = " ".join(f"--{flag.value}" for flag in NatFlag if flag in random)
+            self.sport_random = f"the source port was picked at random ({name} {flags})"
         self.decided.add(False)
         if changed:
             self.snat = True
@@ -1084,6 +1562,7 @@ class _Run:
         constraints: dict[int, int] = {}
         holds = True
         unknown: str | None = None
+        choice: str | None = None
         for plan in self.interpreter.plans(rule):
             kind = plan[0]
             field: str
@@ -1095,6 +1574,9 @@ class _Run:
                 if kind is _PORT and self.c.protocol is not plan[4]:
                     return MatchResult.NOT_MATCHED, None
                 field = plan[1]
+                if field == "sport" and self.sport_random is not None:
+                    unknown = unknown or self.sport_random
+                    continue
                 value = getattr(self, field)
                 sym = self.sym[field]
             elif kind is _PROTOCOL:
@@ -1131,20 +1613,29 @@ class _Run:
             elif kind is _MARK or kind is _CTMARK:
                 mark = self.mark if kind is _MARK else self.ctmark
                 value = mark.value
+                test = plan[1]
                 if mark.sym is None or mark.sym.constant or tracer is None:
                     sym = None
                 elif mark.sym.and_mask != MAX_MARK or mark.sym.xor:
-                    # The mark classes are the atoms of the tests the rules make on the connection's own
-                    # mark; a test on a partly rewritten mark is a new test that could split them.
-                    raise _Stop(
-                        Unknown(reason="a mark partly rewritten by MARK/CONNMARK is tested: beyond the proof's classes")
-                    )
+                    derived = self._derived_mark_test(mark.sym, test)
+                    if isinstance(derived, bool):
+                        if derived == plan[2]:
+                            return MatchResult.NOT_MATCHED, None
+                        continue
+                    sym, test = mark.sym.dim, derived
                 else:
                     sym = mark.sym.dim
-                plan = (kind, "", plan[1], plan[2])
+                plan = (kind, "", test, plan[2])
             elif kind is _CTSTATE:
                 if bool(self._ct_states() & plan[1]) == plan[2]:
                     return MatchResult.NOT_MATCHED, None
+                continue
+            elif kind is _CONSTANT:
+                if not plan[1]:
+                    return MatchResult.NOT_MATCHED, None
+                continue
+            elif kind is _CHOICE:
+                choice = choice or plan[1]
                 continue
             else:
                 assert kind is _UNKNOWN
@@ -1166,7 +1657,23 @@ class _Run:
                 return MatchResult.NOT_MATCHED, None
         if unknown is not None:
             return MatchResult.UNKNOWN, unknown
+        if choice is not None:
+            taken = self._choose()
+            outcome = "matched" if taken else "no match"
+            note = f"a random choice ({choice}): this path takes {outcome}; the other outcome is possible too"
+            return (MatchResult.MATCHED if taken else MatchResult.NOT_MATCHED), note
         return MatchResult.MATCHED, None
+
+    def _choose(self) -> bool:
+        """The outcome of a choice point: forced (``choices``), the explorer's (``tracer``), or the default."""
+        if self.choices is not None:
+            taken = self.choices.next()
+        elif self.tracer is not None:
+            taken = self.tracer.choose()
+        else:
+            taken = DEFAULT_CHOICE
+        self.taken.append(taken)
+        return taken
 
     def _ct_states(self) -> frozenset[CtState]:
         if not self.tracked:
@@ -1207,6 +1714,49 @@ def _is_loopback_interface(name: object) -> bool:
 
 
 _IS_LOOPBACK_INTERFACE: Final = _is_loopback_interface
+
+
+@attrs.frozen
+class MarkIs:
+    """The test ``(mark & mask) == value``, cached by value (see :class:`~meshredirect.semantics.explore.Eq`)."""
+
+    mask: int
+    value: int
+
+    def __call__(self, mark: int) -> bool:
+        return (mark & self.mask) == self.value
+
+
+def _mark_tests(ruleset: Ruleset, env: Environment) -> frozenset[tuple[int, int]]:
+    tests = {(route.mask, route.value) for route in env.local_marks}
+    if env.proxy.transparent:
+        tests.add((MAX_MARK, env.proxy.tproxy_mark))
+    for _table, _chain, rule in ruleset.rules():
+        for match in rule.matches:
+            if isinstance(match, (MarkMatch, ConnmarkMatch)):
+                tests.add((match.mask, match.value))
+    return frozenset(tests)
+
+
+def _join(*notes: str | None) -> str | None:
+    return "; ".join(n for n in notes if n) or None
+
+
+def _statistic_outcome(match: StatisticMatch) -> bool | None:
+    """Whether a statistic match always (True) or never (False) matches; None: it may go either way.
+
+    xt_statistic matches a random packet when a 31-bit random number is below the probability (so
+    probability 1 always, 0 never), and counts packets in nth mode (every 1: each packet).
+    """
+    if match.probability is not None:
+        if match.probability >= 1:
+            return not match.negate
+        if match.probability <= 0:
+            return match.negate
+        return None
+    if match.every == 1:
+        return not match.negate
+    return None
 
 
 def _endpoint(address: IPAddress, port: int) -> str:

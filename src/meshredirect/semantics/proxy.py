@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -51,6 +51,7 @@ from meshredirect.ir import Family
 from meshredirect.semantics.explore import In, Sym, Tracer, probe
 from meshredirect.semantics.interpreter import (
     ROUTED,
+    Choices,
     Dropped,
     Evaluation,
     Interpreter,
@@ -229,11 +230,18 @@ def follow(
     symbols: Mapping[str, Sym] | None = None,
     tracer: Tracer | None = None,
     trace: bool = True,
+    choices: Choices | Sequence[bool] | None = None,
 ) -> InterceptionChain:
     """The interception chain of ``connection``: its evaluation and the proxy's follow-ups, to the end.
 
     ``symbols`` and ``tracer`` serve the proof enumeration (see :meth:`~meshredirect.semantics.interpreter.Interpreter.evaluate`).
+    ``choices`` fixes the outcomes of the choice points met along the whole chain, in order (an explorer
+    leaf's ``choices``); without it the tracer chooses, or, with no tracer, each takes the default.
     """
+    if choices is None and tracer is None:
+        choices = Choices()
+    elif choices is not None and not isinstance(choices, Choices):
+        choices = Choices(choices)
     proxy_model = model if model is not None else ProxyModel()
     env = interpreter.env
     steps: list[Step] = []
@@ -243,7 +251,7 @@ def follow(
         # Steps are deterministic: a chain that comes back to a connection runs to this bound.
         if len(steps) >= MAX_STEPS:
             return InterceptionChain(steps=tuple(steps), looped=True)
-        ev = interpreter.evaluate(current, trace=trace, symbols=current_symbols, tracer=tracer)
+        ev = interpreter.evaluate(current, trace=trace, symbols=current_symbols, tracer=tracer, choices=choices)
         where, captured, note = arrival(ev, env, tracer)
         nxt = _follow_up(ev, where, captured, env=env, model=proxy_model, symbols=current_symbols, tracer=tracer)
         if nxt is None or isinstance(nxt, str):

@@ -119,7 +119,7 @@ def mutate(ruleset: Ruleset, mutation: Mutation, proxy: Proxy | None = None) -> 
     >>> policy = Policy(outbound_port=15101, inbound_port=15106)
     >>> broken = mutate(compile_policy(policy), Mutation.SWAP_LISTENERS, Environment.for_policy(policy).proxy)
     >>> [(chain.name, rule.target) for _, chain, rule in broken.rules() if isinstance(rule.target, Redirect)]
-    [('ISTIO_REDIRECT', Redirect(ports=PortSet('15106'))), ('ISTIO_IN_REDIRECT', Redirect(ports=PortSet('15101')))]
+    [('ISTIO_REDIRECT', Redirect(ports=PortSet('15106'), flags=frozenset())), ('ISTIO_IN_REDIRECT', Redirect(ports=PortSet('15101'), flags=frozenset()))]
     >>> nat = mutate(compile_policy(policy), Mutation.REDIRECT_ALL).tables[0]
     >>> nat.chain("OUTPUT").rules[0].comment
     'mutation: redirect everything'

@@ -41,6 +41,7 @@ from meshredirect.ir import (
     MarkMatch,
     Masquerade,
     Match,
+    NatFlag,
     OwnerKind,
     OwnerMatch,
     PortMatch,
@@ -103,7 +104,11 @@ SAMPLE_TARGETS: Final[dict[type, tuple[Target, ...]]] = {
     Continue: (Continue(),),
     Jump: (Jump(chain="MESH_NEXT"),),
     Goto: (Goto(chain="MESH_NEXT"),),
-    Redirect: (Redirect(ports=PortSet.of(15001)), Redirect()),
+    Redirect: (
+        Redirect(ports=PortSet.of(15001)),
+        Redirect(),
+        Redirect(ports=PortSet.of(15001), flags={NatFlag.RANDOM}),
+    ),
     TProxy: (
         TProxy(port=15006, mark=1337),
         TProxy(port=15006, address=ipaddress.ip_address("127.0.0.1"), mark=1, mask=1),
@@ -113,14 +118,27 @@ SAMPLE_TARGETS: Final[dict[type, tuple[Target, ...]]] = {
     ConnmarkRestore: (ConnmarkRestore(),),
     ConnmarkSet: (ConnmarkSet(value=7),),
     CtZone: (CtZone(zone=2),),
-    Masquerade: (Masquerade(), Masquerade(ports=PortSet.of((1024, 2048)))),
+    Masquerade: (
+        Masquerade(),
+        Masquerade(ports=PortSet.of((1024, 2048))),
+        Masquerade(flags={NatFlag.RANDOM_FULLY}),  # kube-proxy's
+    ),
     Snat: (
         Snat(addresses=AddressRange(first=ipaddress.ip_address("10.0.0.1"), last=ipaddress.ip_address("10.0.0.1"))),
+        Snat(
+            addresses=AddressRange(first=ipaddress.ip_address("10.0.0.1"), last=ipaddress.ip_address("10.0.0.4")),
+            flags={NatFlag.RANDOM, NatFlag.RANDOM_FULLY, NatFlag.PERSISTENT},
+        ),
     ),
     Dnat: (
         Dnat(
             addresses=AddressRange(first=ipaddress.ip_address("10.244.1.5"), last=ipaddress.ip_address("10.244.1.5")),
             ports=PortSet.of(8080),
+        ),
+        Dnat(
+            addresses=AddressRange(first=ipaddress.ip_address("10.244.1.5"), last=ipaddress.ip_address("10.244.1.5")),
+            ports=PortSet.of(8080),
+            flags={NatFlag.RANDOM, NatFlag.PERSISTENT},
         ),
     ),
     Reject: (Reject(), Reject(with_="tcp-reset")),

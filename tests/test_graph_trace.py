@@ -12,9 +12,7 @@ on broken diagrams. Goldens pin two traced diagrams (``pytest --update-goldens``
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshredirect.cli import main
 from meshredirect.compiler import compile_policy
 from meshredirect.graph import _PALETTES, Highlight, chain_node, hook_node, to_dot
 from meshredirect.ir import Goto, Jump, Ruleset
@@ -32,6 +29,7 @@ from meshredirect.semantics.interpreter import ChainEnd, Evaluation, Interpreter
 from meshredirect.semantics.model import Environment
 from meshredirect.semantics.proxy import follow
 from meshredirect.testing.strategies import connections, policies
+from test_graph import layout, run
 
 GOLDEN = Path(__file__).parent / "golden" / "graph"
 
@@ -52,19 +50,6 @@ GOLDEN_TRACES: dict[str, list[str]] = {
         "TPROXY",
     ],
 }
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    status = main(list(argv))
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def layout(dot_text: str) -> dict[str, Any]:
-    result = subprocess.run(["dot", "-Tjson"], input=dot_text, capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    parsed: dict[str, Any] = json.loads(result.stdout)
-    return parsed
 
 
 # ----------------------------------------------------------------------------- what a trace says

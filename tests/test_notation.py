@@ -55,9 +55,9 @@ def test_descriptions_are_pinned() -> None:
     targets = {describe_target(node) for nodes in SAMPLE_TARGETS.values() for node in nodes}
     assert {
         "REDIRECT :15001",
-        "TPROXY :15006 mark 1337",
+        "TPROXY :15006 mark 0x539",
         "TPROXY 127.0.0.1:15006 mark 0x1/0x1",
-        "MARK set 1338",
+        "MARK set 0x53a",
         "CONNMARK save",
         "CT zone 2",
         "MASQUERADE :1024-2048",

@@ -115,7 +115,7 @@ def _side(direction: Direction) -> str:
 
 def _masked(name: str, value: int, mask: int, negate: bool) -> str:
     if mask == FULL_MASK:
-        return f"{name}{_op(negate)}{value}"
+        return f"{name}{_op(negate)}{value:#x}"
     return f"{name} & {mask:#x}{' != ' if negate else ' == '}{value:#x}"
 
 
@@ -208,10 +208,10 @@ def describe_target(target: Target) -> str:
         case TProxy(port=port, address=address, mark=mark, mask=mask):
             text = f"TPROXY {address if address is not None else ''}:{port}"
             if mark is not None:
-                text += f" mark {mark}" if mask == FULL_MASK else f" mark {mark:#x}/{mask:#x}"
+                text += f" mark {mark:#x}" if mask == FULL_MASK else f" mark {mark:#x}/{mask:#x}"
             return text
         case SetMark(value=value, mask=mask):
-            return f"MARK set {value}" if mask == FULL_MASK else f"MARK set {value:#x}/{mask:#x}"
+            return f"MARK set {value:#x}" if mask == FULL_MASK else f"MARK set {value:#x}/{mask:#x}"
         case ConnmarkSave(nfmask=nfmask, ctmask=ctmask):
             masks = "" if nfmask == ctmask == FULL_MASK else f" nfmask {nfmask:#x} ctmask {ctmask:#x}"
             return "CONNMARK save" + masks
@@ -219,7 +219,7 @@ def describe_target(target: Target) -> str:
             masks = "" if nfmask == ctmask == FULL_MASK else f" nfmask {nfmask:#x} ctmask {ctmask:#x}"
             return "CONNMARK restore" + masks
         case ConnmarkSet(value=value, mask=mask):
-            return f"CONNMARK set {value}" if mask == FULL_MASK else f"CONNMARK set {value:#x}/{mask:#x}"
+            return f"CONNMARK set {value:#x}" if mask == FULL_MASK else f"CONNMARK set {value:#x}/{mask:#x}"
         case CtZone(zone=zone):
             return f"CT zone {zone}"
         case Masquerade(ports=ports, flags=flags):

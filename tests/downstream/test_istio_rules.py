@@ -61,7 +61,7 @@ def test_istio_tproxy_rules_loop(case: str) -> None:
     )
     assert lines[step2 + 1 : step2 + 7] == [
         "  == OUTPUT (out lo)",
-        "    mangle OUTPUT #1: oif lo, proto tcp, mark 1337 -> RETURN  [matched]",
+        "    mangle OUTPUT #1: oif lo, proto tcp, mark 0x539 -> RETURN  [matched]",
         "    mangle OUTPUT: RETURN from the base chain: policy ACCEPT",
         "    nat OUTPUT #1: any -> jump ISTIO_OUTPUT  [matched]",
         "    nat ISTIO_OUTPUT #1: src 127.0.0.6/32, oif lo -> RETURN  [no match]",

@@ -26,6 +26,7 @@ from meshredirect.ir import (
     Protocol,
     ProtocolMatch,
     Redirect,
+    Reject,
     Return,
     Rule,
     Ruleset,
@@ -110,6 +111,21 @@ REFUSED = [
               AddressMatch(direction=Direction.SOURCE, addresses=AddressSet.of("2.2.2.2"))),
      "iptables takes one -s option per rule"),
 ]  # fmt: skip
+
+
+def test_tcp_reset_takes_any_tcp_port_match_negated_or_not() -> None:
+    for negate in (False, True):
+        rule = _rule_of(
+            PortMatch(protocol=Protocol.TCP, ports=PortSet.of(15001), direction=Direction.SOURCE, negate=negate),
+            target=Reject(with_="tcp-reset"),
+        )
+        (tokens,) = BACKEND.rule_tokens(Family.IPV4, rule)
+        assert " ".join(tokens) == (
+            f"-p tcp -m tcp {'! ' if negate else ''}--sport 15001 -j REJECT --reject-with tcp-reset"
+        )
+    refused = _rule_of(ProtocolMatch(protocol=Protocol.TCP, negate=True), target=Reject(with_="tcp-reset"))
+    with pytest.raises(UnsupportedError, match="needs a TCP match"):
+        BACKEND.rule_tokens(Family.IPV4, refused)
 
 
 def test_the_same_protocol_test_twice_is_one_test() -> None:

@@ -206,8 +206,10 @@ class IptablesLowering:
             return []  # a match that can never hold in this table: the rule never matches
         target = self.target_tokens(family, rule.target)
         if isinstance(rule.target, Reject) and rule.target.with_ == "tcp-reset":
+            # A port match implies its protocol, negated or not (the negation is of the port only).
             tcp = any(
-                isinstance(m, (ProtocolMatch, PortMatch)) and m.protocol is Protocol.TCP and not m.negate
+                (isinstance(m, PortMatch) or (isinstance(m, ProtocolMatch) and not m.negate))
+                and m.protocol is Protocol.TCP
                 for m in rule.matches
             )
             if not tcp:

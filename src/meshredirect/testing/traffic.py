@@ -26,18 +26,15 @@ import os
 import selectors
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any, Final
 
+from meshredirect.apply.sockets import IP_TRANSPARENT, IPV6_TRANSPARENT, original_destination
+
 __all__ = ["connect_all", "describe", "listen"]
 
-#: ``SO_ORIGINAL_DST`` (IPv4, level SOL_IP) and ``IP6T_SO_ORIGINAL_DST`` (IPv6, level SOL_IPV6).
-SO_ORIGINAL_DST: Final = 80
-IP_TRANSPARENT: Final = 19
-IPV6_TRANSPARENT: Final = 75
 SO_MARK: Final = 36
 PR_SET_PDEATHSIG: Final = 1
 BACKLOG: Final = 128
@@ -48,16 +45,6 @@ def describe(reply: dict[str, Any]) -> str:
     """A listener's reply in words."""
     local, orig = reply["local"], reply["orig"]
     return f"{reply['where']}:{reply['port']} (local {local[0]}:{local[1]}, original destination {orig[0]}:{orig[1]})"
-
-
-def _original_destination(conn: socket.socket) -> tuple[str, int]:
-    if conn.family == socket.AF_INET:
-        raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-        port = struct.unpack_from("!H", raw, 2)[0]
-        return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
-    raw = conn.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
-    port = struct.unpack_from("!H", raw, 2)[0]
-    return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
 
 
 def listen(name: str, ports: Sequence[int]) -> None:
@@ -88,10 +75,8 @@ def listen(name: str, ports: Sequence[int]) -> None:
                 continue
             try:
                 local = conn.getsockname()
-                try:
-                    orig = _original_destination(conn)
-                except OSError:
-                    orig = (local[0], local[1])
+                (dst, dport), _how = original_destination(conn)
+                orig = (str(dst), dport)
                 reply = {
                     "where": name,
                     "port": key.data,

@@ -484,18 +484,22 @@ class _Lowering:
         self.counters[kind] = n + 1
         return f"{kind}_{n}", n
 
+    def _reuse(self, key: tuple[object, ...], purpose: str) -> PrefixSet | IntegerSet | None:
+        """The set already made for ``key``, with ``purpose`` added to its purposes (None when there is none)."""
+        existing = self.sets.get(key)
+        if existing is None:
+            return None
+        if purpose not in existing.purpose.split("; "):
+            existing = attrs.evolve(existing, purpose=f"{existing.purpose}; {purpose}")
+            self.sets[key] = existing
+        return existing
+
     def prefix_set(self, family: Family, networks: tuple[IPNetwork, ...], purpose: str, node: object) -> PrefixSet:
         key: tuple[object, ...] = ("prefix", family.version, networks)
-        existing = self.sets.get(key)
+        existing = self._reuse(key, purpose)
         if existing is not None:
             assert isinstance(existing, PrefixSet)
-            merged = (
-                existing
-                if purpose in existing.purpose.split("; ")
-                else attrs.evolve(existing, purpose=f"{existing.purpose}; {purpose}")
-            )
-            self.sets[key] = merged
-            return merged
+            return existing
         name, index = self._name(f"a{family.version}")
         created = PrefixSet(name=name, index=index, version=family.version, networks=networks, purpose=purpose)
         self.sets[key] = created
@@ -503,16 +507,10 @@ class _Lowering:
 
     def integer_set(self, bits: int, intervals: tuple[tuple[int, int], ...], purpose: str, node: object) -> IntegerSet:
         key: tuple[object, ...] = ("integer", bits, intervals)
-        existing = self.sets.get(key)
+        existing = self._reuse(key, purpose)
         if existing is not None:
             assert isinstance(existing, IntegerSet)
-            merged = (
-                existing
-                if purpose in existing.purpose.split("; ")
-                else attrs.evolve(existing, purpose=f"{existing.purpose}; {purpose}")
-            )
-            self.sets[key] = merged
-            return merged
+            return existing
         kind = "p" if bits == 16 else "id"
         if kind == "p" and self.counters.get(kind, 0) >= PORT_SETS_MAX:
             raise _unsupported(

@@ -424,6 +424,7 @@ class Interpreter:
         self._plans: dict[int, tuple[Rule, tuple[_Plan, ...]]] = {}
         self._dispatch: dict[int, tuple[Chain, tuple[_Dispatch | None, ...] | None]] = {}
         self._member_tests: dict[Hashable, Callable[[Any], Hashable]] = {}
+        self._unobserved: dict[int, tuple[_Stage, _SourceNatSummary | None]] = {}
         #: Whether untraced evaluations jump over runs of rules keyed by one field (see :class:`_Dispatch`).
         self.use_dispatch = True
         env = self.env
@@ -465,6 +466,18 @@ class Interpreter:
         runs = _dispatch_runs(chain, [self.plans(rule) for rule in chain.rules]) if self.use_dispatch else None
         self._dispatch[id(chain)] = (chain, runs)
         return runs
+
+    def source_nat_summary(self, stage: _Stage) -> _SourceNatSummary | None:
+        """What a source NAT stage may do, when that is only rewriting the source, the mark or the conntrack
+        mark (see :class:`_SourceNatSummary`); None when it may do anything else: stop the evaluation
+        (DROP, REJECT, a target or match not modelled, a jump to a missing chain, chains in a circle), meet
+        a choice point, or test a mark after a rule of the stage rewrote one."""
+        found = self._unobserved.get(id(stage))
+        if found is not None and found[0] is stage:
+            return found[1]
+        summary = _summarise_source_nat(self, stage)
+        self._unobserved[id(stage)] = (stage, summary)
+        return summary
 
     def _member_test(self, members: Any) -> Callable[[Any], Hashable]:
         """One test per set of members (rules that test equal sets share it: the explorer partitions the
@@ -528,6 +541,7 @@ class Interpreter:
         symbols: Mapping[str, Sym] | None = None,
         tracer: Tracer | None = None,
         choices: Choices | Sequence[bool] | None = None,
+        source_nat: bool = True,
     ) -> Evaluation:
         """Run the ruleset over ``connection``; ``trace=False`` skips recording the trace (faster).
 
@@ -539,10 +553,19 @@ class Interpreter:
         ``choices`` fixes the outcomes of the choice points the evaluation meets (see :class:`Choices`);
         without it the tracer chooses (the explorer branches), or, with no tracer, every choice point
         takes :data:`DEFAULT_CHOICE`. :attr:`Evaluation.choices` says what was taken.
+
+        ``source_nat=False`` serves proofs that never look at a connection's source after NAT (its
+        address and port, mark and conntrack mark as the rules leave them): during proof enumeration
+        (``tracer`` given, ``trace=False``), the source NAT stage of a packet that leaves the pod is left
+        out when it can only rewrite those (see :meth:`source_nat_summary`), and so are the splits its
+        tests would make. The verdict, the route and the choices taken are the same; only
+        :attr:`Evaluation.connection` may then show the source before that stage.
         """
         if choices is not None and not isinstance(choices, Choices):
             choices = Choices(choices)
-        return _Run(self, connection, trace, symbols or {}, tracer, choices=choices).evaluate()
+        run = _Run(self, connection, trace, symbols or {}, tracer, choices=choices)
+        run.unobserved_source = not source_nat and tracer is not None and not trace
+        return run.evaluate()
 
     def evaluate_all(
         self,
@@ -597,6 +620,87 @@ def _build_stages(ruleset: Ruleset, family: Family, hook: Hook) -> tuple[_Stage,
     # Stable: equal priorities keep ruleset order (nftables leaves that order undefined).
     stages.sort(key=lambda s: s.priority)
     return tuple(stages)
+
+
+@attrs.frozen
+class _SourceNatSummary:
+    """A source NAT stage whose only effects are on the source address and port, the mark, the conntrack
+    mark and the conntrack state (see :meth:`Interpreter.source_nat_summary`).
+
+    When a packet leaves the pod after such a stage, nothing downstream reads those (the verdict, the
+    route, the proxy's follow-up connections do not), so a proof that does not look at them may leave the
+    stage out (``Interpreter.evaluate(..., source_nat=False)``), and with it the splits its tests would
+    make. What could still stop the stage depends on the packet, and is checked before it is left out:
+    MASQUERADE needs an address on the outgoing interface, and a mark test must stay inside the proof's
+    mark classes.
+    """
+
+    masquerade: bool
+    #: The mark and conntrack mark tests of the stage: (conntrack mark?, test).
+    mark_tests: tuple[tuple[bool, MarkIs], ...]
+    #: The most rules one pass through the stage visits.
+    visits: int
+
+
+_UNOBSERVED_TARGETS: Final = (Return, Accept, Continue, Log, SetMark, ConnmarkSet, ConnmarkSave, ConnmarkRestore)
+_MARK_WRITES: Final = (SetMark, ConnmarkSet, ConnmarkSave, ConnmarkRestore)
+
+
+def _summarise_source_nat(interpreter: Interpreter, stage: _Stage) -> _SourceNatSummary | None:
+    masquerade = False
+    tests: list[tuple[bool, MarkIs]] = []
+    written = False  # a rule met so far (in rule order, through jumps) rewrites a mark
+
+    def walk(table: Table, chain: Chain, path: tuple[str, ...]) -> int | None:
+        """The most rules a pass through ``chain`` visits; None when the stage is not a summary's."""
+        nonlocal masquerade, written
+        if chain.name in path:
+            return None  # a circle: the evaluation would stop
+        visits = 0
+        for rule in chain.rules:
+            visits += 1
+            for plan in interpreter.plans(rule):
+                kind = plan[0]
+                if kind is _UNKNOWN or kind is _CHOICE:
+                    return None
+                if kind is _MARK or kind is _CTMARK:
+                    if written:
+                        return None
+                    tests.append((kind is _CTMARK, plan[1]))
+            target = rule.target
+            if isinstance(target, (Jump, Goto)):
+                if not table.has_chain(target.chain):
+                    return None
+                inner = walk(table, table.chain(target.chain), (*path, chain.name))
+                if inner is None:
+                    return None
+                visits += inner
+            elif isinstance(target, Masquerade):
+                masquerade = True
+            elif isinstance(target, Snat):
+                addresses = target.addresses
+                if addresses is not None and (
+                    addresses.first != addresses.last or addresses.first.version != table.family.version
+                ):
+                    return None
+            elif isinstance(target, _MARK_WRITES):
+                written = True
+            elif not isinstance(target, _UNOBSERVED_TARGETS):
+                return None
+        return visits
+
+    total = 0
+    for table, chain in stage.chains:
+        if table.family is Family.INET:
+            return None  # an inet table's SNAT may name either family's address: left to the evaluation
+        assert chain.base is not None
+        if chain.base.policy is not ChainPolicy.ACCEPT:
+            return None
+        visits = walk(table, chain, ())
+        if visits is None:
+            return None
+        total += visits
+    return _SourceNatSummary(masquerade=masquerade, mark_tests=tuple(tests), visits=total)
 
 
 #: Plans that neither stop an evaluation nor change its state when another test of their rule fails:
@@ -999,6 +1103,8 @@ class _Run:
         self.oif: str | None = None
         self.own_iif = False  # the current iif is the connection's own (a symbolic dimension)
         self.socket: Socket | None = None
+        #: Nothing reads the source after NAT (see Interpreter.evaluate's ``source_nat``).
+        self.unobserved_source = False
 
     # ------------------------------------------------------------------ symbolic tests
 
@@ -1195,10 +1301,21 @@ class _Run:
         if self.record:
             where = ", ".join(x for x in (f"in {iif}" if iif else "", f"out {oif}" if oif else "") if x)
             self._event(hook, f"== {hook.value} ({where})" if where else f"== {hook.value}")
-        for stage in self.interpreter.stages(self.family, hook):
+        stages = self.interpreter.stages(self.family, hook)
+        for stage in stages:
             if not self.tracked and stage.priority >= CONNTRACK_PRIORITY:
                 self.tracked = True
             if stage.nat:
+                if (
+                    self.unobserved_source
+                    and hook is Hook.POSTROUTING
+                    and stage is stages[-1]
+                    and self.oif != LOOPBACK_INTERFACE
+                    and self._leaves_source_unobserved(stage)
+                ):
+                    # The packet leaves the pod: nothing reads what this stage may change.
+                    self.decided.add(False)
+                    continue
                 self._nat_stage(hook, stage)
             else:
                 table, chain = stage.chains[0]
@@ -1210,6 +1327,28 @@ class _Run:
                     if before != after or self.mark.sym != self._mark_before_sym:
                         self._reroute(hook)
         self.tracked = True
+
+    def _leaves_source_unobserved(self, stage: _Stage) -> bool:
+        """Whether leaving out a source NAT stage changes nothing but what nobody reads (see
+        :class:`_SourceNatSummary`): it could not stop the evaluation of this packet."""
+        summary = self.interpreter.source_nat_summary(stage)
+        if summary is None or self.visits + summary.visits > MAX_RULE_VISITS:
+            return False
+        if summary.masquerade and (self.oif is None or self.env.first_address(self.oif, self.family) is None):
+            return False
+        for conntrack, test in summary.mark_tests:
+            sym = (self.ctmark if conntrack else self.mark).sym
+            if (
+                self.tracer is not None
+                and sym is not None
+                and not sym.constant
+                and (sym.and_mask != MAX_MARK or sym.xor)
+            ):
+                try:
+                    self._derived_mark_test(sym, test)
+                except _Stop:
+                    return False
+        return True
 
     def _reroute(self, hook: Hook) -> None:
         oif = self._route()

@@ -1,6 +1,8 @@
 """Proofs leave out source NAT nobody reads, and still prove the same thing.
 
-A packet that leaves the pod after nat POSTROUTING is not looked at again:
+A packet that leaves the pod after nat POSTROUTING is not looked at again
+(one that loops back over lo is, by the rules of PREROUTING and INPUT, and
+the stage runs when one of them reads what it may change):
 the properties :mod:`meshredirect.semantics.check` proves read the verdict,
 the route and the proxy's follow-up connections (which start from the
 original connection), never the source the rules left. So the proof skips a
@@ -52,14 +54,40 @@ POOL = (
 )
 
 
-def dump(services: int, endpoints: int, containers: int, seed: int, extra: Sequence[tuple[int, str]]) -> str:
-    """A node dump with ``extra`` rules put at those positions among its nat POSTROUTING rules."""
+#: Rules of the hooks a packet looping back over lo meets after nat POSTROUTING (table, rule) that read
+#: what the stage may change: the proof must run the stage before them (or show they fail anyway).
+OBSERVERS = (
+    ("filter", "-A INPUT -s 127.0.0.1/32 -p tcp -m tcp --dport 15001 -j DROP"),
+    ("filter", "-A INPUT -m mark --mark 0x4000/0x4000 -j REJECT"),
+    ("filter", "-A INPUT -m conntrack --ctstate SNAT -j DROP"),
+    ("filter", "-A INPUT -m connmark --mark 0x10/0x10 -j DROP"),
+    ("filter", "-A INPUT -p tcp -m tcp --sport 1024:2000 -j DROP"),
+    ("filter", "-A INPUT ! -s 10.0.0.0/8 -d 10.0.0.5/32 -p tcp -m tcp --dport 8080 -j DROP"),
+    ("mangle", "-A PREROUTING -i lo -m mark --mark 0x4000/0x4000 -j MARK --set-xmark 0x8/0x8"),
+    ("mangle", "-A INPUT -m mark --mark 0x8/0x8 -j DROP"),
+    ("mangle", "-A INPUT -s 10.0.0.5/32 -j CONNMARK --set-xmark 0x20/0x20"),
+)
+
+
+def dump(
+    services: int,
+    endpoints: int,
+    containers: int,
+    seed: int,
+    extra: Sequence[tuple[int, str]],
+    *,
+    observers: Sequence[tuple[str, str]] = (),
+) -> str:
+    """A node dump with ``extra`` rules put at those positions among its nat POSTROUTING rules, and the
+    ``observers`` at the end of their tables."""
     lines = node_dump(services=services, endpoints=endpoints, containers=containers, seed=seed).splitlines()
     nat = lines.index("*nat")
     at = [i for i, line in enumerate(lines) if i > nat and line.startswith("-A POSTROUTING")]
     for position, rule in sorted(extra, key=lambda item: -item[0]):
         where = at[position % len(at)] if at else lines.index("COMMIT", nat)
         lines.insert(where, rule)
+    for table, rule in observers:
+        lines.insert(lines.index("COMMIT", lines.index(f"*{table}")), rule)
     return "\n".join(lines) + "\n"
 
 
@@ -132,16 +160,29 @@ def disagreements(text: str) -> list[str]:
     containers=st.integers(0, 2),
     seed=st.integers(0, 3),
     extra=st.lists(st.tuples(st.integers(0, 5), st.sampled_from(POOL)), max_size=3),
+    observers=st.lists(st.sampled_from(OBSERVERS), max_size=2),
 )
 def test_leaving_out_unobserved_source_nat_proves_the_same(
-    services: int, endpoints: int, containers: int, seed: int, extra: list[tuple[int, str]]
+    *,
+    services: int,
+    endpoints: int,
+    containers: int,
+    seed: int,
+    extra: list[tuple[int, str]],
+    observers: list[tuple[str, str]],
 ) -> None:
-    assert disagreements(dump(services, endpoints, containers, seed, extra)) == []
+    assert disagreements(dump(services, endpoints, containers, seed, extra, observers=observers)) == []
 
 
 @pytest.mark.parametrize("rule", POOL)
 def test_each_pool_rule_on_its_own(rule: str) -> None:
     assert disagreements(dump(1, 2, 1, 0, [(0, rule)])) == []
+
+
+@pytest.mark.parametrize("observer", OBSERVERS, ids=[rule for _table, rule in OBSERVERS])
+def test_each_observer_after_masquerading(observer: tuple[str, str]) -> None:
+    extra = [(0, "-A POSTROUTING -j CONNMARK --set-xmark 0x10/0x10"), (0, "-A POSTROUTING -o lo -j MASQUERADE")]
+    assert disagreements(dump(1, 1, 1, 0, extra, observers=[observer])) == []
 
 
 def test_the_shortcut_saves_paths_on_a_node_dump() -> None:
@@ -157,3 +198,17 @@ def test_the_comparison_catches_a_stage_left_out_that_drops(monkeypatch: pytest.
     monkeypatch.setattr(interpreter_module, "_summarise_source_nat", lambda _interpreter, _stage: summary)
     found = disagreements(text)
     assert found and all("Dropped" in d and "Passed" in d for d in found)
+
+
+def test_the_comparison_catches_a_stage_left_out_that_a_later_rule_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken shortcut that never runs the stage left for later: a rule of INPUT that reads the source
+    MASQUERADE wrote on lo sees the old one, and the comparison finds the difference."""
+    text = dump(1, 1, 0, 0, [(0, "-A POSTROUTING -o lo -j MASQUERADE")], observers=[OBSERVERS[0]])
+    assert disagreements(text) == []
+
+    def forget(run: Any) -> None:
+        run.pending = None
+
+    monkeypatch.setattr(interpreter_module._Run, "_force", forget)
+    found = disagreements(text)
+    assert found and all("Dropped" in d for d in found)

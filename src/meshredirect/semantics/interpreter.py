@@ -425,6 +425,7 @@ class Interpreter:
         self._dispatch: dict[int, tuple[Chain, tuple[_Dispatch | None, ...] | None]] = {}
         self._member_tests: dict[Hashable, Callable[[Any], Hashable]] = {}
         self._unobserved: dict[int, tuple[_Stage, _SourceNatSummary | None]] = {}
+        self._source_plans: dict[int, tuple[Rule, tuple[tuple[_Plan, ...], tuple[_Plan, ...]]]] = {}
         #: Whether untraced evaluations jump over runs of rules keyed by one field (see :class:`_Dispatch`).
         self.use_dispatch = True
         env = self.env
@@ -466,6 +467,18 @@ class Interpreter:
         runs = _dispatch_runs(chain, [self.plans(rule) for rule in chain.rules]) if self.use_dispatch else None
         self._dispatch[id(chain)] = (chain, runs)
         return runs
+
+    def source_plans(self, rule: Rule) -> tuple[tuple[_Plan, ...], tuple[_Plan, ...]]:
+        """A rule's plans in two parts: those that do not read what source NAT may change, and those that
+        do (the source address or port, the mark, the conntrack mark, the conntrack state SNAT)."""
+        found = self._source_plans.get(id(rule))
+        if found is not None and found[0] is rule:
+            return found[1]
+        plans = self.plans(rule)
+        reading = tuple(plan for plan in plans if _reads_source(plan))
+        split = (tuple(plan for plan in plans if not _reads_source(plan)), reading)
+        self._source_plans[id(rule)] = (rule, split)
+        return split
 
     def source_nat_summary(self, stage: _Stage) -> _SourceNatSummary | None:
         """What a source NAT stage may do, when that is only rewriting the source, the mark or the conntrack
@@ -556,9 +569,10 @@ class Interpreter:
 
         ``source_nat=False`` serves proofs that never look at a connection's source after NAT (its
         address and port, mark and conntrack mark as the rules leave them): during proof enumeration
-        (``tracer`` given, ``trace=False``), the source NAT stage of a packet that leaves the pod is left
-        out when it can only rewrite those (see :meth:`source_nat_summary`), and so are the splits its
-        tests would make. The verdict, the route and the choices taken are the same; only
+        (``tracer`` given, ``trace=False``), a source NAT stage that can only rewrite those (see
+        :meth:`source_nat_summary`) is left out when the packet leaves the pod, and run only when a rule
+        reads what it may change when the packet loops back over ``lo``; the splits its tests would make
+        go with it. The verdict, the route and the choices taken are the same; only
         :attr:`Evaluation.connection` may then show the source before that stage.
         """
         if choices is not None and not isinstance(choices, Choices):
@@ -630,7 +644,8 @@ class _SourceNatSummary:
     When a packet leaves the pod after such a stage, nothing downstream reads those (the verdict, the
     route, the proxy's follow-up connections do not), so a proof that does not look at them may leave the
     stage out (``Interpreter.evaluate(..., source_nat=False)``), and with it the splits its tests would
-    make. What could still stop the stage depends on the packet, and is checked before it is left out:
+    make; when it loops back over ``lo``, the stage runs only if a rule of the hooks it meets next reads
+    them (and a rule whose other tests fail first does not). What could still stop the stage depends on the packet, and is checked before it is left out:
     MASQUERADE needs an address on the outgoing interface, and a mark test must stay inside the proof's
     mark classes.
     """
@@ -644,6 +659,15 @@ class _SourceNatSummary:
 
 _UNOBSERVED_TARGETS: Final = (Return, Accept, Continue, Log, SetMark, ConnmarkSet, ConnmarkSave, ConnmarkRestore)
 _MARK_WRITES: Final = (SetMark, ConnmarkSet, ConnmarkSave, ConnmarkRestore)
+#: Targets that read or rewrite the mark or the conntrack mark.
+_READS_MARKS: Final = (*_MARK_WRITES, TProxy)
+
+
+def _reads_source(plan: _Plan) -> bool:
+    kind = plan[0]
+    if kind is _ADDRESS or kind is _PORT or kind is _ADDRTYPE:
+        return plan[1] in ("src", "sport")
+    return kind is _MARK or kind is _CTMARK or (kind is _CTSTATE and CtState.SNAT in plan[1])
 
 
 def _summarise_source_nat(interpreter: Interpreter, stage: _Stage) -> _SourceNatSummary | None:
@@ -1105,6 +1129,9 @@ class _Run:
         self.socket: Socket | None = None
         #: Nothing reads the source after NAT (see Interpreter.evaluate's ``source_nat``).
         self.unobserved_source = False
+        #: A source NAT stage of a packet looping back over lo, left for when something reads what it may
+        #: change (see :meth:`_force`).
+        self.pending: _Stage | None = None
 
     # ------------------------------------------------------------------ symbolic tests
 
@@ -1117,6 +1144,11 @@ class _Run:
 
     def _routes_locally(self, mark: _Mark) -> bool:
         """The environment's policy routing of a mark (does it select a table whose default route is local?)."""
+        if not self.env.local_marks:
+            return False
+        if self.pending is not None:
+            self._force()
+            mark = self.mark
         routes_locally = self.interpreter.routes_locally
         sym = mark.sym
         if sym is None or sym.constant or self.tracer is None:
@@ -1310,11 +1342,15 @@ class _Run:
                     self.unobserved_source
                     and hook is Hook.POSTROUTING
                     and stage is stages[-1]
-                    and self.oif != LOOPBACK_INTERFACE
+                    and (self.oif != LOOPBACK_INTERFACE or self.c.origin is Origin.LOCAL)
                     and self._leaves_source_unobserved(stage)
                 ):
-                    # The packet leaves the pod: nothing reads what this stage may change.
+                    # What this stage may change is read by nothing when the packet leaves the pod, and
+                    # maybe by the rules of the hooks it meets next when it loops back over lo: then
+                    # the stage runs when one of them reads it.
                     self.decided.add(False)
+                    if self.oif == LOOPBACK_INTERFACE:
+                        self.pending = stage
                     continue
                 self._nat_stage(hook, stage)
             else:
@@ -1327,6 +1363,27 @@ class _Run:
                     if before != after or self.mark.sym != self._mark_before_sym:
                         self._reroute(hook)
         self.tracked = True
+
+    def _force(self) -> None:
+        """Run the source NAT stage left for later (:attr:`pending`), as it would have run: in POSTROUTING,
+        out ``lo``, with the packet's socket. Nothing it reads has changed since (the mappings were
+        decided; a rewrite of the mark runs it first)."""
+        stage, self.pending = self.pending, None
+        assert stage is not None
+        view = (self.hook, self.iif, self.oif, self.socket, self.own_iif)
+        self.hook, self.iif, self.oif, self.socket, self.own_iif = (
+            Hook.POSTROUTING,
+            None,
+            LOOPBACK_INTERFACE,
+            self.c.socket,
+            False,
+        )
+        self.decided.discard(False)
+        try:
+            self._nat_stage(Hook.POSTROUTING, stage)
+        finally:
+            self.decided.add(False)
+            self.hook, self.iif, self.oif, self.socket, self.own_iif = view
 
     def _leaves_source_unobserved(self, stage: _Stage) -> bool:
         """Whether leaving out a source NAT stage changes nothing but what nobody reads (see
@@ -1415,6 +1472,8 @@ class _Run:
                 if runs is not None:
                     run = runs[index]
                     if run is not None:
+                        if self.pending is not None and "src" in run.fields:
+                            self._force()
                         following = self._dispatch_next(run, index)
                         if following != index:
                             self.visits += following - index
@@ -1424,6 +1483,8 @@ class _Run:
             self.visits += 1
             if self.visits > MAX_RULE_VISITS:
                 raise _Stop(Unknown(reason=f"more than {MAX_RULE_VISITS} rules visited: chains that loop"))
+            if self.pending is not None and isinstance(rule.target, _READS_MARKS):
+                self._force()
             result, why = self._rule_matches(rule)
             target = rule.target
             if result is MatchResult.NOT_MATCHED:
@@ -1702,94 +1763,108 @@ class _Run:
         holds = True
         unknown: str | None = None
         choice: str | None = None
-        for plan in self.interpreter.plans(rule):
-            kind = plan[0]
-            field: str
-            value: Any
-            if kind is _ADDRESS or kind is _PORT or kind is _ADDRTYPE:
-                if kind is _ADDRESS and self.family.version not in plan[4]:
-                    # Only the other family's members: iptables would not load it; nft does not match.
+        if self.pending is None:
+            parts: tuple[tuple[_Plan, ...], ...] = (self.interpreter.plans(rule),)
+        else:
+            parts = self.interpreter.source_plans(rule)
+        for plans in parts:
+            if plans and plans is not parts[0]:
+                # These read what the source NAT left for later may change: when the tests so far fail
+                # (on the representative), the rule does not match where they fail, whatever the rest.
+                if constraints and not holds:
+                    assert tracer is not None
+                    tracer.decide_constraints(constraints, False)
                     return MatchResult.NOT_MATCHED, None
-                if kind is _PORT and self.c.protocol is not plan[4]:
-                    return MatchResult.NOT_MATCHED, None
-                field = plan[1]
-                if field == "sport" and self.sport_random is not None:
-                    unknown = unknown or self.sport_random
-                    continue
-                value = getattr(self, field)
-                sym = self.sym[field]
-            elif kind is _PROTOCOL:
-                if (self.c.protocol is plan[1]) == plan[2]:
-                    return MatchResult.NOT_MATCHED, None
-                continue
-            elif kind is _FAMILY:
-                if self.family is not plan[1]:
-                    return MatchResult.NOT_MATCHED, None
-                continue
-            elif kind is _OIF:
-                if not plan[1](self.oif or ""):
-                    return MatchResult.NOT_MATCHED, None
-                continue
-            elif kind is _IIF:
-                if self.iif is None or not self.own_iif:
-                    if not plan[1](self.iif or ""):
+                if self.pending is not None:
+                    self._force()
+            for plan in plans:
+                kind = plan[0]
+                field: str
+                value: Any
+                if kind is _ADDRESS or kind is _PORT or kind is _ADDRTYPE:
+                    if kind is _ADDRESS and self.family.version not in plan[4]:
+                        # Only the other family's members: iptables would not load it; nft does not match.
+                        return MatchResult.NOT_MATCHED, None
+                    if kind is _PORT and self.c.protocol is not plan[4]:
+                        return MatchResult.NOT_MATCHED, None
+                    field = plan[1]
+                    if field == "sport" and self.sport_random is not None:
+                        unknown = unknown or self.sport_random
+                        continue
+                    value = getattr(self, field)
+                    sym = self.sym[field]
+                elif kind is _PROTOCOL:
+                    if (self.c.protocol is plan[1]) == plan[2]:
                         return MatchResult.NOT_MATCHED, None
                     continue
-                field, value, sym = "iif", self.iif, self.sym["iif"]
-                plan = (_IIF, "iif", plan[1], False)
-            elif kind is _OWNER:
-                if (
-                    (self.hook is not Hook.OUTPUT and self.hook is not Hook.POSTROUTING)
-                    or self.socket is None
-                    or not self._has_socket()
-                ):
-                    if not plan[4]:
+                elif kind is _FAMILY:
+                    if self.family is not plan[1]:
                         return MatchResult.NOT_MATCHED, None
                     continue
-                field = plan[1]
-                value = self.socket.uid if field == "uid" else self.socket.gid
-                sym = self.sym[field]
-            elif kind is _MARK or kind is _CTMARK:
-                mark = self.mark if kind is _MARK else self.ctmark
-                value = mark.value
-                test = plan[1]
-                if mark.sym is None or mark.sym.constant or tracer is None:
-                    sym = None
-                elif mark.sym.and_mask != MAX_MARK or mark.sym.xor:
-                    derived = self._derived_mark_test(mark.sym, test)
-                    if isinstance(derived, bool):
-                        if derived == plan[2]:
+                elif kind is _OIF:
+                    if not plan[1](self.oif or ""):
+                        return MatchResult.NOT_MATCHED, None
+                    continue
+                elif kind is _IIF:
+                    if self.iif is None or not self.own_iif:
+                        if not plan[1](self.iif or ""):
                             return MatchResult.NOT_MATCHED, None
                         continue
-                    sym, test = mark.sym.dim, derived
+                    field, value, sym = "iif", self.iif, self.sym["iif"]
+                    plan = (_IIF, "iif", plan[1], False)
+                elif kind is _OWNER:
+                    if (
+                        (self.hook is not Hook.OUTPUT and self.hook is not Hook.POSTROUTING)
+                        or self.socket is None
+                        or not self._has_socket()
+                    ):
+                        if not plan[4]:
+                            return MatchResult.NOT_MATCHED, None
+                        continue
+                    field = plan[1]
+                    value = self.socket.uid if field == "uid" else self.socket.gid
+                    sym = self.sym[field]
+                elif kind is _MARK or kind is _CTMARK:
+                    mark = self.mark if kind is _MARK else self.ctmark
+                    value = mark.value
+                    test = plan[1]
+                    if mark.sym is None or mark.sym.constant or tracer is None:
+                        sym = None
+                    elif mark.sym.and_mask != MAX_MARK or mark.sym.xor:
+                        derived = self._derived_mark_test(mark.sym, test)
+                        if isinstance(derived, bool):
+                            if derived == plan[2]:
+                                return MatchResult.NOT_MATCHED, None
+                            continue
+                        sym, test = mark.sym.dim, derived
+                    else:
+                        sym = mark.sym.dim
+                    plan = (kind, "", test, plan[2])
+                elif kind is _CTSTATE:
+                    if bool(self._ct_states() & plan[1]) == plan[2]:
+                        return MatchResult.NOT_MATCHED, None
+                    continue
+                elif kind is _CONSTANT:
+                    if not plan[1]:
+                        return MatchResult.NOT_MATCHED, None
+                    continue
+                elif kind is _CHOICE:
+                    choice = choice or plan[1]
+                    continue
                 else:
-                    sym = mark.sym.dim
-                plan = (kind, "", test, plan[2])
-            elif kind is _CTSTATE:
-                if bool(self._ct_states() & plan[1]) == plan[2]:
-                    return MatchResult.NOT_MATCHED, None
-                continue
-            elif kind is _CONSTANT:
-                if not plan[1]:
-                    return MatchResult.NOT_MATCHED, None
-                continue
-            elif kind is _CHOICE:
-                choice = choice or plan[1]
-                continue
-            else:
-                assert kind is _UNKNOWN
-                unknown = unknown or plan[1]
-                continue
-            test, negate = plan[2], plan[3]
-            if sym is None or tracer is None:
-                if bool(test(value)) == negate:
-                    return MatchResult.NOT_MATCHED, None
-                continue
-            position, outcome, outcomes = tracer.resolve(sym, test)
-            wanted = not negate
-            constraints[position] = constraints.get(position, -1) & outcomes.get(wanted, 0)
-            if outcome != wanted:
-                holds = False
+                    assert kind is _UNKNOWN
+                    unknown = unknown or plan[1]
+                    continue
+                test, negate = plan[2], plan[3]
+                if sym is None or tracer is None:
+                    if bool(test(value)) == negate:
+                        return MatchResult.NOT_MATCHED, None
+                    continue
+                position, outcome, outcomes = tracer.resolve(sym, test)
+                wanted = not negate
+                constraints[position] = constraints.get(position, -1) & outcomes.get(wanted, 0)
+                if outcome != wanted:
+                    holds = False
         if constraints:
             assert tracer is not None
             if not tracer.decide_constraints(constraints, holds):

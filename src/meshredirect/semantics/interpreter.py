@@ -426,6 +426,7 @@ class Interpreter:
         self._member_tests: dict[Hashable, Callable[[Any], Hashable]] = {}
         self._unobserved: dict[int, tuple[_Stage, _SourceNatSummary | None]] = {}
         self._source_plans: dict[int, tuple[Rule, tuple[tuple[_Plan, ...], tuple[_Plan, ...]]]] = {}
+        self._mark_effects: dict[int, tuple[Rule, tuple[SetMark, ...] | None]] = {}
         #: Whether untraced evaluations jump over runs of rules keyed by one field (see :class:`_Dispatch`).
         self.use_dispatch = True
         env = self.env
@@ -467,6 +468,24 @@ class Interpreter:
         runs = _dispatch_runs(chain, [self.plans(rule) for rule in chain.rules]) if self.use_dispatch else None
         self._dispatch[id(chain)] = (chain, runs)
         return runs
+
+    def mark_effects(self, rule: Rule, table: Table) -> tuple[SetMark, ...] | None:
+        """The mark rewrites a rule of ``table`` makes when it matches, when that is all it does and its
+        tests stop nothing (like kube-proxy's jumps to KUBE-MARK-MASQ); None for any other rule."""
+        found = self._mark_effects.get(id(rule))
+        if found is not None and found[0] is rule:
+            return found[1]
+        effects: tuple[SetMark, ...] | None = None
+        if not any(plan[0] is _UNKNOWN or plan[0] is _CHOICE for plan in self.plans(rule)):
+            target = rule.target
+            if isinstance(target, SetMark):
+                effects = (target,)
+            elif isinstance(target, Jump) and table.has_chain(target.chain):
+                rules = table.chain(target.chain).rules
+                if rules and all(not r.matches and isinstance(r.target, SetMark) for r in rules):
+                    effects = tuple(r.target for r in rules)  # type: ignore[misc]
+        self._mark_effects[id(rule)] = (rule, effects)
+        return effects
 
     def source_plans(self, rule: Rule) -> tuple[tuple[_Plan, ...], tuple[_Plan, ...]]:
         """A rule's plans in two parts: those that do not read what source NAT may change, and those that
@@ -656,6 +675,21 @@ class _SourceNatSummary:
     #: The most rules one pass through the stage visits.
     visits: int
 
+
+@attrs.frozen
+class _PendingMark:
+    """A rule that only rewrites the mark, left for when something reads the mark (see ``_Run._force``)."""
+
+    rule: Rule
+    effects: tuple[SetMark, ...]
+    #: The packet as the rule saw it (``_Run._view``).
+    view: tuple[Any, ...]
+    #: Where the rule is, for a verdict that cannot be decided.
+    where: str
+
+
+#: Rules left for later whose combined effects on the mark are listed before a stage is left out.
+_MAX_PENDING_MARKS: Final = 4
 
 _UNOBSERVED_TARGETS: Final = (Return, Accept, Continue, Log, SetMark, ConnmarkSet, ConnmarkSave, ConnmarkRestore)
 _MARK_WRITES: Final = (SetMark, ConnmarkSet, ConnmarkSave, ConnmarkRestore)
@@ -1129,9 +1163,10 @@ class _Run:
         self.socket: Socket | None = None
         #: Nothing reads the source after NAT (see Interpreter.evaluate's ``source_nat``).
         self.unobserved_source = False
-        #: A source NAT stage of a packet looping back over lo, left for when something reads what it may
-        #: change (see :meth:`_force`).
-        self.pending: _Stage | None = None
+        #: What the evaluation left for when something reads what it may change (see :meth:`_force`): rules
+        #: of nat chains that only rewrite the mark, and the source NAT stage of a packet looping back over lo.
+        self.pending: list[_Stage | _PendingMark] = []
+        self.forcing = False
 
     # ------------------------------------------------------------------ symbolic tests
 
@@ -1146,7 +1181,7 @@ class _Run:
         """The environment's policy routing of a mark (does it select a table whose default route is local?)."""
         if not self.env.local_marks:
             return False
-        if self.pending is not None:
+        if self.pending:
             self._force()
             mark = self.mark
         routes_locally = self.interpreter.routes_locally
@@ -1350,26 +1385,90 @@ class _Run:
                     # the stage runs when one of them reads it.
                     self.decided.add(False)
                     if self.oif == LOOPBACK_INTERFACE:
-                        self.pending = stage
+                        self.pending.append(stage)
                     continue
                 self._nat_stage(hook, stage)
             else:
                 table, chain = stage.chains[0]
+                assert chain.base is not None
+                route = hook is Hook.OUTPUT and chain.base.type is ChainType.ROUTE
+                if route and self.pending:
+                    self._force()  # what the route chain changes reroutes the packet
                 before = (self.dst, self.dport, self.src, self.mark.value, self.dst_rewritten)
                 self._base_chain(hook, table, chain)
-                assert chain.base is not None
-                if hook is Hook.OUTPUT and chain.base.type is ChainType.ROUTE:
+                if route:
                     after = (self.dst, self.dport, self.src, self.mark.value, self.dst_rewritten)
                     if before != after or self.mark.sym != self._mark_before_sym:
                         self._reroute(hook)
         self.tracked = True
 
     def _force(self) -> None:
-        """Run the source NAT stage left for later (:attr:`pending`), as it would have run: in POSTROUTING,
-        out ``lo``, with the packet's socket. Nothing it reads has changed since (the mappings were
-        decided; a rewrite of the mark runs it first)."""
-        stage, self.pending = self.pending, None
-        assert stage is not None
+        """Run what was left for later (:attr:`pending`), in order, as it would have run then: a rule that
+        rewrites the mark on the packet as it was then; the source NAT stage in POSTROUTING, out ``lo``,
+        with the packet's socket. What they read has not changed since (the mappings were decided; the mark
+        and the conntrack mark are only rewritten after this runs)."""
+        items, self.pending = self.pending, []
+        self.forcing = True  # what runs now runs in full (it leaves nothing for later)
+        try:
+            for item in items:
+                if isinstance(item, _PendingMark):
+                    self._mark_rule(item)
+                else:
+                    self._source_nat_stage(item)
+        finally:
+            self.forcing = False
+
+    def _mark_rule(self, item: _PendingMark) -> None:
+        now = self._view()
+        self._restore(item.view)
+        try:
+            result, why = self._rule_matches(item.rule)
+        finally:
+            self._restore(now)
+        if result is MatchResult.UNKNOWN:
+            raise _Stop(Unknown(reason=f"{item.where}: {why}"))
+        if result is MatchResult.MATCHED:
+            for target in item.effects:
+                self.mark = self.mark.xor_mask(~target.mask, target.value)
+
+    def _view(self) -> tuple[Any, ...]:
+        """What a rule's tests read of the packet, besides the marks (see :meth:`_restore`)."""
+        return (
+            self.src,
+            self.sport,
+            self.dst,
+            self.dport,
+            dict(self.sym),
+            self.hook,
+            self.iif,
+            self.oif,
+            self.socket,
+            self.own_iif,
+            self.tracked,
+            self.dnat,
+            self.snat,
+            self.sport_random,
+        )
+
+    def _restore(self, view: tuple[Any, ...]) -> None:
+        (
+            self.src,
+            self.sport,
+            self.dst,
+            self.dport,
+            self.sym,
+            self.hook,
+            self.iif,
+            self.oif,
+            self.socket,
+            self.own_iif,
+            self.tracked,
+            self.dnat,
+            self.snat,
+            self.sport_random,
+        ) = view
+
+    def _source_nat_stage(self, stage: _Stage) -> None:
         view = (self.hook, self.iif, self.oif, self.socket, self.own_iif)
         self.hook, self.iif, self.oif, self.socket, self.own_iif = (
             Hook.POSTROUTING,
@@ -1393,19 +1492,39 @@ class _Run:
             return False
         if summary.masquerade and (self.oif is None or self.env.first_address(self.oif, self.family) is None):
             return False
+        if not summary.mark_tests:
+            return True
+        marks = self._possible_marks()
+        if marks is None:
+            return False
         for conntrack, test in summary.mark_tests:
-            sym = (self.ctmark if conntrack else self.mark).sym
-            if (
-                self.tracer is not None
-                and sym is not None
-                and not sym.constant
-                and (sym.and_mask != MAX_MARK or sym.xor)
-            ):
-                try:
-                    self._derived_mark_test(sym, test)
-                except _Stop:
-                    return False
+            for sym in {self.ctmark.sym} if conntrack else {mark.sym for mark in marks}:
+                if (
+                    self.tracer is not None
+                    and sym is not None
+                    and not sym.constant
+                    and (sym.and_mask != MAX_MARK or sym.xor)
+                ):
+                    try:
+                        self._derived_mark_test(sym, test)
+                    except _Stop:
+                        return False
         return True
+
+    def _possible_marks(self) -> list[_Mark] | None:
+        """The marks the packet may have once the rules left for later have run (None: too many to list)."""
+        items = [item for item in self.pending if isinstance(item, _PendingMark)]
+        if len(items) > _MAX_PENDING_MARKS:
+            return None
+        marks = [self.mark]
+        for item in items:
+            changed = []
+            for mark in marks:
+                for target in item.effects:
+                    mark = mark.xor_mask(~target.mask, target.value)
+                changed.append(mark)
+            marks += changed
+        return marks
 
     def _reroute(self, hook: Hook) -> None:
         oif = self._route()
@@ -1472,7 +1591,7 @@ class _Run:
                 if runs is not None:
                     run = runs[index]
                     if run is not None:
-                        if self.pending is not None and "src" in run.fields:
+                        if self.pending and "src" in run.fields:
                             self._force()
                         following = self._dispatch_next(run, index)
                         if following != index:
@@ -1483,8 +1602,17 @@ class _Run:
             self.visits += 1
             if self.visits > MAX_RULE_VISITS:
                 raise _Stop(Unknown(reason=f"more than {MAX_RULE_VISITS} rules visited: chains that loop"))
-            if self.pending is not None and isinstance(rule.target, _READS_MARKS):
+            if self.pending and isinstance(rule.target, _READS_MARKS):
                 self._force()
+            if self.unobserved_source and base.type is ChainType.NAT and self.sport_random is None and not self.forcing:
+                effects = self.interpreter.mark_effects(rule, table)
+                if effects is not None:
+                    # Only rewrites the mark, which maybe nothing reads: decided when something does.
+                    where = f"{table.name} {chain.name} #{index + 1}"
+                    self.pending.append(_PendingMark(rule=rule, effects=effects, view=self._view(), where=where))
+                    self.visits += len(effects)
+                    index += 1
+                    continue
             result, why = self._rule_matches(rule)
             target = rule.target
             if result is MatchResult.NOT_MATCHED:
@@ -1763,7 +1891,7 @@ class _Run:
         holds = True
         unknown: str | None = None
         choice: str | None = None
-        if self.pending is None:
+        if not self.pending:
             parts: tuple[tuple[_Plan, ...], ...] = (self.interpreter.plans(rule),)
         else:
             parts = self.interpreter.source_plans(rule)
@@ -1775,7 +1903,7 @@ class _Run:
                     assert tracer is not None
                     tracer.decide_constraints(constraints, False)
                     return MatchResult.NOT_MATCHED, None
-                if self.pending is not None:
+                if self.pending:
                     self._force()
             for plan in plans:
                 kind = plan[0]
@@ -1831,7 +1959,13 @@ class _Run:
                     if mark.sym is None or mark.sym.constant or tracer is None:
                         sym = None
                     elif mark.sym.and_mask != MAX_MARK or mark.sym.xor:
-                        derived = self._derived_mark_test(mark.sym, test)
+                        try:
+                            derived = self._derived_mark_test(mark.sym, test)
+                        except _Stop as stop:
+                            # Like a match not modelled: the rule does not match where another test fails.
+                            assert isinstance(stop.verdict, Unknown)
+                            unknown = unknown or stop.verdict.reason
+                            continue
                         if isinstance(derived, bool):
                             if derived == plan[2]:
                                 return MatchResult.NOT_MATCHED, None

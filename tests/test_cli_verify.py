@@ -185,3 +185,17 @@ def test_an_nftables_dump_verifies_with_the_mesh_found_in_it(
     assert "  outbound port 15001 (found in the rules)" in out
     assert "  inbound port 15006, TPROXY (found in the rules)" in out
     assert "  DNS port 15053 (found in the rules)" in out
+
+
+def test_violation_traces_shorten_long_runs_of_rules_unless_all_rules(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """On a node with many services, a trace meets KUBE-SERVICES' rule per service: shortened by default."""
+    from meshredirect.testing.node_dump import node_dump
+
+    text = node_dump(services=20, endpoints=1, containers=0)
+    status, short = verify_text(capsys, tmp_path, text)
+    assert status == 1 and "nat KUBE-SERVICES #3-#19: 17 more rules  [no match]" in short
+    status, full = verify_text(capsys, tmp_path, text, "--all-rules")
+    assert status == 1 and "more rules" not in full
+    assert full.count("nat KUBE-SERVICES #") > short.count("nat KUBE-SERVICES #") + 16

@@ -588,3 +588,38 @@ def test_explain_prints_the_path_and_the_verdict() -> None:
         in text
     )
     assert text.splitlines()[-1] == "verdict: redirected to 127.0.0.1:15001"
+
+
+# ----------------------------------------------------------------------------- traces of long chains
+
+
+@pytest.mark.parametrize("misses", [0, 1, 12, 13, 40])
+def test_explain_shortens_long_runs_of_rules_that_do_not_match_and_keeps_every_rule_on_request(misses: int) -> None:
+    """kube-proxy's KUBE-SERVICES holds a rule per service: a trace shows the first two and the last of a
+    run of more than ELIDE_AFTER (12) rules that do not match, and one line for the rest."""
+    from meshredirect.semantics.interpreter import ELIDE_AFTER
+
+    services = [rule(Jump(chain="SVC"), dst(f"10.96.0.{i}/32"), TCP) for i in range(1, misses + 1)]
+    nat = ipt(
+        "nat",
+        (Hook.OUTPUT, [*services, rule(REDIRECT_15001, TCP)]),
+        (
+            "SVC",
+            [rule(Dnat(addresses=AddressRange(first=v("10.244.0.9"), last=v("10.244.0.9")), ports=PortSet.of(80)))],
+        ),
+    )
+    evaluation = Interpreter(rs(nat), ENV).evaluate(app(dst="93.184.216.34"))
+    full = evaluation.explain(elide=None).splitlines()
+    short = evaluation.explain().splitlines()
+    assert len([line for line in full if "[no match]" in line]) == misses
+    assert full[-1] == short[-1] == "verdict: redirected to 127.0.0.1:15001"
+    if misses <= ELIDE_AFTER:
+        assert short == full
+        return
+    assert len(short) == len(full) - misses + 4
+    assert short[1:5] == [
+        "  nat OUTPUT #1: dst 10.96.0.1/32, proto tcp -> jump SVC  [no match]",
+        "  nat OUTPUT #2: dst 10.96.0.2/32, proto tcp -> jump SVC  [no match]",
+        f"  nat OUTPUT #3-#{misses - 1}: {misses - 3} more rules  [no match]",
+        f"  nat OUTPUT #{misses}: dst 10.96.0.{misses}/32, proto tcp -> jump SVC  [no match]",
+    ]

@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 from meshredirect.commands._rules_args import STDIN, add_rules_arguments, read_rules
+from meshredirect.commands.trace import elision
 
 #: Violations shown per property (the rest are counted).
 DEFAULT_EXAMPLES = 3
@@ -55,6 +56,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"violations shown per property ({DEFAULT_EXAMPLES})",
     )
+    from meshredirect.commands.trace import add_all_rules_argument
+
+    add_all_rules_argument(parser)
     add_rules_arguments(parser)
 
 
@@ -123,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         print(line, file=out)
     print(file=out)
-    print(verification.report.summary(examples=args.examples), file=out)
+    print(verification.report.summary(examples=args.examples, **elision(args)), file=out)
     print(file=out)
     count = len(verification.report.violations)
     if verification.ok:

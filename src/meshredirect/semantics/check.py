@@ -45,7 +45,7 @@ import attrs
 from meshredirect.ir import Direction, Family, InterfaceMatch, OwnerKind, Protocol, Ruleset
 from meshredirect.semantics.classes import ClassSpace, Constants, Root
 from meshredirect.semantics.explore import Eq, In, Run, Tracer, probe, probe_all
-from meshredirect.semantics.interpreter import Interpreter, Passed, Redirected, TProxied
+from meshredirect.semantics.interpreter import ELIDE_AFTER, Interpreter, Passed, Redirected, TProxied
 from meshredirect.semantics.model import LOOPBACK_INTERFACE, Connection, Environment, Origin
 from meshredirect.semantics.proxy import Arrival, InterceptionChain, ProxyModel, Step, arrives_at, follow
 from meshredirect.values import MAX_MARK, AddressSet, All, IdSet
@@ -98,13 +98,14 @@ class Violation:
         """The connection, what the rules do to it, and what the proxy does next, with full traces."""
         return self.replay()
 
-    def explain(self) -> str:
-        """The violation with its chain and every step's trace."""
+    def explain(self, *, elide: int | None = ELIDE_AFTER) -> str:
+        """The violation with its chain and every step's trace (``elide``: see
+        :meth:`~meshredirect.semantics.interpreter.Evaluation.explain`)."""
         lines = [f"VIOLATED: {self.property.value}", f"  {self.message}", f"  class: {self.description}", "  chain:"]
         lines += [f"    {line}" for line in self.chain.describe().splitlines()]
         for index, step in enumerate(self.chain.steps, 1):
             lines.append(f"  trace of step {index}: {step.connection}")
-            lines += [f"    {line}" for line in step.evaluation.explain().splitlines()]
+            lines += [f"    {line}" for line in step.evaluation.explain(elide=elide).splitlines()]
         return "\n".join(lines)
 
 
@@ -126,7 +127,7 @@ class CheckReport:
     def of(self, prop: Property) -> tuple[Violation, ...]:
         return tuple(v for v in self.violations if v.property is prop)
 
-    def summary(self, *, examples: int = SUMMARY_EXAMPLES) -> str:
+    def summary(self, *, examples: int = SUMMARY_EXAMPLES, elide: int | None = ELIDE_AFTER) -> str:
         """A line per property, and the first few violations of each that fails."""
         lines = [f"checked {self.classes} classes of connections along {self.paths} paths"]
         for prop in self.properties:
@@ -135,7 +136,7 @@ class CheckReport:
         for prop in self.properties:
             for violation in self.of(prop)[:examples]:
                 lines.append("")
-                lines.append(violation.explain())
+                lines.append(violation.explain(elide=elide))
         return "\n".join(lines)
 
 

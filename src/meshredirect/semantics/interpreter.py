@@ -180,6 +180,8 @@ DESTINATION_NAT_HOOKS: Final = frozenset({Hook.PREROUTING, Hook.OUTPUT})
 SOCKET_HOOKS: Final = frozenset({Hook.OUTPUT, Hook.POSTROUTING})
 #: In ``symbols``: the outgoing interface is the route function's answer for the destination and mark.
 ROUTED: Final = "route"
+#: Runs of more consecutive rules of a chain that do not match are shortened in :meth:`Evaluation.explain`.
+ELIDE_AFTER: Final = 12
 #: A guard against rulesets whose chains jump in circles (the kernel refuses to load those).
 MAX_RULE_VISITS: Final = 100_000
 LOOPBACK_V4: Final = ipaddress.IPv4Address("127.0.0.1")
@@ -370,16 +372,53 @@ class Evaluation:
     def visits(self) -> tuple[RuleVisit, ...]:
         return tuple(e for e in self.trace if isinstance(e, RuleVisit))
 
-    def explain(self) -> str:
-        """The trace and the verdict as text, one line each (hook headings unindented)."""
+    def explain(self, *, elide: int | None = ELIDE_AFTER) -> str:
+        """The trace and the verdict as text, one line each (hook headings unindented).
+
+        A run of more than ``elide`` consecutive rules of one chain that do not match (kube-proxy's
+        KUBE-SERVICES holds one per service) shows its first and last rules and one line for the rest;
+        ``elide=None`` shows every rule.
+        """
         lines = []
-        for entry in self.trace:
+        trace = self.trace
+        at = 0
+        while at < len(trace):
+            entry = trace[at]
+            end = at + 1
+            if elide is not None and isinstance(entry, RuleVisit) and entry.result is MatchResult.NOT_MATCHED:
+                while end < len(trace) and _continues(trace[end], trace[end - 1]):
+                    end += 1
+                if end - at > elide:
+                    first, last = trace[at + 1], trace[end - 2]
+                    assert isinstance(first, RuleVisit) and isinstance(last, RuleVisit)
+                    lines += [f"  {entry}", f"  {first}"]
+                    lines.append(
+                        f"  {first.table} {first.chain} #{first.index + 1}-#{last.index}: "
+                        f"{last.index - first.index} more rules  [{MatchResult.NOT_MATCHED.value}]"
+                    )
+                    lines.append(f"  {trace[end - 1]}")
+                    at = end
+                    continue
+                end = at + 1
             lines.append(str(entry) if isinstance(entry, Event) and entry.text.startswith("==") else f"  {entry}")
+            at = end
         lines.append(f"verdict: {self.verdict}")
         if self.choices:
             taken = ", ".join("matched" if c else "no match" for c in self.choices)
             lines.append(f"random choices taken: {taken} (the other outcomes are possible too)")
         return "\n".join(lines)
+
+
+def _continues(entry: TraceEntry, before: TraceEntry) -> bool:
+    """Whether ``entry`` is the next rule of ``before``'s chain, and does not match either."""
+    return (
+        isinstance(entry, RuleVisit)
+        and isinstance(before, RuleVisit)
+        and entry.result is MatchResult.NOT_MATCHED
+        and entry.index == before.index + 1
+        and (entry.hook, entry.family, entry.table, entry.chain)
+        == (before.hook, before.family, before.table, before.chain)
+    )
 
 
 # ----------------------------------------------------------------------------- the interpreter

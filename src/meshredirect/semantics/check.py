@@ -44,7 +44,7 @@ import attrs
 
 from meshredirect.ir import Direction, Family, InterfaceMatch, OwnerKind, Protocol, Ruleset
 from meshredirect.semantics.classes import ClassSpace, Constants, Root
-from meshredirect.semantics.explore import Eq, In, Run, Tracer, probe, probe_all
+from meshredirect.semantics.explore import Eq, In, Run, Tracer, probe
 from meshredirect.semantics.interpreter import ELIDE_AFTER, Interpreter, Passed, Redirected, TProxied
 from meshredirect.semantics.model import LOOPBACK_INTERFACE, Connection, Environment, Origin
 from meshredirect.semantics.proxy import Arrival, InterceptionChain, ProxyModel, Step, arrives_at, follow
@@ -298,15 +298,28 @@ class Checker:
     # ------------------------------------------------------------------ properties
 
     def _is_proxy(self, c: Connection, t: Tracer | None) -> bool:
-        if c.origin is not Origin.LOCAL or not probe(t, c.socket is not None, "socket", self.present):
+        if c.origin is not Origin.LOCAL:
             return False
-        assert c.socket is not None
-        if probe_all(
-            t, [(c.socket.uid, "uid", self.is_proxy_uid, False), (c.socket.gid, "gid", self.is_proxy_gid, False)]
-        ):
+        if t is None:
+            if c.socket is None or not (self.is_proxy_uid(c.socket.uid) or self.is_proxy_gid(c.socket.gid)):
+                return False
+        elif not self._proxy_socket(t):
             return False
         # The proxy marks its sockets with nothing, or (TPROXY) with the TPROXY mark only.
         return not self.marks_matter or bool(probe(t, c.mark, "mark", self.proxy_marks))
+
+    def _proxy_socket(self, t: Tracer) -> bool:
+        """Whether the connection has a socket of the proxy's uid or gid, decided as one region each way
+        (a socketless connection and a socket of another uid and gid are alike here: not the proxy)."""
+        socket, has_socket, socket_outcomes = t.resolve("socket", self.present)
+        uid, proxy_uid, uid_outcomes = t.resolve("uid", self.is_proxy_uid)
+        gid, proxy_gid, gid_outcomes = t.resolve("gid", self.is_proxy_gid)
+        with_socket, uids, gids = (outcomes.get(True, 0) for outcomes in (socket_outcomes, uid_outcomes, gid_outcomes))
+        proxy = [{socket: with_socket, uid: uids}, {socket: with_socket, uid: ~uids, gid: gids}]
+        other = [{socket: with_socket, uid: ~uids, gid: ~gids}, {socket: ~with_socket}]
+        found = bool(has_socket and (proxy_uid or proxy_gid))
+        t.restrict(proxy if found else other, other if found else proxy)
+        return found
 
     def _violations(self, c: Connection, chain: InterceptionChain, t: Tracer | None) -> Iterator[tuple[Property, str]]:
         first = chain.steps[0]

@@ -1930,6 +1930,7 @@ class _Run:
         holds = True
         unknown: str | None = None
         choice: str | None = None
+        with_socket: tuple[int, int] | None = None  # (position, classes): the packet must have a socket
         if not self.pending:
             parts: tuple[tuple[_Plan, ...], ...] = (self.interpreter.plans(rule),)
         else:
@@ -1938,8 +1939,10 @@ class _Run:
             if plans and plans is not parts[0]:
                 # These read what the source NAT left for later may change: when the tests so far fail
                 # (on the representative), the rule does not match where they fail, whatever the rest.
-                if constraints and not holds:
+                if not holds:
                     assert tracer is not None
+                    if with_socket is not None:
+                        constraints[with_socket[0]] = constraints.get(with_socket[0], -1) & with_socket[1]
                     tracer.decide_constraints(constraints, False)
                     return MatchResult.NOT_MATCHED, None
                 if self.pending:
@@ -1980,17 +1983,32 @@ class _Run:
                     field, value, sym = "iif", self.iif, self.sym["iif"]
                     plan = (_IIF, "iif", plan[1], False)
                 elif kind is _OWNER:
-                    if (
-                        (self.hook is not Hook.OUTPUT and self.hook is not Hook.POSTROUTING)
-                        or self.socket is None
-                        or not self._has_socket()
-                    ):
+                    if self.hook is not Hook.OUTPUT and self.hook is not Hook.POSTROUTING:
                         if not plan[4]:
                             return MatchResult.NOT_MATCHED, None
                         continue
                     field = plan[1]
-                    value = self.socket.uid if field == "uid" else self.socket.gid
                     sym = self.sym[field]
+                    socket_sym = self.sym["socket"]
+                    if tracer is not None and socket_sym is not None and sym is not None and not plan[4]:
+                        # Socketless packets do not match: "the packet has a socket" is one more test of
+                        # the conjunction, so they stay in one region with the others that do not match.
+                        # (Added after the rule's other tests: the region of those that fail starts with
+                        # connections that have a socket, the plainer examples.)
+                        position, outcome, outcomes = tracer.resolve(socket_sym, self.interpreter.present)
+                        with_socket = (
+                            position,
+                            with_socket[1] & outcomes.get(True, 0) if with_socket else outcomes.get(True, 0),
+                        )
+                        if not outcome:
+                            holds = False
+                        value = None  # tested through the tracer below
+                    else:
+                        if self.socket is None or not self._has_socket():
+                            if not plan[4]:
+                                return MatchResult.NOT_MATCHED, None
+                            continue
+                        value = self.socket.uid if field == "uid" else self.socket.gid
                 elif kind is _MARK or kind is _CTMARK:
                     mark = self.mark if kind is _MARK else self.ctmark
                     value = mark.value
@@ -2038,6 +2056,9 @@ class _Run:
                 constraints[position] = constraints.get(position, -1) & outcomes.get(wanted, 0)
                 if outcome != wanted:
                     holds = False
+        if with_socket is not None:
+            position, mask = with_socket
+            constraints[position] = constraints.get(position, -1) & mask
         if constraints:
             assert tracer is not None
             if not tracer.decide_constraints(constraints, holds):

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from conformance import ISTIO, SEED
 from iptables_strategies import iptables_rulesets
 from meshredirect.api import render
-from meshredirect.errors import SourceError, UnsupportedError
+from meshredirect.errors import SourceError, SourcePosition, UnsupportedError
 from meshredirect.ir import Family, Ruleset
 from meshredirect.readers import iptables
 from meshredirect.readers.iptables import read_iptables
@@ -47,12 +47,14 @@ def lark_only() -> Iterator[None]:
         iptables._fast_path = saved
 
 
-def reading(text: str, **options: Any) -> Ruleset | str:
-    """The ruleset, or the error as the user sees it (message, position, line and caret)."""
+def reading(text: str, **options: Any) -> tuple[Ruleset, list[SourcePosition | None]] | str:
+    """The ruleset and where each rule was read (rulesets compare without positions), or the error as the
+    user sees it (message, position, line and caret)."""
     try:
-        return read_iptables(text, path="in.rules", **options)
+        ruleset = read_iptables(text, path="in.rules", **options)
     except SourceError as error:
         return f"SourceError: {error}"
+    return ruleset, [rule.position for _, _, rule in ruleset.rules()]
 
 
 def check_same(text: str, **options: Any) -> bool:

@@ -509,6 +509,7 @@ class _TableState:
         self.builtin = tuple(hook.value for hook in IPTABLES_BUILTIN_HOOKS[name])
         self.policies = {chain: ChainPolicy.ACCEPT for chain in self.builtin}
         self.chains: dict[str, list[Rule]] = {chain: [] for chain in self.builtin}
+        self.context: SpecContext | None = None  # for the rules of this table (made once)
 
     def is_user_chain(self, name: str) -> bool:
         return name in self.chains and name not in self.policies
@@ -721,15 +722,17 @@ class _Reader:
     # -- commands -------------------------------------------------------------------------
 
     def _context(self, table: _TableState) -> SpecContext:
-        return SpecContext(
-            family=table.family,
-            table=table.name,
-            is_chain=table.is_user_chain,
-            is_builtin=table.policies.__contains__,
-            users=self.users,
-            groups=self.groups,
-            error=self.error,
-        )
+        if table.context is None:
+            table.context = SpecContext(
+                family=table.family,
+                table=table.name,
+                is_chain=table.is_user_chain,
+                is_builtin=table.policies.__contains__,
+                users=self.users,
+                groups=self.groups,
+                error=self.error,
+            )
+        return table.context
 
     def _chain(self, table: _TableState, at: Arg | None) -> list[Rule]:
         assert at is not None
@@ -741,12 +744,10 @@ class _Reader:
         return table.chains[at.value]
 
     def _rules(self, table: _TableState, line: _Command, chain: str) -> list[Rule]:
-        position = self.position(line.at)
-        out = []
-        for rule in parse_rule(line.args, self._context(table)):
+        rules = parse_rule(line.args, self._context(table), self.position(line.at))
+        for rule in rules:
             self._check_interfaces(chain, rule, line)
-            out.append(Rule(matches=rule.matches, target=rule.target, comment=rule.comment, position=position))
-        return out
+        return rules
 
     def _check_interfaces(self, chain: str, rule: Rule, line: _Command) -> None:
         for match in rule.matches:

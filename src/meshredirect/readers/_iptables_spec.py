@@ -132,10 +132,11 @@ class _Option:
     arity: int = 1
     negatable: bool = True
     supported: bool = True
+    #: The first of ``names`` (the one iptables-save prints).
+    name: str = attrs.field(init=False, eq=False, repr=False)
 
-    @property
-    def name(self) -> str:
-        return self.names[0]
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "name", self.names[0])
 
 
 def _opt(*names: str, arity: int = 1, negatable: bool = True, supported: bool = True) -> _Option:
@@ -502,9 +503,10 @@ class _Rule:
 
     def parse(self) -> None:
         args = self.args
+        count = len(args)
         i = 0
         negation: Arg | None = None
-        while i < len(args):
+        while i < count:
             arg = args[i]
             if arg.value == "!":
                 if negation is not None:
@@ -531,11 +533,9 @@ class _Rule:
             if option is None:
                 self.fail(arg, _unknown_option_message(arg.value, self.loaded))
             i += 1
-            values: list[Arg] = []
-            if attached is not None:
-                values.append(Arg(attached, attached, arg.line, arg.column))
+            values: list[Arg] = [] if attached is None else [Arg(attached, attached, arg.line, arg.column)]
             while len(values) < option.arity:
-                if i >= len(args):
+                if i >= count:
                     self.fail(arg, f"{arg.value}: expected {_values(option.arity)}, got the end of the rule")
                 if args[i].value == "!":
                     self.fail(args[i], f"{arg.value}: expected a value, got '!' (a negation goes before the option)")

@@ -44,7 +44,9 @@ meshredirect.errors.SourceError: rules.v4:2:1: expected COMMIT before the end of
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import itertools
 import operator
 import re
@@ -276,6 +278,12 @@ _FORMS: Final[dict[str, tuple[tuple[str, ...], ...]]] = {
 }
 
 
+#: Each command's most terminals after the command word, and whether one of them may be a rule number.
+_SHAPES: Final = {
+    rule: (max(len(form) for form in forms), any("INDEX" in form for form in forms)) for rule, forms in _FORMS.items()
+}
+
+
 @functools.cache
 def _terminal_patterns() -> dict[str, str]:
     """The grammar's terminals that are regular expressions (``NAME: /.../``), and its ``%ignore``d white space."""
@@ -365,9 +373,9 @@ def _command_words(line: str, start: int, number: int, plain: bool) -> list[Arg]
 def _fit(rule: str, words: Sequence[Arg]) -> list[tuple[str, Sequence[Arg]]] | None:
     """The terminals of a command's words (after its command word) for one of its rule's forms, each with its
     words; None where they fit none. Only the first words decide (the options take all the words left)."""
-    longest = max(len(form) for form in _FORMS[rule])
+    longest, numbered = _SHAPES[rule]
     index = _terminal("INDEX")
-    numbers = tuple(index.fullmatch(word.raw) is not None for word in words[:longest])
+    numbers = tuple(index.fullmatch(word.raw) is not None for word in words[:longest]) if numbered else ()
     layout = _layout(rule, min(len(words), longest + 1), numbers)
     return None if layout is None else [(kind, words[start:stop]) for kind, start, stop in layout]
 
@@ -403,7 +411,8 @@ def _fast_lines(text: str) -> list[_Line] | None:
     for number, line in enumerate(text.split("\n"), 1):
         m = head.match(line)
         if m is not None:
-            terminal = next(name for name in _COMMAND_TERMINALS if m.start(name) >= 0)
+            terminal = m.lastgroup  # the command word's (the last group to close)
+            assert terminal is not None
             rule = _COMMAND_TERMINALS[terminal]
             words = _command_words(line, m.end(), number, plain)
             parts = None if words is None else _fit(rule, words)
@@ -694,7 +703,7 @@ class _Reader:
         name = at.value
         if not name or len(name) > MAX_CHAIN_NAME:
             self.fail(at, f"expected a chain name of 1-{MAX_CHAIN_NAME} characters, got {name!r}")
-        if name[0] in "-!" or any(ch.isspace() for ch in name):
+        if name[0] in "-!" or name.split() != [name]:  # (white space anywhere splits it)
             self.fail(at, f"expected a chain name not starting with '-' or '!' and without spaces, got {name!r}")
         if name in _VERDICT_NAMES or name in TARGET_MODULES:
             self.fail(at, f"expected a chain name that is not a target's name, got {name!r}")
@@ -965,4 +974,20 @@ def read_iptables(
 
         raise PolicyError("table", expected="one of " + ", ".join(TABLE_ORDER), got=table)
     reader = _Reader(text, family=chosen, table=table, path=path, users=users or {}, groups=groups or {})
-    return reader.read(_lines(text, path))
+    with _collector_paused():
+        return reader.read(_lines(text, path))
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Put off Python's cycle collector while a text is read: reading a node dump makes a few hundred thousand
+    small objects that all stay alive until the end, and the collector would go over them again and again
+    (a third of the time). Reference counting still frees what dies; the collector runs again afterwards."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

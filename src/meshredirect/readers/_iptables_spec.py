@@ -1188,13 +1188,6 @@ def _nat_flags(options: dict[str, _Given]) -> frozenset[NatFlag]:
     return frozenset(flag for flag in NatFlag if flag.value in options)
 
 
-def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
 @functools.lru_cache(maxsize=_CACHED)
 def _address_match(item: str, name: str, negated: bool, version: int) -> Match | None:
     """One address of ``-s``/``-d`` (``name`` source or destination) as a match; None for every address."""
@@ -1238,6 +1231,13 @@ def _network(text: str, version: int, option: str) -> IPNetwork | None:
 
 
 @functools.lru_cache(maxsize=_CACHED)
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 @functools.lru_cache(maxsize=_CACHED)
 def _ports(text: str, option: str, separator: str) -> PortSet | None:
     """``PORT`` or ``LOW:HIGH`` (either side may be left out); None where the IR has no form

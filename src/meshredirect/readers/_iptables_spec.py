@@ -164,6 +164,8 @@ class _Module:
 
     def in_order(self, given: list[_Given]) -> list[_Given]:
         """The options given to this module in the order its ``save`` prints them."""
+        if len(given) < 2:
+            return given
         return sorted(given, key=lambda g: self.order[g.option.name])
 
 

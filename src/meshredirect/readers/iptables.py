@@ -354,7 +354,7 @@ def _split_words(rest: str) -> list[str] | None:
     return words[1:]
 
 
-def _command_words(line: str, start: int, number: int, plain: bool) -> list[Arg] | None:
+def _command_words(line: str, start: int, number: int, plain: bool) -> Sequence[Arg] | None:
     """The words of a command line after its command word (which ends at index ``start``), or None where
     the grammar would not take them as a SPEC."""
     rest = line[start:]
@@ -367,7 +367,7 @@ def _command_words(line: str, start: int, number: int, plain: bool) -> list[Arg]
     values = [_unquote(raw) if '"' in raw else raw for raw in raws] if '"' in rest else raws
     # Each word's column: the first's, plus the lengths of the words before it and one space after each.
     columns = map(operator.add, itertools.accumulate(map(len, raws), initial=start + 2), itertools.count())
-    return list(map(_new_arg, zip(values, raws, itertools.repeat(number), columns)))
+    return tuple(map(_new_arg, zip(values, raws, itertools.repeat(number), columns)))
 
 
 def _fit(rule: str, words: Sequence[Arg]) -> list[tuple[str, Sequence[Arg]]] | None:

@@ -35,6 +35,7 @@ the class of connections it stands for, worded for a mesh operator.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, Final
@@ -77,16 +78,25 @@ POLICY_PROPERTIES: Final = frozenset({Property.OUTBOUND_COMPLETE, Property.INBOU
 
 @attrs.frozen(kw_only=True)
 class Violation:
-    """A property that does not hold, shown on a concrete connection."""
+    """A property that does not hold, shown on a concrete connection.
+
+    Its :attr:`chain` (the full traces) is worked out when first asked for: a node's rules may show
+    hundreds of violations, of which a report prints a few.
+    """
 
     property: Property
     #: What goes wrong, for a mesh operator.
     message: str
     connection: Connection
-    #: The connection, what the rules do to it, and what the proxy does next, with full traces.
-    chain: InterceptionChain
     #: The class of connections this one stands for (they all fail the same way).
     description: str
+    #: Works out :attr:`chain` (the evaluation with its traces, the proxy's follow-ups).
+    replay: Callable[[], InterceptionChain] = attrs.field(eq=False, repr=False)
+
+    @functools.cached_property
+    def chain(self) -> InterceptionChain:
+        """The connection, what the rules do to it, and what the proxy does next, with full traces."""
+        return self.replay()
 
     def explain(self) -> str:
         """The violation with its chain and every step's trace."""
@@ -221,6 +231,9 @@ class Checker:
             self.spec = _Spec(policy, env, constants, marks_matter=marks_matter)
         self.space = ClassSpace([ruleset], env, families=families, constants=constants)
         self.properties = tuple(p for p in Property if policy is not None or p not in POLICY_PROPERTIES)
+        #: No property reads a connection's source after NAT, so the proof leaves out source NAT that
+        #: cannot change anything else (fewer paths on nodes with masquerading rules); True evaluates it.
+        self.source_nat = False
 
     def run(self) -> CheckReport:
         violations: list[Violation] = []
@@ -237,7 +250,9 @@ class Checker:
                 if not leaf.result:
                     continue
                 connection = self.space.connection(root, leaf.example)
-                chain = follow(self.interpreter, connection, model=self.model, choices=leaf.choices)
+                replay = functools.cache(
+                    functools.partial(follow, self.interpreter, connection, model=self.model, choices=leaf.choices)
+                )
                 description = self.space.describe(root, leaf.region)
                 for prop, message in leaf.result:
                     violations.append(
@@ -245,8 +260,8 @@ class Checker:
                             property=prop,
                             message=message,
                             connection=connection,
-                            chain=chain,
                             description=description,
+                            replay=replay,
                         )
                     )
             paths += explorer.runs
@@ -275,6 +290,7 @@ class Checker:
             tracer=tracer,
             trace=False,
             choices=choices,
+            source_nat=self.source_nat,
         )
         return tuple(self._violations(connection, chain, tracer))
 

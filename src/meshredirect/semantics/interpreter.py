@@ -424,6 +424,9 @@ class Interpreter:
         self._plans: dict[int, tuple[Rule, tuple[_Plan, ...]]] = {}
         self._dispatch: dict[int, tuple[Chain, tuple[_Dispatch | None, ...] | None]] = {}
         self._member_tests: dict[Hashable, Callable[[Any], Hashable]] = {}
+        self._unobserved: dict[int, tuple[_Stage, _SourceNatSummary | None]] = {}
+        self._source_plans: dict[int, tuple[Rule, tuple[tuple[_Plan, ...], tuple[_Plan, ...]]]] = {}
+        self._mark_effects: dict[int, tuple[Rule, tuple[SetMark, ...] | None]] = {}
         #: Whether untraced evaluations jump over runs of rules keyed by one field (see :class:`_Dispatch`).
         self.use_dispatch = True
         env = self.env
@@ -465,6 +468,48 @@ class Interpreter:
         runs = _dispatch_runs(chain, [self.plans(rule) for rule in chain.rules]) if self.use_dispatch else None
         self._dispatch[id(chain)] = (chain, runs)
         return runs
+
+    def mark_effects(self, rule: Rule, table: Table) -> tuple[SetMark, ...] | None:
+        """The mark rewrites a rule of ``table`` makes when it matches, when that is all it does and its
+        tests stop nothing (like kube-proxy's jumps to KUBE-MARK-MASQ); None for any other rule."""
+        found = self._mark_effects.get(id(rule))
+        if found is not None and found[0] is rule:
+            return found[1]
+        effects: tuple[SetMark, ...] | None = None
+        if not any(plan[0] is _UNKNOWN or plan[0] is _CHOICE for plan in self.plans(rule)):
+            target = rule.target
+            if isinstance(target, SetMark):
+                effects = (target,)
+            elif isinstance(target, Jump) and table.has_chain(target.chain):
+                rules = table.chain(target.chain).rules
+                if rules and all(not r.matches and isinstance(r.target, SetMark) for r in rules):
+                    effects = tuple(r.target for r in rules)  # type: ignore[misc]
+        self._mark_effects[id(rule)] = (rule, effects)
+        return effects
+
+    def source_plans(self, rule: Rule) -> tuple[tuple[_Plan, ...], tuple[_Plan, ...]]:
+        """A rule's plans in two parts: those that do not read what source NAT may change, and those that
+        do (the source address or port, the mark, the conntrack mark, the conntrack state SNAT)."""
+        found = self._source_plans.get(id(rule))
+        if found is not None and found[0] is rule:
+            return found[1]
+        plans = self.plans(rule)
+        reading = tuple(plan for plan in plans if _reads_source(plan))
+        split = (tuple(plan for plan in plans if not _reads_source(plan)), reading)
+        self._source_plans[id(rule)] = (rule, split)
+        return split
+
+    def source_nat_summary(self, stage: _Stage) -> _SourceNatSummary | None:
+        """What a source NAT stage may do, when that is only rewriting the source, the mark or the conntrack
+        mark (see :class:`_SourceNatSummary`); None when it may do anything else: stop the evaluation
+        (DROP, REJECT, a target or match not modelled, a jump to a missing chain, chains in a circle), meet
+        a choice point, or test a mark after a rule of the stage rewrote one."""
+        found = self._unobserved.get(id(stage))
+        if found is not None and found[0] is stage:
+            return found[1]
+        summary = _summarise_source_nat(self, stage)
+        self._unobserved[id(stage)] = (stage, summary)
+        return summary
 
     def _member_test(self, members: Any) -> Callable[[Any], Hashable]:
         """One test per set of members (rules that test equal sets share it: the explorer partitions the
@@ -528,6 +573,7 @@ class Interpreter:
         symbols: Mapping[str, Sym] | None = None,
         tracer: Tracer | None = None,
         choices: Choices | Sequence[bool] | None = None,
+        source_nat: bool = True,
     ) -> Evaluation:
         """Run the ruleset over ``connection``; ``trace=False`` skips recording the trace (faster).
 
@@ -539,10 +585,20 @@ class Interpreter:
         ``choices`` fixes the outcomes of the choice points the evaluation meets (see :class:`Choices`);
         without it the tracer chooses (the explorer branches), or, with no tracer, every choice point
         takes :data:`DEFAULT_CHOICE`. :attr:`Evaluation.choices` says what was taken.
+
+        ``source_nat=False`` serves proofs that never look at a connection's source after NAT (its
+        address and port, mark and conntrack mark as the rules leave them): during proof enumeration
+        (``tracer`` given, ``trace=False``), a source NAT stage that can only rewrite those (see
+        :meth:`source_nat_summary`) is left out when the packet leaves the pod, and run only when a rule
+        reads what it may change when the packet loops back over ``lo``; the splits its tests would make
+        go with it. The verdict, the route and the choices taken are the same; only
+        :attr:`Evaluation.connection` may then show the source before that stage.
         """
         if choices is not None and not isinstance(choices, Choices):
             choices = Choices(choices)
-        return _Run(self, connection, trace, symbols or {}, tracer, choices=choices).evaluate()
+        run = _Run(self, connection, trace, symbols or {}, tracer, choices=choices)
+        run.unobserved_source = not source_nat and tracer is not None and not trace
+        return run.evaluate()
 
     def evaluate_all(
         self,
@@ -597,6 +653,112 @@ def _build_stages(ruleset: Ruleset, family: Family, hook: Hook) -> tuple[_Stage,
     # Stable: equal priorities keep ruleset order (nftables leaves that order undefined).
     stages.sort(key=lambda s: s.priority)
     return tuple(stages)
+
+
+@attrs.frozen
+class _SourceNatSummary:
+    """A source NAT stage whose only effects are on the source address and port, the mark, the conntrack
+    mark and the conntrack state (see :meth:`Interpreter.source_nat_summary`).
+
+    When a packet leaves the pod after such a stage, nothing downstream reads those (the verdict, the
+    route, the proxy's follow-up connections do not), so a proof that does not look at them may leave the
+    stage out (``Interpreter.evaluate(..., source_nat=False)``), and with it the splits its tests would
+    make; when it loops back over ``lo``, the stage runs only if a rule of the hooks it meets next reads
+    them (and a rule whose other tests fail first does not). What could still stop the stage depends on the packet, and is checked before it is left out:
+    MASQUERADE needs an address on the outgoing interface, and a mark test must stay inside the proof's
+    mark classes.
+    """
+
+    masquerade: bool
+    #: The mark and conntrack mark tests of the stage: (conntrack mark?, test).
+    mark_tests: tuple[tuple[bool, MarkIs], ...]
+    #: The most rules one pass through the stage visits.
+    visits: int
+
+
+@attrs.frozen
+class _PendingMark:
+    """A rule that only rewrites the mark, left for when something reads the mark (see ``_Run._force``)."""
+
+    rule: Rule
+    effects: tuple[SetMark, ...]
+    #: The packet as the rule saw it (``_Run._view``).
+    view: tuple[Any, ...]
+    #: Where the rule is, for a verdict that cannot be decided.
+    where: str
+
+
+#: Rules left for later whose combined effects on the mark are listed before a stage is left out.
+_MAX_PENDING_MARKS: Final = 4
+
+_UNOBSERVED_TARGETS: Final = (Return, Accept, Continue, Log, SetMark, ConnmarkSet, ConnmarkSave, ConnmarkRestore)
+_MARK_WRITES: Final = (SetMark, ConnmarkSet, ConnmarkSave, ConnmarkRestore)
+#: Targets that read or rewrite the mark or the conntrack mark.
+_READS_MARKS: Final = (*_MARK_WRITES, TProxy)
+
+
+def _reads_source(plan: _Plan) -> bool:
+    kind = plan[0]
+    if kind is _ADDRESS or kind is _PORT or kind is _ADDRTYPE:
+        return plan[1] in ("src", "sport")
+    return kind is _MARK or kind is _CTMARK or (kind is _CTSTATE and CtState.SNAT in plan[1])
+
+
+def _summarise_source_nat(interpreter: Interpreter, stage: _Stage) -> _SourceNatSummary | None:
+    masquerade = False
+    tests: list[tuple[bool, MarkIs]] = []
+    written = False  # a rule met so far (in rule order, through jumps) rewrites a mark
+
+    def walk(table: Table, chain: Chain, path: tuple[str, ...]) -> int | None:
+        """The most rules a pass through ``chain`` visits; None when the stage is not a summary's."""
+        nonlocal masquerade, written
+        if chain.name in path:
+            return None  # a circle: the evaluation would stop
+        visits = 0
+        for rule in chain.rules:
+            visits += 1
+            for plan in interpreter.plans(rule):
+                kind = plan[0]
+                if kind is _UNKNOWN or kind is _CHOICE:
+                    return None
+                if kind is _MARK or kind is _CTMARK:
+                    if written:
+                        return None
+                    tests.append((kind is _CTMARK, plan[1]))
+            target = rule.target
+            if isinstance(target, (Jump, Goto)):
+                if not table.has_chain(target.chain):
+                    return None
+                inner = walk(table, table.chain(target.chain), (*path, chain.name))
+                if inner is None:
+                    return None
+                visits += inner
+            elif isinstance(target, Masquerade):
+                masquerade = True
+            elif isinstance(target, Snat):
+                addresses = target.addresses
+                if addresses is not None and (
+                    addresses.first != addresses.last or addresses.first.version != table.family.version
+                ):
+                    return None
+            elif isinstance(target, _MARK_WRITES):
+                written = True
+            elif not isinstance(target, _UNOBSERVED_TARGETS):
+                return None
+        return visits
+
+    total = 0
+    for table, chain in stage.chains:
+        if table.family is Family.INET:
+            return None  # an inet table's SNAT may name either family's address: left to the evaluation
+        assert chain.base is not None
+        if chain.base.policy is not ChainPolicy.ACCEPT:
+            return None
+        visits = walk(table, chain, ())
+        if visits is None:
+            return None
+        total += visits
+    return _SourceNatSummary(masquerade=masquerade, mark_tests=tuple(tests), visits=total)
 
 
 #: Plans that neither stop an evaluation nor change its state when another test of their rule fails:
@@ -999,6 +1161,12 @@ class _Run:
         self.oif: str | None = None
         self.own_iif = False  # the current iif is the connection's own (a symbolic dimension)
         self.socket: Socket | None = None
+        #: Nothing reads the source after NAT (see Interpreter.evaluate's ``source_nat``).
+        self.unobserved_source = False
+        #: What the evaluation left for when something reads what it may change (see :meth:`_force`): rules
+        #: of nat chains that only rewrite the mark, and the source NAT stage of a packet looping back over lo.
+        self.pending: list[_Stage | _PendingMark] = []
+        self.forcing = False
 
     # ------------------------------------------------------------------ symbolic tests
 
@@ -1011,6 +1179,11 @@ class _Run:
 
     def _routes_locally(self, mark: _Mark) -> bool:
         """The environment's policy routing of a mark (does it select a table whose default route is local?)."""
+        if not self.env.local_marks:
+            return False
+        if self.pending:
+            self._force()
+            mark = self.mark
         routes_locally = self.interpreter.routes_locally
         sym = mark.sym
         if sym is None or sym.constant or self.tracer is None:
@@ -1195,21 +1368,163 @@ class _Run:
         if self.record:
             where = ", ".join(x for x in (f"in {iif}" if iif else "", f"out {oif}" if oif else "") if x)
             self._event(hook, f"== {hook.value} ({where})" if where else f"== {hook.value}")
-        for stage in self.interpreter.stages(self.family, hook):
+        stages = self.interpreter.stages(self.family, hook)
+        for stage in stages:
             if not self.tracked and stage.priority >= CONNTRACK_PRIORITY:
                 self.tracked = True
             if stage.nat:
+                if (
+                    self.unobserved_source
+                    and hook is Hook.POSTROUTING
+                    and stage is stages[-1]
+                    and (self.oif != LOOPBACK_INTERFACE or self.c.origin is Origin.LOCAL)
+                    and self._leaves_source_unobserved(stage)
+                ):
+                    # What this stage may change is read by nothing when the packet leaves the pod, and
+                    # maybe by the rules of the hooks it meets next when it loops back over lo: then
+                    # the stage runs when one of them reads it.
+                    self.decided.add(False)
+                    if self.oif == LOOPBACK_INTERFACE:
+                        self.pending.append(stage)
+                    continue
                 self._nat_stage(hook, stage)
             else:
                 table, chain = stage.chains[0]
+                assert chain.base is not None
+                route = hook is Hook.OUTPUT and chain.base.type is ChainType.ROUTE
+                if route and self.pending:
+                    self._force()  # what the route chain changes reroutes the packet
                 before = (self.dst, self.dport, self.src, self.mark.value, self.dst_rewritten)
                 self._base_chain(hook, table, chain)
-                assert chain.base is not None
-                if hook is Hook.OUTPUT and chain.base.type is ChainType.ROUTE:
+                if route:
                     after = (self.dst, self.dport, self.src, self.mark.value, self.dst_rewritten)
                     if before != after or self.mark.sym != self._mark_before_sym:
                         self._reroute(hook)
         self.tracked = True
+
+    def _force(self) -> None:
+        """Run what was left for later (:attr:`pending`), in order, as it would have run then: a rule that
+        rewrites the mark on the packet as it was then; the source NAT stage in POSTROUTING, out ``lo``,
+        with the packet's socket. What they read has not changed since (the mappings were decided; the mark
+        and the conntrack mark are only rewritten after this runs)."""
+        items, self.pending = self.pending, []
+        self.forcing = True  # what runs now runs in full (it leaves nothing for later)
+        try:
+            for item in items:
+                if isinstance(item, _PendingMark):
+                    self._mark_rule(item)
+                else:
+                    self._source_nat_stage(item)
+        finally:
+            self.forcing = False
+
+    def _mark_rule(self, item: _PendingMark) -> None:
+        now = self._view()
+        self._restore(item.view)
+        try:
+            result, why = self._rule_matches(item.rule)
+        finally:
+            self._restore(now)
+        if result is MatchResult.UNKNOWN:
+            raise _Stop(Unknown(reason=f"{item.where}: {why}"))
+        if result is MatchResult.MATCHED:
+            for target in item.effects:
+                self.mark = self.mark.xor_mask(~target.mask, target.value)
+
+    def _view(self) -> tuple[Any, ...]:
+        """What a rule's tests read of the packet, besides the marks (see :meth:`_restore`)."""
+        return (
+            self.src,
+            self.sport,
+            self.dst,
+            self.dport,
+            dict(self.sym),
+            self.hook,
+            self.iif,
+            self.oif,
+            self.socket,
+            self.own_iif,
+            self.tracked,
+            self.dnat,
+            self.snat,
+            self.sport_random,
+        )
+
+    def _restore(self, view: tuple[Any, ...]) -> None:
+        (
+            self.src,
+            self.sport,
+            self.dst,
+            self.dport,
+            self.sym,
+            self.hook,
+            self.iif,
+            self.oif,
+            self.socket,
+            self.own_iif,
+            self.tracked,
+            self.dnat,
+            self.snat,
+            self.sport_random,
+        ) = view
+
+    def _source_nat_stage(self, stage: _Stage) -> None:
+        view = (self.hook, self.iif, self.oif, self.socket, self.own_iif)
+        self.hook, self.iif, self.oif, self.socket, self.own_iif = (
+            Hook.POSTROUTING,
+            None,
+            LOOPBACK_INTERFACE,
+            self.c.socket,
+            False,
+        )
+        self.decided.discard(False)
+        try:
+            self._nat_stage(Hook.POSTROUTING, stage)
+        finally:
+            self.decided.add(False)
+            self.hook, self.iif, self.oif, self.socket, self.own_iif = view
+
+    def _leaves_source_unobserved(self, stage: _Stage) -> bool:
+        """Whether leaving out a source NAT stage changes nothing but what nobody reads (see
+        :class:`_SourceNatSummary`): it could not stop the evaluation of this packet."""
+        summary = self.interpreter.source_nat_summary(stage)
+        if summary is None or self.visits + summary.visits > MAX_RULE_VISITS:
+            return False
+        if summary.masquerade and (self.oif is None or self.env.first_address(self.oif, self.family) is None):
+            return False
+        if not summary.mark_tests:
+            return True
+        marks = self._possible_marks()
+        if marks is None:
+            return False
+        for conntrack, test in summary.mark_tests:
+            for sym in {self.ctmark.sym} if conntrack else {mark.sym for mark in marks}:
+                if (
+                    self.tracer is not None
+                    and sym is not None
+                    and not sym.constant
+                    and (sym.and_mask != MAX_MARK or sym.xor)
+                ):
+                    try:
+                        self._derived_mark_test(sym, test)
+                    except _Stop:
+                        return False
+        return True
+
+    def _possible_marks(self) -> list[_Mark] | None:
+        """The marks the packet may have once the rules left for later have run (None: too many to list)."""
+        items = [item for item in self.pending if isinstance(item, _PendingMark)]
+        if len(items) > _MAX_PENDING_MARKS:
+            return None
+        marks = [self.mark]
+        for item in items:
+            changed = []
+            for mark in marks:
+                for target in item.effects:
+                    mark = mark.xor_mask(~target.mask, target.value)
+                changed.append(mark)
+            marks += changed
+        return marks
 
     def _reroute(self, hook: Hook) -> None:
         oif = self._route()
@@ -1276,6 +1591,8 @@ class _Run:
                 if runs is not None:
                     run = runs[index]
                     if run is not None:
+                        if self.pending and "src" in run.fields:
+                            self._force()
                         following = self._dispatch_next(run, index)
                         if following != index:
                             self.visits += following - index
@@ -1285,6 +1602,17 @@ class _Run:
             self.visits += 1
             if self.visits > MAX_RULE_VISITS:
                 raise _Stop(Unknown(reason=f"more than {MAX_RULE_VISITS} rules visited: chains that loop"))
+            if self.pending and isinstance(rule.target, _READS_MARKS):
+                self._force()
+            if self.unobserved_source and base.type is ChainType.NAT and self.sport_random is None and not self.forcing:
+                effects = self.interpreter.mark_effects(rule, table)
+                if effects is not None:
+                    # Only rewrites the mark, which maybe nothing reads: decided when something does.
+                    where = f"{table.name} {chain.name} #{index + 1}"
+                    self.pending.append(_PendingMark(rule=rule, effects=effects, view=self._view(), where=where))
+                    self.visits += len(effects)
+                    index += 1
+                    continue
             result, why = self._rule_matches(rule)
             target = rule.target
             if result is MatchResult.NOT_MATCHED:
@@ -1563,94 +1891,114 @@ class _Run:
         holds = True
         unknown: str | None = None
         choice: str | None = None
-        for plan in self.interpreter.plans(rule):
-            kind = plan[0]
-            field: str
-            value: Any
-            if kind is _ADDRESS or kind is _PORT or kind is _ADDRTYPE:
-                if kind is _ADDRESS and self.family.version not in plan[4]:
-                    # Only the other family's members: iptables would not load it; nft does not match.
+        if not self.pending:
+            parts: tuple[tuple[_Plan, ...], ...] = (self.interpreter.plans(rule),)
+        else:
+            parts = self.interpreter.source_plans(rule)
+        for plans in parts:
+            if plans and plans is not parts[0]:
+                # These read what the source NAT left for later may change: when the tests so far fail
+                # (on the representative), the rule does not match where they fail, whatever the rest.
+                if constraints and not holds:
+                    assert tracer is not None
+                    tracer.decide_constraints(constraints, False)
                     return MatchResult.NOT_MATCHED, None
-                if kind is _PORT and self.c.protocol is not plan[4]:
-                    return MatchResult.NOT_MATCHED, None
-                field = plan[1]
-                if field == "sport" and self.sport_random is not None:
-                    unknown = unknown or self.sport_random
-                    continue
-                value = getattr(self, field)
-                sym = self.sym[field]
-            elif kind is _PROTOCOL:
-                if (self.c.protocol is plan[1]) == plan[2]:
-                    return MatchResult.NOT_MATCHED, None
-                continue
-            elif kind is _FAMILY:
-                if self.family is not plan[1]:
-                    return MatchResult.NOT_MATCHED, None
-                continue
-            elif kind is _OIF:
-                if not plan[1](self.oif or ""):
-                    return MatchResult.NOT_MATCHED, None
-                continue
-            elif kind is _IIF:
-                if self.iif is None or not self.own_iif:
-                    if not plan[1](self.iif or ""):
+                if self.pending:
+                    self._force()
+            for plan in plans:
+                kind = plan[0]
+                field: str
+                value: Any
+                if kind is _ADDRESS or kind is _PORT or kind is _ADDRTYPE:
+                    if kind is _ADDRESS and self.family.version not in plan[4]:
+                        # Only the other family's members: iptables would not load it; nft does not match.
+                        return MatchResult.NOT_MATCHED, None
+                    if kind is _PORT and self.c.protocol is not plan[4]:
+                        return MatchResult.NOT_MATCHED, None
+                    field = plan[1]
+                    if field == "sport" and self.sport_random is not None:
+                        unknown = unknown or self.sport_random
+                        continue
+                    value = getattr(self, field)
+                    sym = self.sym[field]
+                elif kind is _PROTOCOL:
+                    if (self.c.protocol is plan[1]) == plan[2]:
                         return MatchResult.NOT_MATCHED, None
                     continue
-                field, value, sym = "iif", self.iif, self.sym["iif"]
-                plan = (_IIF, "iif", plan[1], False)
-            elif kind is _OWNER:
-                if (
-                    (self.hook is not Hook.OUTPUT and self.hook is not Hook.POSTROUTING)
-                    or self.socket is None
-                    or not self._has_socket()
-                ):
-                    if not plan[4]:
+                elif kind is _FAMILY:
+                    if self.family is not plan[1]:
                         return MatchResult.NOT_MATCHED, None
                     continue
-                field = plan[1]
-                value = self.socket.uid if field == "uid" else self.socket.gid
-                sym = self.sym[field]
-            elif kind is _MARK or kind is _CTMARK:
-                mark = self.mark if kind is _MARK else self.ctmark
-                value = mark.value
-                test = plan[1]
-                if mark.sym is None or mark.sym.constant or tracer is None:
-                    sym = None
-                elif mark.sym.and_mask != MAX_MARK or mark.sym.xor:
-                    derived = self._derived_mark_test(mark.sym, test)
-                    if isinstance(derived, bool):
-                        if derived == plan[2]:
+                elif kind is _OIF:
+                    if not plan[1](self.oif or ""):
+                        return MatchResult.NOT_MATCHED, None
+                    continue
+                elif kind is _IIF:
+                    if self.iif is None or not self.own_iif:
+                        if not plan[1](self.iif or ""):
                             return MatchResult.NOT_MATCHED, None
                         continue
-                    sym, test = mark.sym.dim, derived
+                    field, value, sym = "iif", self.iif, self.sym["iif"]
+                    plan = (_IIF, "iif", plan[1], False)
+                elif kind is _OWNER:
+                    if (
+                        (self.hook is not Hook.OUTPUT and self.hook is not Hook.POSTROUTING)
+                        or self.socket is None
+                        or not self._has_socket()
+                    ):
+                        if not plan[4]:
+                            return MatchResult.NOT_MATCHED, None
+                        continue
+                    field = plan[1]
+                    value = self.socket.uid if field == "uid" else self.socket.gid
+                    sym = self.sym[field]
+                elif kind is _MARK or kind is _CTMARK:
+                    mark = self.mark if kind is _MARK else self.ctmark
+                    value = mark.value
+                    test = plan[1]
+                    if mark.sym is None or mark.sym.constant or tracer is None:
+                        sym = None
+                    elif mark.sym.and_mask != MAX_MARK or mark.sym.xor:
+                        try:
+                            derived = self._derived_mark_test(mark.sym, test)
+                        except _Stop as stop:
+                            # Like a match not modelled: the rule does not match where another test fails.
+                            assert isinstance(stop.verdict, Unknown)
+                            unknown = unknown or stop.verdict.reason
+                            continue
+                        if isinstance(derived, bool):
+                            if derived == plan[2]:
+                                return MatchResult.NOT_MATCHED, None
+                            continue
+                        sym, test = mark.sym.dim, derived
+                    else:
+                        sym = mark.sym.dim
+                    plan = (kind, "", test, plan[2])
+                elif kind is _CTSTATE:
+                    if bool(self._ct_states() & plan[1]) == plan[2]:
+                        return MatchResult.NOT_MATCHED, None
+                    continue
+                elif kind is _CONSTANT:
+                    if not plan[1]:
+                        return MatchResult.NOT_MATCHED, None
+                    continue
+                elif kind is _CHOICE:
+                    choice = choice or plan[1]
+                    continue
                 else:
-                    sym = mark.sym.dim
-                plan = (kind, "", test, plan[2])
-            elif kind is _CTSTATE:
-                if bool(self._ct_states() & plan[1]) == plan[2]:
-                    return MatchResult.NOT_MATCHED, None
-                continue
-            elif kind is _CONSTANT:
-                if not plan[1]:
-                    return MatchResult.NOT_MATCHED, None
-                continue
-            elif kind is _CHOICE:
-                choice = choice or plan[1]
-                continue
-            else:
-                assert kind is _UNKNOWN
-                unknown = unknown or plan[1]
-                continue
-            test, negate = plan[2], plan[3]
-            if sym is None or tracer is None:
-                if bool(test(value)) == negate:
-                    return MatchResult.NOT_MATCHED, None
-                continue
-            position, outcome, outcomes = tracer.resolve(sym, test)
-            wanted = not negate
-            constraints[position] = constraints.get(position, -1) & outcomes.get(wanted, 0)
-            if outcome != wanted:
-                holds = False
+                    assert kind is _UNKNOWN
+                    unknown = unknown or plan[1]
+                    continue
+                test, negate = plan[2], plan[3]
+                if sym is None or tracer is None:
+                    if bool(test(value)) == negate:
+                        return MatchResult.NOT_MATCHED, None
+                    continue
+                position, outcome, outcomes = tracer.resolve(sym, test)
+                wanted = not negate
+                constraints[position] = constraints.get(position, -1) & outcomes.get(wanted, 0)
+                if outcome != wanted:
+                    holds = False
         if constraints:
             assert tracer is not None
             if not tracer.decide_constraints(constraints, holds):

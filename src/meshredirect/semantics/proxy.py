@@ -231,12 +231,15 @@ def follow(
     tracer: Tracer | None = None,
     trace: bool = True,
     choices: Choices | Sequence[bool] | None = None,
+    source_nat: bool = True,
 ) -> InterceptionChain:
     """The interception chain of ``connection``: its evaluation and the proxy's follow-ups, to the end.
 
     ``symbols`` and ``tracer`` serve the proof enumeration (see :meth:`~meshredirect.semantics.interpreter.Interpreter.evaluate`).
     ``choices`` fixes the outcomes of the choice points met along the whole chain, in order (an explorer
     leaf's ``choices``); without it the tracer chooses, or, with no tracer, each takes the default.
+    ``source_nat=False``: see :meth:`~meshredirect.semantics.interpreter.Interpreter.evaluate` (the chain
+    itself never reads a connection's source after NAT: a follow-up starts from the original connection).
     """
     if choices is None and tracer is None:
         choices = Choices()
@@ -251,7 +254,9 @@ def follow(
         # Steps are deterministic: a chain that comes back to a connection runs to this bound.
         if len(steps) >= MAX_STEPS:
             return InterceptionChain(steps=tuple(steps), looped=True)
-        ev = interpreter.evaluate(current, trace=trace, symbols=current_symbols, tracer=tracer, choices=choices)
+        ev = interpreter.evaluate(
+            current, trace=trace, symbols=current_symbols, tracer=tracer, choices=choices, source_nat=source_nat
+        )
         where, captured, note = arrival(ev, env, tracer)
         nxt = _follow_up(ev, where, captured, env=env, model=proxy_model, symbols=current_symbols, tracer=tracer)
         if nxt is None or isinstance(nxt, str):

@@ -435,6 +435,7 @@ _LOG_LEVELS: Final = {
     "info": 6,
     "debug": 7,
 }
+_NAT_FLAGS: Final = tuple((flag.value, flag) for flag in NatFlag)
 _STATES: Final = {state.value: state for state in CtState}
 _PLAIN_STATES: Final = frozenset(
     {CtState.INVALID, CtState.NEW, CtState.RELATED, CtState.ESTABLISHED, CtState.UNTRACKED}
@@ -1187,7 +1188,7 @@ def _given_tokens(given: _Given) -> list[str]:
 
 def _nat_flags(options: dict[str, _Given]) -> frozenset[NatFlag]:
     """The port-selection flags given to a NAT target (each target's module lists those it takes)."""
-    return frozenset(flag for flag in NatFlag if flag.value in options)
+    return frozenset(flag for name, flag in _NAT_FLAGS if name in options)
 
 
 @functools.lru_cache(maxsize=_CACHED)

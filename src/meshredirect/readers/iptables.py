@@ -135,6 +135,10 @@ _OPS: Final = {
 }
 
 
+#: ``Arg(*fields)`` without the Python-level ``__new__`` of named tuples (made for every word of a file).
+_new_arg: Final = functools.partial(tuple.__new__, Arg)
+
+
 def _unquote(raw: str) -> str:
     """What iptables-restore makes of one argument: quotes removed, backslash escapes inside them resolved."""
     if '"' not in raw:
@@ -158,7 +162,7 @@ def _unquote(raw: str) -> str:
 
 def _word(raw: str, line: int, column: int) -> Arg:
     """One word of a line (a name, a policy, an option or its value) where it stands."""
-    return Arg(raw if '"' not in raw else _unquote(raw), raw, line, column)
+    return _new_arg((raw if '"' not in raw else _unquote(raw), raw, line, column))
 
 
 def _arg(token: Any) -> Arg:
@@ -302,7 +306,6 @@ def _terminal(name: str) -> re.Pattern[str]:
 
 #: Any white space but the space and the newline (text without it splits at single spaces, see _split_words).
 _OTHER_SPACE: Final = re.compile(r"[^\S \n]")
-_new_arg: Final = functools.partial(tuple.__new__, Arg)  # Arg(...) without the Python-level __new__ (hot)
 
 
 @functools.cache
@@ -364,7 +367,8 @@ def _command_words(line: str, start: int, number: int, plain: bool) -> Sequence[
         if m is None:
             return None
         return _words(m.group("SPEC"), number, start + m.start("SPEC") + 1) if m.group("SPEC") else []
-    values = [_unquote(raw) if '"' in raw else raw for raw in raws] if '"' in rest else raws
+    # Unquoted, as _unquote would (these quotes hold no backslashes): without the quotes.
+    values = list(map(str.replace, raws, itertools.repeat('"'), itertools.repeat(""))) if '"' in rest else raws
     # Each word's column: the first's, plus the lengths of the words before it and one space after each.
     columns = map(operator.add, itertools.accumulate(map(len, raws), initial=start + 2), itertools.count())
     return tuple(map(_new_arg, zip(values, raws, itertools.repeat(number), columns)))
@@ -759,6 +763,8 @@ class _Reader:
         return rules
 
     def _check_interfaces(self, chain: str, rule: Rule, line: _Command) -> None:
+        if chain not in _NO_INPUT_INTERFACE and chain not in _NO_OUTPUT_INTERFACE:
+            return  # both interfaces are known where the packet is
         for match in rule.matches:
             if not isinstance(match, InterfaceMatch):
                 continue

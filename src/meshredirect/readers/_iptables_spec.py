@@ -24,7 +24,7 @@ import functools
 import ipaddress
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final, NamedTuple, NoReturn
+from typing import Final, NamedTuple, NoReturn, ParamSpec, TypeVar
 
 import attrs
 
@@ -90,6 +90,8 @@ ALL_IDS: Final = IdSet.of((0, MAX_ID))
 ALL_PORTS: Final = PortSet.of((1, MAX_PORT))
 
 _ALL_ADDRESSES: Final = {4: ipaddress.ip_network("0.0.0.0/0"), 6: ipaddress.ip_network("::/0")}
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 #: How many parsed values each cache keeps (real dumps repeat many: options, networks, ports, marks).
 _CACHED: Final = 4096
 
@@ -502,6 +504,13 @@ class _Rule:
     def fail(self, arg: Arg, message: str) -> NoReturn:
         raise self.ctx.error(arg.line, arg.column, message)
 
+    def _checked(self, at: Arg, parse: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """``parse(*args, **kwargs)`` (a value parser, cached), failing at ``at`` where the value is invalid."""
+        try:
+            return parse(*args, **kwargs)
+        except _Invalid as invalid:
+            self.fail(at, str(invalid))
+
     # -- the option loop ------------------------------------------------------
 
     def parse(self) -> None:
@@ -726,10 +735,8 @@ class _Rule:
         items = value.value.split(",")
         if negated and len(items) > 1:
             self.fail(value, f"-{_short(name)}: expected one address after '!', got a list of {len(items)}")
-        try:
-            return [_address_match(item, name, negated, self.ctx.family.version) for item in items]
-        except _Invalid as invalid:
-            self.fail(value, str(invalid))
+        version = self.ctx.family.version
+        return [self._checked(value, _address_match, item, name, negated, version) for item in items]
 
     def _interface(self, name: str) -> InterfaceMatch:
         negated, value, _ = self.basic[name]
@@ -816,16 +823,10 @@ class _Rule:
         return PortMatch(protocol=protocol, ports=ports, direction=direction, negate=given.negate)
 
     def _port_range(self, at: Arg, option: str, *, separator: str = ":") -> PortSet | None:
-        try:
-            return _ports(at.value, option, separator)
-        except _Invalid as invalid:
-            self.fail(at, str(invalid))
+        return self._checked(at, _ports, at.value, option, separator)
 
     def _port_number(self, at: Arg, text: str, option: str) -> int:
-        try:
-            return _port(text, option)
-        except _Invalid as invalid:
-            self.fail(at, str(invalid))
+        return self._checked(at, _port, text, option)
 
     def _multiport(self, loaded: _Loaded, given: _Given, protocol: Protocol) -> Match:
         if not given.option.supported:
@@ -884,10 +885,7 @@ class _Rule:
         self.fail(at, f"{option}: expected an id, a range LOW-HIGH or a name, got {text!r}")
 
     def _mark(self, at: Arg, option: str) -> tuple[int, int]:
-        try:
-            return _mark(at.value, option)
-        except _Invalid as invalid:
-            self.fail(at, str(invalid))
+        return self._checked(at, _mark, at.value, option)
 
     def _conntrack(self, loaded: _Loaded, given: _Given) -> Match:
         if not given.option.supported:
@@ -1035,10 +1033,7 @@ class _Rule:
 
     def _nat_to(self, given: _Given) -> tuple[AddressRange | None, PortSet | None]:
         at = given.values[0]
-        try:
-            return _nat_to(at.value, f"--{given.option.name}", self.ctx.family.version)
-        except _Invalid as invalid:
-            self.fail(at, str(invalid))
+        return self._checked(at, _nat_to, at.value, f"--{given.option.name}", self.ctx.family.version)
 
     def _target_tproxy(self, loaded: _Loaded, options: dict[str, _Given]) -> Target:
         port_arg = self._require(loaded, options, "on-port").values[0]

@@ -20,14 +20,15 @@ negated owner matches of one kind merge. What the IR cannot model becomes an
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final, NamedTuple, NoReturn
+from typing import Final, NamedTuple, NoReturn, ParamSpec, TypeVar
 
 import attrs
 
-from meshredirect.errors import SourceError
+from meshredirect.errors import SourceError, SourcePosition
 from meshredirect.ir import (
     FULL_MASK,
     Accept,
@@ -89,6 +90,14 @@ ALL_IDS: Final = IdSet.of((0, MAX_ID))
 ALL_PORTS: Final = PortSet.of((1, MAX_PORT))
 
 _ALL_ADDRESSES: Final = {4: ipaddress.ip_network("0.0.0.0/0"), 6: ipaddress.ip_network("::/0")}
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+#: How many parsed values each cache keeps (real dumps repeat many: options, networks, ports, marks).
+_CACHED: Final = 4096
+
+
+class _Invalid(Exception):
+    """What is wrong with a value (the caller says where it is)."""
 
 
 class Arg(NamedTuple):
@@ -125,10 +134,11 @@ class _Option:
     arity: int = 1
     negatable: bool = True
     supported: bool = True
+    #: The first of ``names`` (the one iptables-save prints).
+    name: str = attrs.field(init=False, eq=False, repr=False)
 
-    @property
-    def name(self) -> str:
-        return self.names[0]
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "name", self.names[0])
 
 
 def _opt(*names: str, arity: int = 1, negatable: bool = True, supported: bool = True) -> _Option:
@@ -147,12 +157,18 @@ class _Module:
     table: str | None = None
 
     spelled: dict[str, _Option] = attrs.field(init=False, eq=False, repr=False)
+    #: Each option's place in ``options`` (given options are read in that order), by its name.
+    order: dict[str, int] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "spelled", {name: option for option in self.options for name in option.names})
+        object.__setattr__(self, "order", {option.name: index for index, option in enumerate(self.options)})
 
-    def spellings(self) -> dict[str, _Option]:
-        return self.spelled
+    def in_order(self, given: list[_Given]) -> list[_Given]:
+        """The options given to this module in the order its ``save`` prints them."""
+        if len(given) < 2:
+            return given
+        return sorted(given, key=lambda g: self.order[g.option.name])
 
 
 _PORTS_TCP = (_opt("sport", "source-port"), _opt("dport", "destination-port"))
@@ -421,6 +437,7 @@ _LOG_LEVELS: Final = {
     "info": 6,
     "debug": 7,
 }
+_NAT_FLAGS: Final = tuple((flag.value, flag) for flag in NatFlag)
 _STATES: Final = {state.value: state for state in CtState}
 _PLAIN_STATES: Final = frozenset(
     {CtState.INVALID, CtState.NEW, CtState.RELATED, CtState.ESTABLISHED, CtState.UNTRACKED}
@@ -481,17 +498,27 @@ class _Rule:
         self.chain_target: tuple[str, Arg, bool] | None = None  # -j CHAIN / -g CHAIN / verdicts
         self.implicit_done = False
         self.family_only: Family | None = None
+        #: The newest loaded extension we do not model (it takes the options nothing else knows).
+        self.absorbing: _Loaded | None = None
 
     def fail(self, arg: Arg, message: str) -> NoReturn:
         raise self.ctx.error(arg.line, arg.column, message)
+
+    def _checked(self, at: Arg, parse: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """``parse(*args, **kwargs)`` (a value parser, cached), failing at ``at`` where the value is invalid."""
+        try:
+            return parse(*args, **kwargs)
+        except _Invalid as invalid:
+            self.fail(at, str(invalid))
 
     # -- the option loop ------------------------------------------------------
 
     def parse(self) -> None:
         args = self.args
+        count = len(args)
         i = 0
         negation: Arg | None = None
-        while i < len(args):
+        while i < count:
             arg = args[i]
             if arg.value == "!":
                 if negation is not None:
@@ -499,14 +526,15 @@ class _Rule:
                 negation = arg
                 i += 1
                 continue
-            unknown = self._absorbing()
-            if not _is_option(arg.value):
+            unknown = self.absorbing
+            word = _option_word(arg.value)
+            if word is None:
                 if unknown is not None:
                     unknown.raw.append(quote(arg.value))
                     i += 1
                     continue
                 self.fail(arg, f"expected an option (such as -p, -m, -j), got {arg.value!r}")
-            name, attached, long = _split_option(arg.value)
+            name, attached, long = word
             owner, option = self._resolve(arg, name, long)
             if option is None and unknown is not None and long:
                 # An option no known extension has belongs to the newest extension we do not model.
@@ -517,11 +545,9 @@ class _Rule:
             if option is None:
                 self.fail(arg, _unknown_option_message(arg.value, self.loaded))
             i += 1
-            values: list[Arg] = []
-            if attached is not None:
-                values.append(Arg(attached, attached, arg.line, arg.column))
+            values: list[Arg] = [] if attached is None else [Arg(attached, attached, arg.line, arg.column)]
             while len(values) < option.arity:
-                if i >= len(args):
+                if i >= count:
                     self.fail(arg, f"{arg.value}: expected {_values(option.arity)}, got the end of the rule")
                 if args[i].value == "!":
                     self.fail(args[i], f"{arg.value}: expected a value, got '!' (a negation goes before the option)")
@@ -533,13 +559,6 @@ class _Rule:
             negation = None
         if negation is not None:
             self.fail(negation, "expected an option after '!', got the end of the rule")
-
-    def _absorbing(self) -> _Loaded | None:
-        """The newest loaded extension we do not model (it takes the options nothing else knows)."""
-        for loaded in reversed(self.loaded):
-            if loaded.module is None:
-                return loaded
-        return None
 
     def _resolve(self, arg: Arg, name: str, long: bool) -> tuple[_Loaded | None, _Option | None]:
         """Find an option as getopt_long would: exact names first (basic options, then newest module first),
@@ -553,9 +572,9 @@ class _Rule:
             if name in _BASIC_LONG:
                 return None, _BASIC_LONG[name]
             for loaded in reversed(self.loaded):
-                if loaded.module is not None and name in loaded.module.spellings():
-                    return loaded, loaded.module.spellings()[name]
-            if self._absorbing() is not None:
+                if loaded.module is not None and name in loaded.module.spelled:
+                    return loaded, loaded.module.spelled[name]
+            if self.absorbing is not None:
                 # An extension we do not model may have this exact option: no abbreviations, no implicit
                 # protocol match; the caller hands the option to that extension.
                 return None, None
@@ -622,7 +641,8 @@ class _Rule:
         if module is None:
             if not name or not all(ch.isalnum() or ch in "_-" for ch in name):
                 self.fail(value, f"-m: expected the name of a match extension, got {name!r}")
-            self.loaded.append(_Loaded(module=None, name=name, at=value, raw=["-m", quote(name)]))
+            self.absorbing = _Loaded(module=None, name=name, at=value, raw=["-m", quote(name)])
+            self.loaded.append(self.absorbing)
             return
         self.loaded.append(_Loaded(module=module, name=module.name, at=value))
 
@@ -647,10 +667,12 @@ class _Rule:
         loaded = _Loaded(module=module, name=name, at=value)
         self.target = loaded
         self.loaded.append(loaded)
+        if module is None:
+            self.absorbing = loaded
 
     # -- building IR ----------------------------------------------------------
 
-    def rules(self) -> list[Rule]:
+    def rules(self, position: SourcePosition | None) -> list[Rule]:
         self.parse()
         if self.family_only is not None and self.family_only is not self.ctx.family:
             return []  # "-4" in ip6tables (or "-6" in iptables): the tool skips the rule
@@ -675,7 +697,9 @@ class _Rule:
         rules = []
         for source, destination in itertools.product(sources, destinations):
             matches = [m for m in (source, destination) if m is not None] + fixed + _merge_owners(modules)
-            rules.append(Rule(matches=tuple(matches), target=target, comment=" ".join(comment) or None))
+            rules.append(
+                Rule(matches=tuple(matches), target=target, comment=" ".join(comment) or None, position=position)
+            )
         return rules
 
     def _protocol(self) -> Protocol | None:
@@ -708,48 +732,11 @@ class _Rule:
         if name not in self.basic:
             return [None]
         negated, value, _ = self.basic[name]
-        direction = Direction.SOURCE if name == "source" else Direction.DESTINATION
         items = value.value.split(",")
         if negated and len(items) > 1:
             self.fail(value, f"-{_short(name)}: expected one address after '!', got a list of {len(items)}")
-        out: list[Match | None] = []
-        for item in items:
-            network = self._network(value, item, f"-{_short(name)}")
-            if network is None:
-                tokens = (*(("!",) if negated else ()), f"-{_short(name)}", quote(item))
-                out.append(UnknownMatch(dialect=DIALECT, tokens=tokens))
-            elif network == _ALL_ADDRESSES[network.version] and not negated:
-                out.append(None)  # 0.0.0.0/0 matches every packet; iptables-save prints nothing
-            else:
-                out.append(AddressMatch(direction=direction, addresses=AddressSet((network,)), negate=negated))
-        return out
-
-    def _network(self, at: Arg, text: str, option: str) -> IPNetwork | None:
-        """``ADDRESS[/PREFIX|/MASK]`` of the table's family; None for a mask that is not a prefix."""
         version = self.ctx.family.version
-        what = "an IPv4" if version == 4 else "an IPv6"
-        address_text, slash, mask_text = text.partition("/")
-        address = _address(address_text)
-        if address is None or address.version != version:
-            names = " (host names are not resolved)" if address is None else ""
-            self.fail(at, f"{option}: expected {what} address or network{names}, got {text!r}")
-        bits = 32 if version == 4 else 128
-        if not slash:
-            prefix = bits
-        elif mask_text.isdigit():
-            prefix = int(mask_text)
-            if prefix > bits:
-                self.fail(at, f"{option}: expected a prefix length 0-{bits}, got {mask_text!r}")
-        else:
-            mask = _address(mask_text)
-            if mask is None or mask.version != version:
-                self.fail(at, f"{option}: expected a prefix length or {what} netmask, got {mask_text!r}")
-            value = int(mask)
-            inverse = (1 << bits) - 1 - value
-            if inverse & (inverse + 1):
-                return None  # a netmask with holes: iptables takes it, the IR does not model it
-            prefix = bits - inverse.bit_length()
-        return ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+        return [self._checked(value, _address_match, item, name, negated, version) for item in items]
 
     def _interface(self, name: str) -> InterfaceMatch:
         negated, value, _ = self.basic[name]
@@ -769,8 +756,7 @@ class _Rule:
         if module.protocols and protocol not in module.protocols:
             wanted = " or ".join(f"-p {p.value}" for p in module.protocols)
             self.fail(loaded.at, f"the {module.name} match needs {wanted} (not negated) in the rule")
-        order = {option.name: index for index, option in enumerate(module.options)}
-        given = sorted(loaded.given, key=lambda g: order[g.option.name])
+        given = module.in_order(loaded.given)
         name = module.name
         if name in ("tcp", "udp", "sctp", "icmp", "icmp6"):
             assert protocol is not None
@@ -837,32 +823,10 @@ class _Rule:
         return PortMatch(protocol=protocol, ports=ports, direction=direction, negate=given.negate)
 
     def _port_range(self, at: Arg, option: str, *, separator: str = ":") -> PortSet | None:
-        """``PORT`` or ``LOW:HIGH`` (either side may be left out); None where the IR has no form
-        (port 0 alone, or a service name, which iptables would look up)."""
-        text = at.value
-        low_text, sep, high_text = text.partition(separator)
-        if not sep:
-            if text.isdigit():
-                port = self._port_number(at, text, option)
-                return None if port == 0 else PortSet.of(port)
-            if text and all(ch.isalnum() or ch in "-_" for ch in text) and not text[0].isdigit():
-                return None  # a service name from /etc/services: not resolved here
-            self.fail(at, f"{option}: expected a port or a range LOW{separator}HIGH, got {text!r}")
-        low = self._port_number(at, low_text, option) if low_text else 0
-        high = self._port_number(at, high_text, option) if high_text else MAX_PORT
-        if low > high:
-            self.fail(at, f"{option}: expected a range with LOW <= HIGH, got {text!r}")
-        if high == 0:
-            return None
-        if low == 0 and high == MAX_PORT and separator == ":":
-            return ALL_PORTS  # the kernel stores 0:65535 as "any port" (and iptables-save prints nothing)
-        # Port 0 is never a connection's port: a range from 0 means the same from 1.
-        return PortSet.of((max(low, 1), high))
+        return self._checked(at, _ports, at.value, option, separator)
 
     def _port_number(self, at: Arg, text: str, option: str) -> int:
-        if not text.isdigit() or int(text) > MAX_PORT:
-            self.fail(at, f"{option}: expected a port number 0-{MAX_PORT}, got {text!r}")
-        return int(text)
+        return self._checked(at, _port, text, option)
 
     def _multiport(self, loaded: _Loaded, given: _Given, protocol: Protocol) -> Match:
         if not given.option.supported:
@@ -921,13 +885,7 @@ class _Rule:
         self.fail(at, f"{option}: expected an id, a range LOW-HIGH or a name, got {text!r}")
 
     def _mark(self, at: Arg, option: str) -> tuple[int, int]:
-        """``VALUE[/MASK]`` as the C library reads numbers (0x hex, leading 0 octal); mask defaults to all ones."""
-        value_text, slash, mask_text = at.value.partition("/")
-        value = _c_number(value_text)
-        mask = _c_number(mask_text) if slash else MAX_MARK
-        if value is None or mask is None or value > MAX_MARK or mask > MAX_MARK:
-            self.fail(at, f"{option}: expected VALUE[/MASK] with 32-bit numbers, got {at.value!r}")
-        return value, mask
+        return self._checked(at, _mark, at.value, option)
 
     def _conntrack(self, loaded: _Loaded, given: _Given) -> Match:
         if not given.option.supported:
@@ -1032,8 +990,7 @@ class _Rule:
             return Continue()
         if loaded.module is None:
             return UnknownTarget(dialect=DIALECT, name=loaded.name, tokens=tuple(loaded.raw))
-        order = {option.name: index for index, option in enumerate(loaded.module.options)}
-        given = sorted(loaded.given, key=lambda g: order[g.option.name])
+        given = loaded.module.in_order(loaded.given)
         if any(not g.option.supported for g in given):
             return self._unknown_target(loaded, given)
         options = {g.option.name: g for g in given}
@@ -1075,47 +1032,8 @@ class _Rule:
         return Dnat(addresses=addresses, ports=ports, flags=_nat_flags(options))
 
     def _nat_to(self, given: _Given) -> tuple[AddressRange | None, PortSet | None]:
-        """``[ADDR[-ADDR]][:PORT[-PORT]]``; IPv6 writes the addresses in brackets when ports follow."""
         at = given.values[0]
-        text = at.value
-        option = f"--{given.option.name}"
-        if self.ctx.family is Family.IPV6:
-            if text.startswith("["):
-                addresses_text, bracket, rest = text[1:].partition("]")
-                if not bracket or (rest and not rest.startswith(":")):
-                    self.fail(at, f"{option}: expected [ADDRESS]:PORT, got {text!r}")
-                ports_text = rest[1:] if rest else None
-            elif text.startswith(":") and text.count(":") == 1:
-                addresses_text, ports_text = "", text[1:]  # ports only: ip6tables prints no brackets then
-            else:
-                addresses_text, ports_text = text, None
-        else:
-            addresses_text, colon, rest = text.partition(":")
-            ports_text = rest if colon else None
-        addresses = None
-        if addresses_text:
-            first_text, dash, last_text = addresses_text.partition("-")
-            first = _address(first_text)
-            last = _address(last_text) if dash else first
-            version = self.ctx.family.version
-            if (
-                first is None
-                or last is None
-                or first.version != version
-                or last.version != version
-                or int(last) < int(first)
-            ):
-                what = "IPv4" if version == 4 else "IPv6"
-                self.fail(at, f"{option}: expected an {what} address or range FIRST-LAST, got {addresses_text!r}")
-            addresses = AddressRange(first=first, last=last)
-        ports = None
-        if ports_text is not None:
-            ports = self._port_range(Arg(ports_text, ports_text, at.line, at.column), option, separator="-")
-            if ports is None:
-                self.fail(at, f"{option}: expected a port or a range LOW-HIGH after ':', got {ports_text!r}")
-        if addresses is None and ports is None:
-            self.fail(at, f"{option}: expected an address, a port or both, got {text!r}")
-        return addresses, ports
+        return self._checked(at, _nat_to, at.value, f"--{given.option.name}", self.ctx.family.version)
 
     def _target_tproxy(self, loaded: _Loaded, options: dict[str, _Given]) -> Target:
         port_arg = self._require(loaded, options, "on-port").values[0]
@@ -1229,16 +1147,16 @@ class _Rule:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _is_option(value: str) -> bool:
-    return (
+@functools.lru_cache(maxsize=_CACHED)
+def _option_word(value: str) -> tuple[str, str | None, bool] | None:
+    """(name, attached value, is long) of ``--name``, ``--name=value`` or ``-x`` (iptables takes no ``-xVALUE``);
+    None for a word that is no option."""
+    if not (
         len(value) >= 2
         and value[0] == "-"
         and (value[1].isalpha() or value[1] in "46" or (value[1] == "-" and len(value) > 2))
-    )
-
-
-def _split_option(value: str) -> tuple[str, str | None, bool]:
-    """(name, attached value, is long) of ``--name``, ``--name=value`` or ``-x`` (iptables takes no ``-xVALUE``)."""
+    ):
+        return None
     if value.startswith("--"):
         name, eq, attached = value[2:].partition("=")
         return name, attached if eq else None, True
@@ -1265,14 +1183,139 @@ def _given_tokens(given: _Given) -> list[str]:
 
 def _nat_flags(options: dict[str, _Given]) -> frozenset[NatFlag]:
     """The port-selection flags given to a NAT target (each target's module lists those it takes)."""
-    return frozenset(flag for flag in NatFlag if flag.value in options)
+    return frozenset(flag for name, flag in _NAT_FLAGS if name in options)
 
 
+@functools.lru_cache(maxsize=_CACHED)
+def _address_match(item: str, name: str, negated: bool, version: int) -> Match | None:
+    """One address of ``-s``/``-d`` (``name`` source or destination) as a match; None for every address."""
+    option = f"-{_short(name)}"
+    network = _network(item, version, option)
+    if network is None:
+        return UnknownMatch(dialect=DIALECT, tokens=(*(("!",) if negated else ()), option, quote(item)))
+    if network == _ALL_ADDRESSES[network.version] and not negated:
+        return None  # 0.0.0.0/0 matches every packet; iptables-save prints nothing
+    direction = Direction.SOURCE if name == "source" else Direction.DESTINATION
+    return AddressMatch(direction=direction, addresses=AddressSet((network,)), negate=negated)
+
+
+def _network(text: str, version: int, option: str) -> IPNetwork | None:
+    """``ADDRESS[/PREFIX|/MASK]`` of one IP version; None for a mask that is not a prefix."""
+    what = "an IPv4" if version == 4 else "an IPv6"
+    address_text, slash, mask_text = text.partition("/")
+    address = _address(address_text)
+    if address is None or address.version != version:
+        names = " (host names are not resolved)" if address is None else ""
+        raise _Invalid(f"{option}: expected {what} address or network{names}, got {text!r}")
+    bits = 32 if version == 4 else 128
+    if not slash:
+        prefix = bits
+    elif mask_text.isdigit():
+        prefix = int(mask_text)
+        if prefix > bits:
+            raise _Invalid(f"{option}: expected a prefix length 0-{bits}, got {mask_text!r}")
+    else:
+        mask = _address(mask_text)
+        if mask is None or mask.version != version:
+            raise _Invalid(f"{option}: expected a prefix length or {what} netmask, got {mask_text!r}")
+        value = int(mask)
+        inverse = (1 << bits) - 1 - value
+        if inverse & (inverse + 1):
+            return None  # a netmask with holes: iptables takes it, the IR does not model it
+        prefix = bits - inverse.bit_length()
+    if isinstance(address, ipaddress.IPv4Address):  # from the number: the same network, without parsing again
+        return ipaddress.IPv4Network((int(address), prefix), strict=False)
+    return ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+
+
+@functools.lru_cache(maxsize=_CACHED)
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(text)
     except ValueError:
         return None
+
+
+@functools.lru_cache(maxsize=_CACHED)
+def _ports(text: str, option: str, separator: str) -> PortSet | None:
+    """``PORT`` or ``LOW:HIGH`` (either side may be left out); None where the IR has no form
+    (port 0 alone, or a service name, which iptables would look up)."""
+    low_text, sep, high_text = text.partition(separator)
+    if not sep:
+        if text.isdigit():
+            port = _port(text, option)
+            return None if port == 0 else PortSet.of(port)
+        if text and all(ch.isalnum() or ch in "-_" for ch in text) and not text[0].isdigit():
+            return None  # a service name from /etc/services: not resolved here
+        raise _Invalid(f"{option}: expected a port or a range LOW{separator}HIGH, got {text!r}")
+    low = _port(low_text, option) if low_text else 0
+    high = _port(high_text, option) if high_text else MAX_PORT
+    if low > high:
+        raise _Invalid(f"{option}: expected a range with LOW <= HIGH, got {text!r}")
+    if high == 0:
+        return None
+    if low == 0 and high == MAX_PORT and separator == ":":
+        return ALL_PORTS  # the kernel stores 0:65535 as "any port" (and iptables-save prints nothing)
+    # Port 0 is never a connection's port: a range from 0 means the same from 1.
+    return PortSet.of((max(low, 1), high))
+
+
+def _port(text: str, option: str) -> int:
+    if not text.isdigit() or int(text) > MAX_PORT:
+        raise _Invalid(f"{option}: expected a port number 0-{MAX_PORT}, got {text!r}")
+    return int(text)
+
+
+@functools.lru_cache(maxsize=_CACHED)
+def _nat_to(text: str, option: str, version: int) -> tuple[AddressRange | None, PortSet | None]:
+    """``[ADDR[-ADDR]][:PORT[-PORT]]``; IPv6 writes the addresses in brackets when ports follow."""
+    if version == 6:
+        if text.startswith("["):
+            addresses_text, bracket, rest = text[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise _Invalid(f"{option}: expected [ADDRESS]:PORT, got {text!r}")
+            ports_text = rest[1:] if rest else None
+        elif text.startswith(":") and text.count(":") == 1:
+            addresses_text, ports_text = "", text[1:]  # ports only: ip6tables prints no brackets then
+        else:
+            addresses_text, ports_text = text, None
+    else:
+        addresses_text, colon, rest = text.partition(":")
+        ports_text = rest if colon else None
+    addresses = None
+    if addresses_text:
+        first_text, dash, last_text = addresses_text.partition("-")
+        first = _address(first_text)
+        last = _address(last_text) if dash else first
+        if (
+            first is None
+            or last is None
+            or first.version != version
+            or last.version != version
+            or int(last) < int(first)
+        ):
+            what = "IPv4" if version == 4 else "IPv6"
+            raise _Invalid(f"{option}: expected an {what} address or range FIRST-LAST, got {addresses_text!r}")
+        addresses = AddressRange(first=first, last=last)
+    ports = None
+    if ports_text is not None:
+        ports = _ports(ports_text, option, "-")
+        if ports is None:
+            raise _Invalid(f"{option}: expected a port or a range LOW-HIGH after ':', got {ports_text!r}")
+    if addresses is None and ports is None:
+        raise _Invalid(f"{option}: expected an address, a port or both, got {text!r}")
+    return addresses, ports
+
+
+@functools.lru_cache(maxsize=_CACHED)
+def _mark(text: str, option: str) -> tuple[int, int]:
+    """``VALUE[/MASK]`` as the C library reads numbers (0x hex, leading 0 octal); mask defaults to all ones."""
+    value_text, slash, mask_text = text.partition("/")
+    value = _c_number(value_text)
+    mask = _c_number(mask_text) if slash else MAX_MARK
+    if value is None or mask is None or value > MAX_MARK or mask > MAX_MARK:
+        raise _Invalid(f"{option}: expected VALUE[/MASK] with 32-bit numbers, got {text!r}")
+    return value, mask
 
 
 def _c_number(text: str) -> int | None:
@@ -1309,7 +1352,8 @@ def _merge_owners(matches: list[Match]) -> list[Match]:
     return out
 
 
-def parse_rule(args: Sequence[Arg], ctx: SpecContext) -> list[Rule]:
+def parse_rule(args: Sequence[Arg], ctx: SpecContext, position: SourcePosition | None = None) -> list[Rule]:
     """The IR rules one rule specification stands for: usually one; one per address where ``-s``/``-d``
-    list several (as iptables adds them); none where ``-4``/``-6`` excludes the table's family."""
-    return _Rule(args, ctx).rules()
+    list several (as iptables adds them); none where ``-4``/``-6`` excludes the table's family. Each rule
+    has the ``position`` given."""
+    return _Rule(args, ctx).rules(position)

@@ -36,7 +36,7 @@ from meshredirect.node import mesh_environment
 from meshredirect.readers.iptables import read_iptables
 from meshredirect.semantics.check import Checker, checker
 from meshredirect.semantics.explore import Leaf, Run
-from meshredirect.semantics.proxy import Step, follow
+from meshredirect.semantics.proxy import Step
 from meshredirect.testing.node_dump import node_dump
 
 #: Rules added to nat POSTROUTING: the first ones the stage may be left out with, the rest keep it in.
@@ -127,15 +127,7 @@ def explore(check: Checker) -> list[list[Leaf[Outcome]]]:
 
         def program(run: Run, root: Any = root, symbols: Any = symbols) -> Outcome:
             connection = check.space.connection(root, {d: run.value(d) for d in root.dims})
-            chain = follow(
-                check.interpreter,
-                connection,
-                model=check.model,
-                symbols=symbols,
-                tracer=run,
-                trace=False,
-                source_nat=check.source_nat,
-            )
+            chain = check.chain_of(connection, symbols=symbols, tracer=run)
             violated = frozenset(p.name for p, _ in check._violations(connection, chain, run))
             return violated, tuple(kind(step) for step in chain.steps)
 

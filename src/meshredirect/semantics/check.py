@@ -283,7 +283,20 @@ class Checker:
         """The properties ``connection`` violates, with messages (through ``tracer`` during the proof);
         ``choices``: the outcomes of the choice points along its chain (default: the tracer's, else each
         point's default)."""
-        chain = follow(
+        chain = self.chain_of(connection, symbols=symbols, tracer=tracer, choices=choices)
+        return tuple(self._violations(connection, chain, tracer))
+
+    def chain_of(
+        self,
+        connection: Connection,
+        *,
+        symbols: Mapping[str, str] | None = None,
+        tracer: Tracer | None = None,
+        choices: Sequence[bool] | None = None,
+    ) -> InterceptionChain:
+        """The chain of interceptions the proof follows for ``connection`` (without traces; see
+        :meth:`violations_of` for the arguments)."""
+        return follow(
             self.interpreter,
             connection,
             model=self.model,
@@ -293,7 +306,6 @@ class Checker:
             choices=choices,
             source_nat=self.source_nat,
         )
-        return tuple(self._violations(connection, chain, tracer))
 
     # ------------------------------------------------------------------ properties
 

@@ -727,6 +727,22 @@ class _PendingMark:
     where: str
 
 
+#: The fields of an evaluation a rule's tests read, besides the marks and the symbols (``_Run._view``).
+_VIEW: Final = (
+    "src",
+    "sport",
+    "dst",
+    "dport",
+    "hook",
+    "iif",
+    "oif",
+    "socket",
+    "own_iif",
+    "tracked",
+    "dnat",
+    "snat",
+    "sport_random",
+)
 #: Rules left for later whose combined effects on the mark are listed before a stage is left out.
 _MAX_PENDING_MARKS: Final = 4
 
@@ -1472,40 +1488,12 @@ class _Run:
 
     def _view(self) -> tuple[Any, ...]:
         """What a rule's tests read of the packet, besides the marks (see :meth:`_restore`)."""
-        return (
-            self.src,
-            self.sport,
-            self.dst,
-            self.dport,
-            dict(self.sym),
-            self.hook,
-            self.iif,
-            self.oif,
-            self.socket,
-            self.own_iif,
-            self.tracked,
-            self.dnat,
-            self.snat,
-            self.sport_random,
-        )
+        return (*(getattr(self, name) for name in _VIEW), dict(self.sym))
 
     def _restore(self, view: tuple[Any, ...]) -> None:
-        (
-            self.src,
-            self.sport,
-            self.dst,
-            self.dport,
-            self.sym,
-            self.hook,
-            self.iif,
-            self.oif,
-            self.socket,
-            self.own_iif,
-            self.tracked,
-            self.dnat,
-            self.snat,
-            self.sport_random,
-        ) = view
+        *values, self.sym = view
+        for name, value in zip(_VIEW, values, strict=True):
+            setattr(self, name, value)
 
     def _source_nat_stage(self, stage: _Stage) -> None:
         view = (self.hook, self.iif, self.oif, self.socket, self.own_iif)

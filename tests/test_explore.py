@@ -189,10 +189,16 @@ def test_a_program_that_branches_behind_the_explorers_back_is_caught() -> None:
         assert_sound(check.space, cheating)
 
 
-def _node(services: int = 3, containers: int = 2) -> Checker:
-    """The checker ``meshredirect verify`` runs on a small node dump (Istio, kube-proxy, Docker)."""
-    ruleset = read_iptables(node_dump(services=services, endpoints=3, containers=containers))
-    return checker(ruleset, mesh_environment(ruleset)[1])
+def _node(services: int = 3, containers: int = 2, *, symmetry: bool = False, text: str | None = None) -> Checker:
+    """The checker ``meshredirect verify`` runs on a small node dump (Istio, kube-proxy, Docker); without
+    ``symmetry`` it explores every outcome of every choice (the tests here compare each with a concrete
+    run; the proof's shortcut for alike endpoints has its own test below)."""
+    ruleset = read_iptables(
+        text if text is not None else node_dump(services=services, endpoints=3, containers=containers)
+    )
+    check = checker(ruleset, mesh_environment(ruleset)[1])
+    check.interpreter.use_symmetry = symmetry
+    return check
 
 
 def test_a_node_with_random_endpoint_choices_checks_soundly_on_every_branch() -> None:
@@ -458,3 +464,132 @@ def test_mark_classes_give_every_outcome_combination_a_witness() -> None:
     wanted = {tuple((m & mask) == value for mask, value in tests) for m in [*range(0x10000), 1337, 1337 | 0x10000]}
     assert found == wanted
     assert marks[0] == 0
+
+
+# ----------------------------------------------------------------------------- alike endpoints
+#
+# A choice among chains that are the same but for one endpoint address each (kube-proxy's KUBE-SEP-*
+# chains of a service), which no other test tells apart, is explored on its first outcome only when the
+# region holds every endpoint's class of source and destination or none: taking endpoint j on a connection
+# does what taking the first does on the connection with the two swapped. So the oracle is per orbit: over
+# a combination and its images under every permutation of each service's endpoints, the outcomes the
+# concrete runs give (every choice) must be those the explored paths claim.
+
+
+def steps_program(check: Checker) -> Program:
+    """The properties violated and, for each step of the chain, its verdict's kind and arrival."""
+
+    def program(connection: Any, run: Run | None, symbols: Mapping[str, str] | None, choices: Choices | None) -> Any:
+        chain = check.chain_of(connection, symbols=symbols, tracer=run, choices=choices)
+        violated = frozenset(p.name for p, _ in check._violations(connection, chain, run))
+        kinds = tuple(f"{type(s.evaluation.verdict).__name__} {s.arrival.value}" for s in chain.steps)
+        return violated, kinds
+
+    return program
+
+
+def endpoint_groups(check: Checker) -> list[list[Any]]:
+    """The endpoints of each choice the proof explores once (the first choice of each chain)."""
+    interpreter = check.interpreter
+    groups = []
+    for table in interpreter.ruleset.tables:
+        for chain in table.chains:
+            for index in range(len(chain.rules)):
+                found = interpreter.endpoints(table, chain, index)
+                if found is not None:
+                    groups.append(sorted(found.addresses))
+                    break
+    return groups
+
+
+def orbit(indices: Mapping[str, int], explorer: Explorer, groups: list[list[Any]]) -> list[dict[str, int]]:
+    """A combination and its images under every permutation of each group's endpoints (source and
+    destination together)."""
+    images = [dict(indices)]
+    for group in groups:
+        where = {dim: [explorer._index(dim)[address] for address in group] for dim in ("src", "dst")}  # type: ignore[index]
+        if not any(indices[dim] in where[dim] for dim in where):
+            continue
+        moved_images = []
+        for image in images:
+            for permutation in itertools.permutations(range(len(group))):
+                moved = dict(image)
+                for dim, classes in where.items():
+                    if image[dim] in classes:
+                        moved[dim] = classes[permutation[classes.index(image[dim])]]
+                moved_images.append(moved)
+        images = moved_images
+    return images
+
+
+def assert_symmetric(check: Checker, program: Program, sample: int = 150, seed: int = 0) -> int:
+    """Per orbit of combinations: the outcomes of concrete runs (every choice) are those the paths claim."""
+    rng = random.Random(seed)
+    groups = endpoint_groups(check)
+    endpoints = {address for group in groups for address in group}
+    space = check.space
+    compared = 0
+    for root in space.roots:
+        explorer = root.explorer()
+        symbols = space.symbols(root)
+
+        def symbolic(run: Run, root: Root = root, symbols: Mapping[str, str] = symbols) -> Any:
+            return program(space.connection(root, {d: run.value(d) for d in root.dims}), run, symbols, None)
+
+        leaves = explorer.explore(symbolic)
+        picks = list(combinations(leaves, explorer, rng, sample))
+        # And, in every box, a source and a destination that are endpoints (the cases the shortcut swaps).
+        for leaf in leaves:
+            for box in leaf.boxes:
+                lowest = [(mask & -mask).bit_length() - 1 for mask in box]
+                for dim in ("src", "dst"):
+                    position = explorer.position[dim]
+                    for index, value in enumerate(explorer.values[dim]):
+                        if value in endpoints and box[position] >> index & 1:
+                            picks.append((*lowest[:position], index, *lowest[position + 1 :]))
+                            break
+        for combo in picks:
+            indices = dict(zip(explorer.dims, combo, strict=True))
+            concrete: set[Any] = set()
+            claimed: set[Any] = set()
+            for image in orbit(indices, explorer, groups):
+                connection = space.connection(root, {d: explorer.values[d][i] for d, i in image.items()})
+                concrete |= set(concrete_branches(program, connection).values())
+                claimed |= {leaf.result for leaf in leaves if image in leaf}
+            assert concrete == claimed, f"{indices}: concrete runs give {concrete}, the paths claim {claimed}"
+            compared += 1
+    return compared
+
+
+def test_alike_endpoints_are_explored_once_and_every_orbit_behaves_as_its_paths_say() -> None:
+    check, full = _node(services=3, containers=1, symmetry=True), _node(services=3, containers=1)
+    groups = endpoint_groups(check)
+    assert len(groups) >= 2 and all(len(group) >= 2 for group in groups)
+    assert check.run().paths < full.run().paths
+    assert assert_symmetric(check, steps_program(check)) > 100
+
+
+def test_endpoints_that_another_rule_tells_apart_are_not_alike() -> None:
+    text = node_dump(services=2, endpoints=3, containers=0)
+    first = _node(text=text, symmetry=True)
+    endpoint = endpoint_groups(first)[0][1]
+    marked = text.replace(
+        "-A OUTPUT -j KUBE-FIREWALL", f"-A OUTPUT -d {endpoint}/32 -j DROP\n-A OUTPUT -j KUBE-FIREWALL", 1
+    )
+    check = _node(text=marked, symmetry=True)
+    assert all(endpoint not in group for group in endpoint_groups(check))
+    assert assert_symmetric(check, steps_program(check), sample=60) > 10
+
+
+def test_a_shortcut_for_endpoints_a_rule_tells_apart_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the check that no other test tells endpoints apart broken, a DROP of one endpoint is never seen
+    on the paths: the orbit comparison finds it."""
+    text = node_dump(services=2, endpoints=3, containers=0)
+    endpoint = endpoint_groups(_node(text=text, symmetry=True))[0][1]
+    marked = text.replace(
+        "-A OUTPUT -j KUBE-FIREWALL", f"-A OUTPUT -d {endpoint}/32 -j DROP\n-A OUTPUT -j KUBE-FIREWALL", 1
+    )
+    monkeypatch.setattr(interpreter_module._Separators, "alike", lambda self, addresses, exclude: True)
+    check = _node(text=marked, symmetry=True)
+    with pytest.raises(AssertionError, match="concrete runs give"):
+        assert_symmetric(check, steps_program(check), sample=60)

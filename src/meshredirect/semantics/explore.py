@@ -127,12 +127,18 @@ class Tracer:
     def decide_constraints(self, constraints: Mapping[int, int], holds: bool) -> bool:  # pragma: no cover
         raise NotImplementedError
 
-    def choose(self) -> bool:  # pragma: no cover - interface
-        """The outcome of a choice point (the program may go either way): both are explored."""
+    def choose(self, *, alike: bool = False) -> bool:  # pragma: no cover - interface
+        """The outcome of a choice point (the program may go either way): both are explored, unless
+        ``alike`` (the caller's proof that the other outcome behaves as this one: only this one is)."""
         raise NotImplementedError
 
     def classes(self, dim: str) -> tuple[int, tuple[Any, ...], int]:  # pragma: no cover - interface
         """(position of the dimension, its classes' values, the representative's class)."""
+        raise NotImplementedError
+
+    def alike(self, dim: str, tests: Sequence[Callable[[Any], Hashable]]) -> bool:  # pragma: no cover
+        """Whether each test holds on exactly one class of ``dim``, and every box of the region holds all
+        of those classes or none (so swapping any two of them maps the region onto itself)."""
         raise NotImplementedError
 
     def restrict(
@@ -185,15 +191,17 @@ class Run(Tracer):
         #: The outcomes taken at the choice points met so far.
         self.taken: list[bool] = []
 
-    def choose(self) -> bool:
+    def choose(self, *, alike: bool = False) -> bool:
         """A choice point: the program may go either way on every connection of the region. The run
-        replays its forced outcome, or takes True and leaves False, on its current region, to another run."""
+        replays its forced outcome, or takes True and leaves False, on its current region, to another run
+        (with ``alike``, the caller has shown that False behaves as True does: it is not explored)."""
         position = len(self.taken)
         if position < len(self.forced):
             taken = self.forced[position]
         else:
             taken = True
-            self.alternatives.append((list(self.region), (*self.taken, False)))
+            if not alike:
+                self.alternatives.append((list(self.region), (*self.taken, False)))
         self.taken.append(taken)
         return taken
 
@@ -201,6 +209,20 @@ class Run(Tracer):
         """(position of the dimension, its classes' values, the representative's class)."""
         position = self.explorer.position[dim]
         return position, self.explorer.values[dim], self.index[position]
+
+    def alike(self, dim: str, tests: Sequence[Callable[[Any], Hashable]]) -> bool:
+        position = self.explorer.position[dim]
+        union = 0
+        for test in tests:
+            mask = self.explorer.partition(dim, test).get(True, 0)
+            if mask.bit_count() != 1 or union & mask:
+                return False
+            union |= mask
+        for box in self.region:
+            here = box[position] & union
+            if here and here != union:
+                return False
+        return True
 
     def restrict(self, inside: Sequence[Mapping[int, int]], outside: Sequence[Mapping[int, int]]) -> None:
         """Keep the part of the region in ``inside`` and leave the part in ``outside``, as one region, to

@@ -468,6 +468,10 @@ class Interpreter:
         self._mark_effects: dict[int, tuple[Rule, tuple[SetMark, ...] | None]] = {}
         #: Whether untraced evaluations jump over runs of rules keyed by one field (see :class:`_Dispatch`).
         self.use_dispatch = True
+        #: Whether proofs explore one outcome of a choice among alike chains (see :meth:`endpoints`).
+        self.use_symmetry = True
+        self._endpoints: dict[tuple[int, int], tuple[Chain, _Endpoints | None]] = {}
+        self._separators: _Separators | None = None
         env = self.env
         # Tests on symbolic values need functions of stable identity (see explore.Run.decide).
         self.is_local: Callable[[Any], Hashable] = env.is_local
@@ -507,6 +511,33 @@ class Interpreter:
         runs = _dispatch_runs(chain, [self.plans(rule) for rule in chain.rules]) if self.use_dispatch else None
         self._dispatch[id(chain)] = (chain, runs)
         return runs
+
+    def endpoints(self, table: Table, chain: Chain, index: int) -> _Endpoints | None:
+        """The endpoints of a choice among alike chains, when rule ``index`` of ``chain`` is its first choice
+        point (kube-proxy's KUBE-SVC-* spreading a service over KUBE-SEP-* chains with ``-m statistic``).
+
+        The rules from ``index`` on are random choices but the last (which takes what is left), each a jump
+        to its own chain; those chains are the same but for one address each (an endpoint: tested as a
+        source or destination of its own, and the address DNAT sends to), and no other test of the rules
+        or the environment tells the endpoints apart. Then the whole evaluation is symmetric in the
+        endpoints: taking endpoint j on a connection does what taking the first does on the connection with
+        the two swapped (its source or destination, if it is one), but for the endpoint's address, which
+        nothing reads apart. When the run's region holds each connection's swapped one too (``_Run._alike``),
+        the proof explores the first outcome only. None for any other rule.
+        """
+        key = (id(chain), index)
+        found = self._endpoints.get(key)
+        if found is not None and found[0] is chain:
+            return found[1]
+        endpoints = _find_endpoints(self, table, chain, index)
+        self._endpoints[key] = (chain, endpoints)
+        return endpoints
+
+    def separators(self) -> _Separators:
+        """Every address set a test of the rules or the environment compares an address with."""
+        if self._separators is None:
+            self._separators = _Separators.of(self.ruleset, self.env)
+        return self._separators
 
     def mark_effects(self, rule: Rule, table: Table) -> tuple[SetMark, ...] | None:
         """The mark rewrites a rule of ``table`` makes when it matches, when that is all it does and its
@@ -750,6 +781,167 @@ _UNOBSERVED_TARGETS: Final = (Return, Accept, Continue, Log, SetMark, ConnmarkSe
 _MARK_WRITES: Final = (SetMark, ConnmarkSet, ConnmarkSave, ConnmarkRestore)
 #: Targets that read or rewrite the mark or the conntrack mark.
 _READS_MARKS: Final = (*_MARK_WRITES, TProxy)
+
+
+@attrs.frozen
+class _Endpoints:
+    """The endpoints of a choice among alike chains (see :meth:`Interpreter.endpoints`)."""
+
+    addresses: frozenset[IPAddress]
+    #: Each endpoint's membership test, the very test the rules make of it (the proof's classes hold it).
+    tests: tuple[Callable[[Any], Hashable], ...]
+
+
+#: Where an endpoint's address stands in the shape its chain shares with the others.
+_PLACEHOLDER: Final[dict[int, IPAddress]] = {4: ipaddress.IPv4Address("0.0.0.0"), 6: ipaddress.IPv6Address("::")}
+#: Targets after which a chain of an endpoint does nothing more.
+_FINAL_TARGETS: Final = (Dnat, Redirect, Accept, Drop, Reject, Return)
+#: A chain of the rules: (family, table, chain).
+_Origin: TypeAlias = tuple[Family, str, str]
+
+
+def _find_endpoints(interpreter: Interpreter, table: Table, chain: Chain, index: int) -> _Endpoints | None:
+    rules = chain.rules[index:]
+    if len(rules) < 2:
+        return None
+    names = []
+    for position, rule in enumerate(rules):
+        kinds = [plan[0] for plan in interpreter.plans(rule)]
+        if kinds != ([] if position == len(rules) - 1 else [_CHOICE]):
+            return None
+        if not isinstance(rule.target, Jump) or not table.has_chain(rule.target.chain):
+            return None
+        names.append(rule.target.chain)
+    if len(set(names)) != len(names):
+        return None
+    addresses: list[IPAddress] = []
+    shapes = set()
+    for name in names:
+        found = _endpoint_shape(table.chain(name))
+        if found is None:
+            return None
+        addresses.append(found[0])
+        shapes.add(found[1])
+    if len(shapes) != 1 or len(set(addresses)) != len(addresses) or len({a.version for a in addresses}) != 1:
+        return None
+    if not interpreter.separators().alike(addresses, {(table.family, table.name, name) for name in names}):
+        return None
+    tests = tuple(interpreter._member_test(AddressSet.of(address)) for address in addresses)
+    return _Endpoints(addresses=frozenset(addresses), tests=tests)
+
+
+def _endpoint_shape(chain: Chain) -> tuple[IPAddress, tuple[Rule, ...]] | None:
+    """The one address a chain holds as a single-address test or DNAT target, and the chain with a
+    placeholder for it; None unless each rule either ends the chain's work or tests that address (so on a
+    connection from and to other addresses, it does nothing)."""
+    found: IPAddress | None = None
+    shape = []
+    for rule in chain.rules:
+        guarded = False
+        matches: list[Match] = []
+        for match in rule.matches:
+            if isinstance(match, AddressMatch) and len(match.addresses.networks) == 1:
+                network = match.addresses.networks[0]
+                if network.num_addresses == 1:
+                    if match.negate or (found is not None and network.network_address != found):
+                        return None
+                    found = network.network_address
+                    guarded = True
+                    match = attrs.evolve(match, addresses=AddressSet.of(_PLACEHOLDER[found.version]))
+            matches.append(match)
+        target = rule.target
+        if isinstance(target, Dnat) and target.addresses is not None:
+            first = target.addresses.first
+            if target.addresses.last != first or (found is not None and first != found):
+                return None
+            found = first
+            here = _PLACEHOLDER[first.version]
+            target = attrs.evolve(target, addresses=AddressRange(first=here, last=here))
+        if not guarded and not isinstance(target, _FINAL_TARGETS):
+            return None
+        shape.append(attrs.evolve(rule, matches=tuple(matches), target=target, comment=None))
+    if found is None or not any(isinstance(rule.target, Dnat) for rule in chain.rules):
+        return None  # (the DNAT target makes the endpoint a class of its own in both address dimensions)
+    return found, tuple(shape)
+
+
+@attrs.frozen
+class _Separators:
+    """Every address set some test compares an address with (rules, environment, proof), by where it is."""
+
+    #: Single addresses -> the chains that test them (None: the environment).
+    singles: Mapping[IPAddress, frozenset[_Origin | None]]
+    #: Wider sets (networks, ranges as (first, last)) and the chains that test them.
+    wide: tuple[tuple[AddressSet | tuple[IPAddress, IPAddress], frozenset[_Origin | None]], ...]
+
+    @classmethod
+    def of(cls, ruleset: Ruleset, env: Environment) -> _Separators:
+        singles: dict[IPAddress, set[_Origin | None]] = {}
+        wide: dict[AddressSet | tuple[IPAddress, IPAddress], set[_Origin | None]] = {}
+
+        def add(members: AddressSet | tuple[IPAddress, IPAddress], origin: _Origin | None) -> None:
+            if isinstance(members, AddressSet) and len(members.networks) == 1:
+                network = members.networks[0]
+                if network.num_addresses == 1:
+                    singles.setdefault(network.network_address, set()).add(origin)
+                    return
+            if isinstance(members, tuple) and members[0] == members[1]:
+                singles.setdefault(members[0], set()).add(origin)
+                return
+            wide.setdefault(members, set()).add(origin)
+
+        for table in ruleset.tables:
+            for chain in table.chains:
+                origin = (table.family, table.name, chain.name)
+                for rule in chain.rules:
+                    for match in rule.matches:
+                        if isinstance(match, AddressMatch):
+                            add(match.addresses, origin)
+                    target = rule.target
+                    if isinstance(target, (Dnat, Snat)) and target.addresses is not None:
+                        add((target.addresses.first, target.addresses.last), origin)
+                    if isinstance(target, TProxy) and target.address is not None:
+                        add(AddressSet.of(target.address), origin)
+        for interface in env.interfaces:
+            for address in interface.addresses:
+                add(AddressSet.of(address.ip), None)
+                add(AddressSet.of(address.network), None)
+        for family in (Family.IPV4, Family.IPV6):
+            add(AddressSet.of(env.proxy.passthrough_for(family)), None)
+        for network in _ALWAYS_TESTED:
+            add(AddressSet.of(network), None)
+        return cls(
+            singles={a: frozenset(o) for a, o in singles.items()},
+            wide=tuple((members, frozenset(o)) for members, o in wide.items()),
+        )
+
+    def alike(self, addresses: Sequence[IPAddress], exclude: set[_Origin]) -> bool:
+        """Whether no test outside the chains ``exclude`` tells the addresses apart."""
+
+        def signature(address: IPAddress) -> tuple[object, ...]:
+            single = self.singles.get(address, frozenset()) - exclude
+            inside = tuple(
+                index
+                for index, (members, origins) in enumerate(self.wide)
+                if origins - exclude and _holds(members, address)
+            )
+            return bool(single), inside
+
+        first = signature(addresses[0])
+        return not first[0] and all(signature(address) == first for address in addresses[1:])
+
+
+def _holds(members: AddressSet | tuple[IPAddress, IPAddress], address: IPAddress) -> bool:
+    if isinstance(members, tuple):
+        return members[0].version == address.version and members[0] <= address <= members[1]  # type: ignore[operator]
+    return address in members
+
+
+#: Addresses the interpreter and the proof test whatever the rules: loopback, broadcast, multicast.
+_ALWAYS_TESTED: Final = tuple(
+    ipaddress.ip_network(n)
+    for n in ("127.0.0.0/8", "::1/128", "255.255.255.255/32", "0.0.0.0/8", "224.0.0.0/4", "ff00::/8")
+)
 
 
 def _reads_source(plan: _Plan) -> bool:
@@ -1222,6 +1414,8 @@ class _Run:
         #: of nat chains that only rewrite the mark, and the source NAT stage of a packet looping back over lo.
         self.pending: list[_Stage | _PendingMark] = []
         self.forcing = False
+        #: The next choice point's outcomes behave alike (see Interpreter.endpoints).
+        self.alike = False
 
     # ------------------------------------------------------------------ symbolic tests
 
@@ -1457,6 +1651,26 @@ class _Run:
                         self._reroute(hook)
         self.tracked = True
 
+    def _alike(self, endpoints: _Endpoints) -> bool:
+        """Whether swapping two endpoints of a choice among alike chains maps the run's region and state
+        onto themselves: then taking endpoint j on a connection does what taking the first does on the
+        connection with the two swapped, which the region holds too (see :meth:`Interpreter.endpoints`).
+        The region must hold, in each box, every endpoint's class of source and destination or none; no
+        address the run holds as a value may be an endpoint."""
+        assert self.tracer is not None
+        for field in ("src", "dst"):
+            sym = self.sym[field]
+            if sym is None:
+                if getattr(self, field) in endpoints.addresses:
+                    return False
+            elif not isinstance(sym, str) or not self.tracer.alike(sym, endpoints.tests):
+                return False
+        held = [self.tproxy.address] if self.tproxy is not None else []
+        for item in self.pending:
+            if isinstance(item, _PendingMark):
+                held += [item.view[0], item.view[2]]
+        return not any(address in endpoints.addresses for address in held)
+
     def _force(self) -> None:
         """Run what was left for later (:attr:`pending`), in order, as it would have run then: a rule that
         rewrites the mark on the packet as it was then; the source NAT stage in POSTROUTING, out ``lo``,
@@ -1640,7 +1854,11 @@ class _Run:
                     self.visits += len(effects)
                     index += 1
                     continue
+            if self.tracer is not None and self.choices is None and self.interpreter.use_symmetry:
+                endpoints = self.interpreter.endpoints(table, chain, index)
+                self.alike = endpoints is not None and self._alike(endpoints)
             result, why = self._rule_matches(rule)
+            self.alike = False
             target = rule.target
             if result is MatchResult.NOT_MATCHED:
                 if self.record:
@@ -2065,7 +2283,7 @@ class _Run:
         if self.choices is not None:
             taken = self.choices.next()
         elif self.tracer is not None:
-            taken = self.tracer.choose()
+            taken = self.tracer.choose(alike=self.alike)
         else:
             taken = DEFAULT_CHOICE
         self.taken.append(taken)

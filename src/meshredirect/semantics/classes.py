@@ -126,7 +126,7 @@ class Constants:
 
     def add_networks(self, direction: Direction | None, addresses: Iterable[IPNetwork | IPAddress]) -> None:
         """Networks compared with the source, the destination, or (None) both."""
-        members = AddressSet.of(*addresses)
+        members = addresses if isinstance(addresses, AddressSet) else AddressSet.of(*addresses)
         for family in (Family.IPV4, Family.IPV6):
             part = members.for_version(family.version)
             if not part:

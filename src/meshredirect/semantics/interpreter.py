@@ -1845,7 +1845,13 @@ class _Run:
                 raise _Stop(Unknown(reason=f"more than {MAX_RULE_VISITS} rules visited: chains that loop"))
             if self.pending and isinstance(rule.target, _READS_MARKS):
                 self._force()
-            if self.unobserved_source and base.type is ChainType.NAT and self.sport_random is None and not self.forcing:
+            if (
+                self.unobserved_source
+                and isinstance(rule.target, (SetMark, Jump))
+                and base.type is ChainType.NAT
+                and self.sport_random is None
+                and not self.forcing
+            ):
                 effects = self.interpreter.mark_effects(rule, table)
                 if effects is not None:
                     # Only rewrites the mark, which maybe nothing reads: decided when something does.
@@ -1854,7 +1860,13 @@ class _Run:
                     self.visits += len(effects)
                     index += 1
                     continue
-            if self.tracer is not None and self.choices is None and self.interpreter.use_symmetry:
+            if (
+                self.tracer is not None
+                and rule.matches
+                and type(rule.matches[0]) is StatisticMatch
+                and self.choices is None
+                and self.interpreter.use_symmetry
+            ):
                 endpoints = self.interpreter.endpoints(table, chain, index)
                 self.alike = endpoints is not None and self._alike(endpoints)
             result, why = self._rule_matches(rule)

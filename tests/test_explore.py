@@ -593,3 +593,46 @@ def test_a_shortcut_for_endpoints_a_rule_tells_apart_is_caught(monkeypatch: pyte
     check = _node(text=marked, symmetry=True)
     with pytest.raises(AssertionError, match="concrete runs give"):
         assert_symmetric(check, steps_program(check), sample=60)
+
+
+# ----------------------------------------------------------------------------- returns merged
+#
+# A run that returns from a chain takes back the connections it left for later that return a few rules on
+# (every rule in between failing on the whole region), and regions left for later that both return are
+# joined: Istio's ISTIO_OUTPUT returns for the proxy's uid and, a few rules on, for its gid. The soundness
+# tests above run with it; here it is shown to save paths, and a broken version to be caught.
+
+
+def test_returns_a_few_rules_apart_share_a_path() -> None:
+    merged, apart = _node(services=2, containers=0), _node(services=2, containers=0)
+    apart.interpreter.use_merging = False
+    assert merged.run().paths < apart.run().paths
+    assert assert_sound(merged.space, steps_program(merged), sample=200) > 100
+
+
+MERGED = """*nat
+:OUTPUT ACCEPT [0:0]
+:MESH - [0:0]
+-A OUTPUT -p tcp -j MESH
+-A OUTPUT -p tcp -j REDIRECT --to-ports 15001
+-A MESH -d 10.1.0.0/16 -j RETURN
+-A MESH -p tcp -m tcp --dport 8080 -j REDIRECT --to-ports 15006
+-A MESH -d 10.2.0.0/16 -j RETURN
+COMMIT
+"""
+
+
+def test_a_merge_into_a_path_that_does_not_return_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broken: every rule is taken to return, so the connections left for later at the RETURN for
+    10.1.0.0/16 are taken back into the path the REDIRECT to the inbound port takes."""
+    check = _node(text=MERGED)
+    assert assert_sound(check.space, steps_program(check), sample=300) > 50
+    merge = interpreter_module._Run._merge_exits
+
+    def broken(run: Any, chain: Any, index: int, **kwargs: Any) -> Any:
+        return merge(run, chain, index, **(kwargs | {"returning": True}))
+
+    monkeypatch.setattr(interpreter_module._Run, "_merge_exits", broken)
+    check = _node(text=MERGED)
+    with pytest.raises(AssertionError, match="behaves as"):
+        assert_sound(check.space, steps_program(check), sample=300)

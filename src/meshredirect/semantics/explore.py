@@ -147,6 +147,26 @@ class Tracer:
         """Keep the part of the region in ``inside``, leave the part in ``outside`` to another run."""
         raise NotImplementedError
 
+    def left(self) -> int:  # pragma: no cover - interface
+        """How many regions the run has left for later so far."""
+        raise NotImplementedError
+
+    def absorb(self, constraints: Mapping[int, int], index: int) -> bool:  # pragma: no cover - interface
+        """Take back into the run's region the part of the ``index``-th region it left for later on which
+        every constraint (position -> classes) holds; whether some of that region is still left. The
+        caller's obligation: on that part the program, from here on, does what it does on the run's region
+        (the explorer cannot check it)."""
+        raise NotImplementedError
+
+    def take_back(self, index: int) -> None:  # pragma: no cover - interface
+        """Take back into the run's region the ``index``-th region it left for later (same obligation)."""
+        raise NotImplementedError
+
+    def join_left(self, index: int) -> None:  # pragma: no cover - interface
+        """Join the region left last for later to the ``index``-th one (the caller's obligation: the program
+        does the same on both)."""
+        raise NotImplementedError
+
 
 def probe(tracer: Tracer | None, value: Any, sym: Sym | None, key: Callable[[Any], Hashable]) -> Any:
     """``key(value)``; through ``tracer`` when the value stands for a dimension (``sym``)."""
@@ -315,29 +335,36 @@ class Run(Tracer):
         """:meth:`decide_all` on constraints (position -> classes wanted) and the representative's outcome."""
         if not constraints:
             return holds
-        matched: list[Box] = []
-        missed: list[Box] = []
-        for box in self.region:
-            current = box
-            inside = True
-            for position, mask in constraints.items():
-                here = current[position]
-                out = here & ~mask
-                if out:
-                    missed.append((*current[:position], out, *current[position + 1 :]))
-                here &= mask
-                if not here:
-                    inside = False
-                    break
-                if out:
-                    current = (*current[:position], here, *current[position + 1 :])
-            if inside:
-                matched.append(current)
+        matched, missed = _split(self.region, constraints)
         kept, left = (matched, missed) if holds else (missed, matched)
         if left:
             self.alternatives.append((_merge(left), tuple(self.taken)))
         self.region = kept
         return holds
+
+    def left(self) -> int:
+        return len(self.alternatives)
+
+    def take_back(self, index: int) -> None:
+        boxes, _taken = self.alternatives.pop(index)
+        self.region = [*self.region, *boxes]
+
+    def join_left(self, index: int) -> None:
+        boxes, taken = self.alternatives.pop()
+        earlier, earlier_taken = self.alternatives[index]
+        assert earlier_taken == taken, "regions left at different choices"
+        self.alternatives[index] = (_merge([*earlier, *boxes]), taken)
+
+    def absorb(self, constraints: Mapping[int, int], index: int) -> bool:
+        boxes, taken = self.alternatives[index]
+        matched, missed = _split(boxes, constraints)
+        if matched:
+            self.region = [*self.region, *matched]
+        if missed:
+            self.alternatives[index] = (_merge(missed), taken)
+            return True
+        self.alternatives.pop(index)
+        return False
 
 
 @attrs.frozen
@@ -531,6 +558,29 @@ def _merge(boxes: list[Box]) -> list[Box]:
         if len(merged) < len(boxes):
             boxes = [(*rest[:position], mask, *rest[position:]) for rest, mask in merged.items()]
     return boxes
+
+
+def _split(region: Sequence[Box], constraints: Mapping[int, int]) -> tuple[list[Box], list[Box]]:
+    """The boxes of ``region`` where every constraint holds, and the disjoint rest."""
+    matched: list[Box] = []
+    missed: list[Box] = []
+    for box in region:
+        current = box
+        inside = True
+        for position, mask in constraints.items():
+            here = current[position]
+            out = here & ~mask
+            if out:
+                missed.append((*current[:position], out, *current[position + 1 :]))
+            here &= mask
+            if not here:
+                inside = False
+                break
+            if out:
+                current = (*current[:position], here, *current[position + 1 :])
+        if inside:
+            matched.append(current)
+    return matched, missed
 
 
 def _cut(region: list[Box], parts: Sequence[Mapping[int, int]]) -> list[Box]:

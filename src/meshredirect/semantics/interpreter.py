@@ -90,7 +90,7 @@ import enum
 import functools
 import ipaddress
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from typing import Any, Final, TypeAlias, assert_never
+from typing import Any, Final, Literal, TypeAlias, assert_never
 
 import attrs
 
@@ -470,6 +470,8 @@ class Interpreter:
         self.use_dispatch = True
         #: Whether proofs explore one outcome of a choice among alike chains (see :meth:`endpoints`).
         self.use_symmetry = True
+        #: Whether a run that returns from a chain takes the connections that return a few rules on.
+        self.use_merging = True
         self._endpoints: dict[tuple[int, int], tuple[Chain, _Endpoints | None]] = {}
         self._separators: _Separators | None = None
         env = self.env
@@ -1651,6 +1653,129 @@ class _Run:
                         self._reroute(hook)
         self.tracked = True
 
+    def _merge_exits(
+        self,
+        chain: Chain,
+        index: int,
+        *,
+        result: MatchResult,
+        grew: int,
+        exits: int | None,
+        returning: bool,
+        simple: dict[int, int] | Literal[False] | None,
+    ) -> int | None:
+        """After rule ``index`` of a chain: join the regions that return from the chain with no change
+        (see :meth:`_merge_returns`). ``exits`` is a region left for later, by an earlier rule of the chain,
+        that returns there, with every rule since failing on the whole region; ``grew``, how many regions
+        this rule's test left for later; ``returning``, whether the rule returns and its tests are all
+        class constraints. Returns what ``exits`` is after this rule."""
+        assert self.tracer is not None
+        if exits is not None:
+            if simple is False and grew == 0:
+                return exits  # fails on every connection of the region: passed over
+            if returning and result is MatchResult.MATCHED and grew <= 1:
+                # Those return here too, with the same state: they do what this run does from now on.
+                self.tracer.take_back(exits)
+                if grew:
+                    self._merge_returns(chain, index, self.tracer.left() - 1)
+                return None
+            if returning and result is MatchResult.NOT_MATCHED and grew == 1:
+                self.tracer.join_left(exits)  # both return from the chain with the same state
+                return exits
+            exits = None
+        if returning and grew == 1:
+            if result is MatchResult.NOT_MATCHED:
+                return self.tracer.left() - 1  # the part that returns here was left for later
+            if result is MatchResult.MATCHED:
+                self._merge_returns(chain, index, self.tracer.left() - 1)
+        return None
+
+    def _merge_returns(self, chain: Chain, index: int, left: int) -> None:
+        """Rule ``index`` of ``chain`` returned, and its test left the rest of the region for later: take
+        back the part of it that the next rules return on too (each rule in between failing on the whole
+        region): from the RETURN on, those connections meet the same state (the rules in between changed
+        nothing), so they do what this run does. (Istio's ISTIO_OUTPUT returns for the proxy's uid and,
+        a few rules on, for its gid.) A rule that may match and do anything else ends the search. ``left``:
+        which region left for later this rule's test left."""
+        assert self.tracer is not None
+        for later in chain.rules[index + 1 :]:
+            found = self._constraints(later)
+            if found is False:
+                continue  # does not match on any connection of the region
+            if found is None or type(later.target) is not Return:
+                return
+            if not self.tracer.absorb(found, left) or not found:
+                return  # nothing left, or it returns on every connection that reaches it
+
+    def _constraints(self, rule: Rule) -> dict[int, int] | Literal[False] | None:
+        """A rule's tests as one conjunction of class constraints (position -> classes) on the run's
+        region; False when it fails on every connection of the region (a test of what is the same for all
+        of them fails); None when its tests are not all of the kinds read here."""
+        tracer = self.tracer
+        assert tracer is not None
+        constraints: dict[int, int] = {}
+        for plan in self.interpreter.plans(rule):
+            kind = plan[0]
+            if kind is _PROTOCOL:
+                if (self.c.protocol is plan[1]) == plan[2]:
+                    return False
+            elif kind is _FAMILY:
+                if self.family is not plan[1]:
+                    return False
+            elif kind is _OIF:
+                if not plan[1](self.oif or ""):
+                    return False
+            elif kind is _CONSTANT:
+                if not plan[1]:
+                    return False
+            elif kind is _IIF and (self.iif is None or not self.own_iif):
+                if not plan[1](self.iif or ""):
+                    return False
+            elif kind is _ADDRESS or kind is _PORT:
+                if kind is _ADDRESS and self.family.version not in plan[4]:
+                    return False
+                if kind is _PORT and self.c.protocol is not plan[4]:
+                    return False
+                field = plan[1]
+                if field == "sport" and self.sport_random is not None:
+                    return None
+                if not self._constrain(constraints, field, getattr(self, field), plan[2], not plan[3]):
+                    return False
+            elif kind is _OWNER:
+                if self.hook is not Hook.OUTPUT and self.hook is not Hook.POSTROUTING:
+                    if not plan[4]:
+                        return False
+                    continue
+                if plan[4]:
+                    return None
+                socket = self.sym["socket"]
+                if socket is None:
+                    if self.socket is None:
+                        return False
+                else:
+                    position, _outcome, outcomes = tracer.resolve(socket, self.interpreter.present)
+                    constraints[position] = constraints.get(position, -1) & outcomes.get(True, 0)
+                field = plan[1]
+                value = None if self.socket is None else self.socket.uid if field == "uid" else self.socket.gid
+                if not self._constrain(constraints, field, value, plan[2], not plan[3]):
+                    return False
+            else:
+                return None
+        return constraints
+
+    def _constrain(
+        self, constraints: dict[int, int], field: str, value: Any, test: Callable[[Any], Hashable], wanted: bool
+    ) -> bool:
+        """Add ``test(field) == wanted`` to ``constraints``; False when the field's value is not symbolic
+        and fails the test."""
+        sym = self.sym[field]
+        if sym is None:
+            return value is not None and bool(test(value)) == wanted
+        assert self.tracer is not None
+        position, _outcome, outcomes = self.tracer.resolve(sym, test)
+        constraints[position] = constraints.get(position, -1) & outcomes.get(wanted, 0)
+        return True
+
     def _alike(self, endpoints: _Endpoints) -> bool:
         """Whether swapping two endpoints of a choice among alike chains maps the run's region and state
         onto themselves: then taking endpoint j on a connection does what taking the first does on the
@@ -1810,6 +1935,7 @@ class _Run:
         index = 0
         runs_of: Chain | None = None  # the chain `runs` belongs to
         runs: tuple[_Dispatch | None, ...] | None = None
+        exits: int | None = None  # a region left for later that returns from `chain` (see _merge_exits)
         while True:
             if index >= len(chain.rules):
                 if stack:
@@ -1824,6 +1950,7 @@ class _Run:
                             )
                         )
                     chain, index = stack.pop()
+                    exits = None
                     continue
                 return self._policy(hook, table, chain, base, "end of chain")
             if not self.record:
@@ -1838,6 +1965,7 @@ class _Run:
                         if following != index:
                             self.visits += following - index
                             index = following
+                            exits = None
                             continue
             rule = chain.rules[index]
             self.visits += 1
@@ -1859,6 +1987,7 @@ class _Run:
                     self.pending.append(_PendingMark(rule=rule, effects=effects, view=self._view(), where=where))
                     self.visits += len(effects)
                     index += 1
+                    exits = None
                     continue
             if (
                 self.tracer is not None
@@ -1869,8 +1998,32 @@ class _Run:
             ):
                 endpoints = self.interpreter.endpoints(table, chain, index)
                 self.alike = endpoints is not None and self._alike(endpoints)
+            tracer = self.tracer
+            returning = (
+                tracer is not None
+                and type(rule.target) is Return
+                and not self.record
+                and not self.pending
+                and self.interpreter.use_merging
+            )
+            if returning or exits is not None:
+                assert tracer is not None
+                left = tracer.left()
+                simple = self._constraints(rule)
+                returning = returning and simple is not None and simple is not False
             result, why = self._rule_matches(rule)
             self.alike = False
+            if returning or exits is not None:
+                assert tracer is not None
+                exits = self._merge_exits(
+                    chain,
+                    index,
+                    result=result,
+                    grew=tracer.left() - left,
+                    exits=exits,
+                    returning=returning,
+                    simple=simple,
+                )
             target = rule.target
             if result is MatchResult.NOT_MATCHED:
                 if self.record:

@@ -80,6 +80,17 @@ def concrete_branches(program: Program, connection: Any) -> dict[tuple[bool, ...
     return found
 
 
+def explored(space: ClassSpace, root: Root, program: Program) -> tuple[Explorer, list[Leaf[Any]]]:
+    """The explorer of a root and the paths ``program`` takes through its classes."""
+    explorer = root.explorer()
+    symbols = space.symbols(root)
+
+    def symbolic(run: Run) -> Any:
+        return program(space.connection(root, {d: run.value(d) for d in root.dims}), run, symbols, None)
+
+    return explorer, explorer.explore(symbolic)
+
+
 def assert_sound(
     space: ClassSpace,
     program: Program,
@@ -92,13 +103,7 @@ def assert_sound(
     rng = random.Random(seed)
     compared = 0
     for root in space.roots:
-        explorer = root.explorer()
-        symbols = space.symbols(root)
-
-        def symbolic(run: Run, root: Root = root, symbols: Mapping[str, str] = symbols) -> Any:
-            return program(space.connection(root, {d: run.value(d) for d in root.dims}), run, symbols, None)
-
-        leaves = explorer.explore(symbolic)
+        explorer, leaves = explored(space, root, program)
         # Each combination lies in one leaf per sequence of choices: a complete tree of outcomes.
         weighted = sum(Fraction(leaf.size, 2 ** len(leaf.choices)) for leaf in leaves)
         assert weighted == root.count(), "the regions do not cover the classes once per choice"
@@ -530,13 +535,7 @@ def assert_symmetric(check: Checker, program: Program, sample: int = 150, seed: 
     space = check.space
     compared = 0
     for root in space.roots:
-        explorer = root.explorer()
-        symbols = space.symbols(root)
-
-        def symbolic(run: Run, root: Root = root, symbols: Mapping[str, str] = symbols) -> Any:
-            return program(space.connection(root, {d: run.value(d) for d in root.dims}), run, symbols, None)
-
-        leaves = explorer.explore(symbolic)
+        explorer, leaves = explored(space, root, program)
         picks = list(combinations(leaves, explorer, rng, sample))
         # And, in every box, a source and a destination that are endpoints (the cases the shortcut swaps).
         for leaf in leaves:

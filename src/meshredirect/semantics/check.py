@@ -42,7 +42,16 @@ from typing import Any, Final
 
 import attrs
 
-from meshredirect.ir import Direction, Family, InterfaceMatch, OwnerKind, Protocol, Ruleset
+from meshredirect.ir import (
+    ConnmarkMatch,
+    Direction,
+    Family,
+    InterfaceMatch,
+    MarkMatch,
+    OwnerKind,
+    Protocol,
+    Ruleset,
+)
 from meshredirect.semantics.classes import ClassSpace, Constants, Root
 from meshredirect.semantics.explore import Eq, In, Run, Tracer, probe
 from meshredirect.semantics.interpreter import ELIDE_AFTER, Interpreter, Passed, Redirected, TProxied
@@ -219,10 +228,11 @@ class Checker:
         self.rerouted: Callable[[Any], Hashable] = lambda name: _interface_in(name, rerouted)
         # Marks matter when the rules or the routes test them; then the spec leaves marked app
         # connections out (apps do not mark their packets; marks are the proxy's business).
-        marks = Constants()
-        marks.add_ruleset(ruleset)
-        marks.add_environment(env)
-        marks_matter = bool(marks.marks)
+        marks_matter = (
+            bool(env.local_marks)
+            or proxy.transparent
+            or any(isinstance(m, (MarkMatch, ConnmarkMatch)) for _t, _c, rule in ruleset.rules() for m in rule.matches)
+        )
         self.marks_matter = marks_matter
         self.proxy_marks = In(frozenset(proxy.marks))
         if marks_matter:

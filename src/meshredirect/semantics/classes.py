@@ -123,6 +123,9 @@ class Constants:
     _network_sets: dict[tuple[Family, Direction], set[AddressSet]] = attrs.field(
         factory=dict, init=False, repr=False, eq=False
     )
+    _port_sets: dict[tuple[Protocol, Direction], set[PortSet]] = attrs.field(
+        factory=dict, init=False, repr=False, eq=False
+    )
 
     def add_networks(self, direction: Direction | None, addresses: Iterable[IPNetwork | IPAddress]) -> None:
         """Networks compared with the source, the destination, or (None) both."""
@@ -149,8 +152,12 @@ class Constants:
                 self.any_ports.append(members)
             return
         bucket = self.ports.setdefault((protocol, direction), [])
-        if members not in bucket:
+        seen = self._port_sets.get((protocol, direction))
+        if seen is None or len(seen) != len(bucket):
+            seen = self._port_sets[(protocol, direction)] = set(bucket)
+        if members not in seen:
             bucket.append(members)
+            seen.add(members)
 
     def add_ids(self, kind: OwnerKind, ids: IdSet | Iterable[int]) -> None:
         members = ids if isinstance(ids, IdSet) else IdSet.of(*ids)

@@ -662,9 +662,10 @@ class Interpreter:
         address and port, mark and conntrack mark as the rules leave them): during proof enumeration
         (``tracer`` given, ``trace=False``), a source NAT stage that can only rewrite those (see
         :meth:`source_nat_summary`) is left out when the packet leaves the pod, and run only when a rule
-        reads what it may change when the packet loops back over ``lo``; the splits its tests would make
-        go with it. The verdict, the route and the choices taken are the same; only
-        :attr:`Evaluation.connection` may then show the source before that stage.
+        reads what it may change when the packet loops back over ``lo``; a rule of a nat chain that only
+        rewrites the mark is decided when the mark is read, not when met. The splits their tests would
+        make go with them. The verdict, the route and the choices taken are the same; only
+        :attr:`Evaluation.connection` may then show the source and marks before them.
         """
         if choices is not None and not isinstance(choices, Choices):
             choices = Choices(choices)
@@ -779,8 +780,8 @@ _VIEW: Final = (
 #: Rules left for later whose combined effects on the mark are listed before a stage is left out.
 _MAX_PENDING_MARKS: Final = 4
 
-_UNOBSERVED_TARGETS: Final = (Return, Accept, Continue, Log, SetMark, ConnmarkSet, ConnmarkSave, ConnmarkRestore)
 _MARK_WRITES: Final = (SetMark, ConnmarkSet, ConnmarkSave, ConnmarkRestore)
+_UNOBSERVED_TARGETS: Final = (Return, Accept, Continue, Log, *_MARK_WRITES)
 #: Targets that read or rewrite the mark or the conntrack mark.
 _READS_MARKS: Final = (*_MARK_WRITES, TProxy)
 
@@ -1793,7 +1794,8 @@ class _Run:
         held = [self.tproxy.address] if self.tproxy is not None else []
         for item in self.pending:
             if isinstance(item, _PendingMark):
-                held += [item.view[0], item.view[2]]
+                view = dict(zip(_VIEW, item.view[:-1], strict=True))
+                held += [view["src"], view["dst"]]
         return not any(address in endpoints.addresses for address in held)
 
     def _force(self) -> None:

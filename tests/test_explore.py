@@ -194,15 +194,20 @@ def test_a_program_that_branches_behind_the_explorers_back_is_caught() -> None:
         assert_sound(check.space, cheating)
 
 
-def _node(services: int = 3, containers: int = 2, *, symmetry: bool = False, text: str | None = None) -> Checker:
+def _node(
+    services: int = 3, containers: int = 2, *, symmetry: bool = False, mirrors: bool = False, text: str | None = None
+) -> Checker:
     """The checker ``meshredirect verify`` runs on a small node dump (Istio, kube-proxy, Docker); without
-    ``symmetry`` it explores every outcome of every choice (the tests here compare each with a concrete
-    run; the proof's shortcut for alike endpoints has its own test below)."""
+    ``symmetry`` it explores every outcome of every choice, without ``mirrors`` every rule of a dispatch run
+    (the tests here compare each path with concrete runs; the proof's shortcuts for alike endpoints and
+    for alike services have their own tests below)."""
     ruleset = read_iptables(
         text if text is not None else node_dump(services=services, endpoints=3, containers=containers)
     )
     check = checker(ruleset, mesh_environment(ruleset)[1])
+    assert check.interpreter.use_mirrors  # what verify uses
     check.interpreter.use_symmetry = symmetry
+    check.interpreter.use_mirrors = mirrors
     return check
 
 
@@ -635,3 +640,240 @@ def test_a_merge_into_a_path_that_does_not_return_is_caught(monkeypatch: pytest.
     check = _node(text=MERGED)
     with pytest.raises(AssertionError, match="behaves as"):
         assert_sound(check.space, steps_program(check), sample=300)
+
+
+# ----------------------------------------------------------------------------- mirrored rules
+#
+# Rules of a dispatch run that a mirror of the ruleset maps onto each other (kube-proxy's services, alike
+# but for their addresses; node ports and health checks, alike but for their ports; Docker's published
+# ports) are explored once: a path stands for its region and the region's images (``Leaf.images``). Here
+# combinations of every image are run concretely, on every branch, and compared with the path's result,
+# its values swapped; and the paths with their images must cover every combination once per choice.
+
+
+def _apply(combo: tuple[int, ...], mirrors: Any) -> tuple[int, ...]:
+    """A combination's image under mirrors applied in order."""
+    out = list(combo)
+    for mirror in mirrors:
+        for position, i, j in mirror:
+            if out[position] in (i, j):
+                out[position] = j if out[position] == i else i
+    return tuple(out)
+
+
+def _value_map(explorer: Explorer, mirrors: Any) -> Callable[[Any], Any]:
+    """What mirrors applied in order do to a value (an address, a port) the classes hold."""
+    steps = []
+    for mirror in mirrors:
+        swap: dict[Any, Any] = {}
+        for position, i, j in mirror:
+            values = explorer.values[explorer.dims[position]]
+            swap[values[i]], swap[values[j]] = values[j], values[i]
+        steps.append(swap)
+
+    def mapped(value: Any) -> Any:
+        for swap in steps:
+            value = swap.get(value, value)
+        return value
+
+    return mapped
+
+
+def assert_mirrored(
+    check: Checker,
+    program: Program,
+    instantiate: Callable[[Any, Any, Callable[[Any], Any]], Any] = lambda result, connection, mapped: result,
+    sample: int = 3,
+    seed: int = 0,
+) -> tuple[int, int]:
+    """Explore every root and check the paths with their images: together they cover each combination once
+    per sequence of choices, and combinations picked in every box of every image (``sample`` per box)
+    behave, on every branch, as the paths claim; returns how many were compared, and how many of those lie
+    in an image (not in a path's own region)."""
+    rng = random.Random(seed)
+    space = check.space
+    compared = imaged = 0
+    for root in space.roots:
+        explorer, leaves = explored(space, root, program)
+        weighted = sum(Fraction(leaf.covered, 2 ** len(leaf.choices)) for leaf in leaves)
+        assert weighted == root.count(), "the regions and their images do not cover the classes once per choice"
+        covers: list[tuple[Leaf[Any], Any, tuple[Any, ...]]] = []
+        picks: set[tuple[int, ...]] = set()
+        for leaf in leaves:
+            for mirrors in leaf.images():
+                boxes = tuple(explore_module.mirror_box(box, mirrors) for box in leaf.boxes)
+                covers.append((leaf, mirrors, boxes))
+                for box in boxes:
+                    members = [[i for i in range(m.bit_length()) if m >> i & 1] for m in box]
+                    picks.update(tuple(rng.choice(m) for m in members) for _ in range(sample))
+        for combo in sorted(picks):
+            connection = space.connection(
+                root, {d: explorer.values[d][i] for d, i in zip(explorer.dims, combo, strict=True)}
+            )
+            concrete = concrete_branches(program, connection)
+            claimed: dict[tuple[bool, ...], Any] = {}
+            mirrored = False
+            for leaf, mirrors, boxes in covers:
+                if any(all(box[p] >> c & 1 for p, c in enumerate(combo)) for box in boxes):
+                    assert leaf.choices not in claimed, f"{connection} lies in two paths of one choice"
+                    claimed[leaf.choices] = instantiate(leaf.result, connection, _value_map(explorer, mirrors))
+                    mirrored = mirrored or bool(mirrors)
+            assert concrete == claimed, f"{connection} behaves as {concrete}, but its paths say {claimed}"
+            compared += 1
+            imaged += mirrored
+    return compared, imaged
+
+
+def instantiate_mirrored_verdict(result: Any, connection: Any, mapped: Callable[[Any], Any]) -> Any:
+    """A path's verdict for a connection of one of its images: the values it holds swapped, its symbolic
+    fields the connection's own."""
+    kind, fields, zone = result
+    return instantiate_verdict(
+        (kind, tuple((n, v if isinstance(v, tuple) else mapped(v)) for n, v in fields), zone), connection
+    )
+
+
+def test_alike_services_ports_and_containers_are_explored_once_and_their_images_behave_as_the_paths_say() -> None:
+    text = node_dump(services=24, endpoints=2, containers=6)
+    check, full = _node(text=text, mirrors=True), _node(text=text)
+    assert check.run().paths < full.run().paths
+    compared, imaged = assert_mirrored(check, steps_program(check))
+    assert imaged > 100 and compared > imaged
+    compared, imaged = assert_mirrored(check, verdict_program(check.interpreter), instantiate_mirrored_verdict)
+    assert imaged > 100
+
+
+def test_a_mirror_of_a_region_that_does_not_hold_its_images_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broken: the region is taken to hold every image (the proxy's connection to a service's cluster IP,
+    after the app's, holds that service's only), so images no run covers are claimed."""
+    monkeypatch.setattr(Run, "invariant", lambda self, mirror: True)
+    check = _node(text=node_dump(services=24, endpoints=2, containers=0), mirrors=True)
+    with pytest.raises(AssertionError, match=r"do not cover|two paths"):
+        assert_mirrored(check, steps_program(check), sample=1)
+
+
+def _cluster_ip(text: str, service: int) -> str:
+    """The cluster IP of a service of a node dump."""
+    return next(
+        line.split()[3].split("/")[0]
+        for line in text.splitlines()
+        if line.startswith("-A KUBE-SERVICES -d") and f"/svc-{service}:" in line
+    )
+
+
+def _mirrored_services(check: Checker) -> set[str]:
+    """The cluster IPs of the services whose KUBE-SERVICES rule has a partner."""
+    interpreter = check.interpreter
+    table = next(t for t in interpreter.ruleset.tables if t.name == "nat")
+    chain = table.chain("KUBE-SERVICES")
+    return {
+        str(rule.matches[0].addresses.networks[0].network_address)  # type: ignore[attr-defined]
+        for index, rule in enumerate(chain.rules)
+        if interpreter.partners(table, chain, index)
+    }
+
+
+def _dropping(text: str, address: str) -> str:
+    """A node dump whose filter table drops the app's connections to an endpoint of the service of
+    cluster IP ``address`` (after the service's DNAT: the dispatch to the service does not see it)."""
+    line = next(line for line in text.splitlines() if line.startswith(f"-A KUBE-SERVICES -d {address}/32"))
+    service = line.split('--comment "')[1].split(":")[0]
+    endpoint = next(
+        line.split("--to-destination ")[1].split(":")[0]
+        for line in text.splitlines()
+        if "-j DNAT" in line and f'--comment "{service}"' in line
+    )
+    first = "-A OUTPUT -m conntrack --ctstate NEW"
+    assert text.count(first) == 1
+    return text.replace(first, f"-A OUTPUT -d {endpoint}/32 -j DROP\n{first}")
+
+
+def test_services_another_rule_tells_apart_are_not_mirrored() -> None:
+    text = node_dump(services=24, endpoints=2, containers=0)
+    mirrored = _mirrored_services(_node(text=text, mirrors=True))
+    address = sorted(mirrored)[0]
+    check = _node(text=_dropping(text, address), mirrors=True)
+    assert address not in _mirrored_services(check) and len(_mirrored_services(check)) >= len(mirrored) - 2
+    assert assert_mirrored(check, steps_program(check), sample=1)[1] > 20
+
+
+def test_a_mirror_blind_to_other_rules_naming_its_constants_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broken: the rules that name a moved constant outside the two services are not looked at, so a
+    service the mangle table drops is taken to be like its partners."""
+    from meshredirect.semantics import symmetry
+
+    text = node_dump(services=24, endpoints=2, containers=0)
+    address = sorted(_mirrored_services(_node(text=text, mirrors=True)))[0]
+    monkeypatch.setattr(symmetry.Mirrors, "_pair_sites", lambda self, ones, twos, key, to, work: True)
+    monkeypatch.setattr(symmetry.Mirrors, "_profile", lambda self, key: key if key[0] == "port" else key[0])
+    check = _node(text=_dropping(text, address), mirrors=True)
+    assert address in _mirrored_services(check)
+    with pytest.raises(AssertionError, match="behaves as"):
+        assert_mirrored(check, steps_program(check), sample=1)
+
+
+def _returning_midway(text: str) -> str:
+    """A node dump with a rule in the middle of KUBE-SERVICES that returns for every cluster IP."""
+    lines = text.splitlines()
+    services = [i for i, line in enumerate(lines) if line.startswith("-A KUBE-SERVICES -d")]
+    lines.insert(services[len(services) // 2], "-A KUBE-SERVICES -d 10.96.0.0/12 -j RETURN")
+    return "\n".join(lines) + "\n"
+
+
+def assert_partners_mirror(check: Checker, sample: int = 40, seed: int = 0) -> int:
+    """The claim of each pair of partners, concretely: a connection to the first rule's values and its
+    image (the pair's values swapped) get verdicts that are each other's image, on every branch. Returns
+    how many pairs of connections were compared."""
+    rng = random.Random(seed)
+    interpreter = check.interpreter
+    program = verdict_program(interpreter)
+    space = check.space
+    compared = 0
+    for table in interpreter.ruleset.tables:
+        for chain in table.chains:
+            for index in range(len(chain.rules)):
+                for partner in interpreter.partners(table, chain, index):
+                    swap = {ours: theirs for _kind, ours, theirs in partner.pairs}
+                    swap |= {theirs: ours for ours, theirs in swap.items()}
+                    addresses = [v for kind, v, _ in partner.pairs if kind == "address"]
+                    ports = [v for kind, v, _ in partner.pairs if kind == "port"]
+                    for root in space.roots:
+                        values = root.values()
+                        for _ in range(sample):
+                            picked = {d: rng.choice(v) for d, v in values.items()}
+                            if addresses and rng.random() < 0.8:
+                                picked["dst"] = rng.choice(addresses)
+                            if ports and values["dport"][0] != 0 and rng.random() < 0.8:
+                                picked["dport"] = rng.choice(ports)
+                            connection = space.connection(root, picked)
+                            image = space.connection(root, {d: swap.get(v, v) for d, v in picked.items()})
+                            ours, theirs = concrete_branches(program, connection), concrete_branches(program, image)
+                            swapped = {
+                                choices: (kind, tuple((n, swap.get(v, v)) for n, v in fields), zone)
+                                for choices, (kind, fields, zone) in ours.items()
+                            }
+                            assert swapped == theirs, f"{connection}: {ours}, but its image {image}: {theirs}"
+                            compared += 1
+    return compared
+
+
+def test_partners_do_what_their_mirror_says() -> None:
+    check = _node(text=node_dump(services=24, endpoints=2, containers=6), mirrors=True)
+    assert assert_partners_mirror(check, sample=8) > 1000
+
+
+def test_a_mirror_that_moves_a_rule_past_another_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Services on both sides of a rule that returns for them all are not alike (the first are reached, the
+    others not): no mirror pairs them. Broken, the check that swapped rules may change places is skipped,
+    and the concrete comparison catches it. (The exploration itself would refuse most of those mirrors: its
+    region rarely holds both sides by the time a service is the first to hold.)"""
+    from meshredirect.semantics import symmetry
+
+    text = _returning_midway(node_dump(services=24, endpoints=2, containers=0))
+    check = _node(text=text, mirrors=True)
+    assert assert_partners_mirror(check, sample=8) > 100
+    assert assert_mirrored(check, steps_program(check), sample=1)[1] > 20
+    monkeypatch.setattr(symmetry.Mirrors, "_exchangeable", lambda self, matched, image: True)
+    check = _node(text=text, mirrors=True)
+    with pytest.raises(AssertionError, match="but its image"):
+        assert_partners_mirror(check, sample=8)

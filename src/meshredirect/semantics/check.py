@@ -241,6 +241,8 @@ class Checker:
         if policy is not None:
             self.spec = _Spec(policy, env, constants, marks_matter=marks_matter)
         self.space = ClassSpace([ruleset], env, families=families, constants=constants)
+        # Without a policy, every test of an address the proof makes is one of the rules or the environment.
+        self.interpreter.use_mirrors = policy is None
         self.properties = tuple(p for p in Property if policy is not None or p not in POLICY_PROPERTIES)
         #: No property reads a connection's source after NAT, so the proof leaves out source NAT that
         #: cannot change anything else (fewer paths on nodes with masquerading rules); True evaluates it.

@@ -49,7 +49,20 @@ import attrs
 
 from meshredirect.values import MAX_MARK
 
-__all__ = ["Eq", "Explorer", "In", "Leaf", "MarkSym", "Run", "Sym", "Tracer", "probe", "probe_all"]
+__all__ = [
+    "Eq",
+    "Explorer",
+    "In",
+    "Leaf",
+    "MarkSym",
+    "Mirror",
+    "Run",
+    "Sym",
+    "Tracer",
+    "mirror_box",
+    "probe",
+    "probe_all",
+]
 
 R = TypeVar("R")
 
@@ -147,6 +160,17 @@ class Tracer:
         """Keep the part of the region in ``inside``, leave the part in ``outside`` to another run."""
         raise NotImplementedError
 
+    def mirror(self, pairs: Sequence[tuple[str, Hashable, Hashable]]) -> Mirror | None:  # pragma: no cover
+        """The permutation of classes that swapping the values of each pair (dimension, value, value) makes
+        (None: it is none)."""
+        raise NotImplementedError
+
+    def restrict_mirrored(
+        self, inside: Sequence[Mapping[int, int]], outside: Sequence[Mapping[int, int]], mirrors: Sequence[Mirror]
+    ) -> bool:  # pragma: no cover - interface
+        """:meth:`restrict`, the images of the part kept under ``mirrors`` left to no run (see :class:`Run`)."""
+        raise NotImplementedError
+
     def left(self) -> int:  # pragma: no cover - interface
         """How many regions the run has left for later so far."""
         raise NotImplementedError
@@ -193,6 +217,14 @@ def probe_all(
 Box: TypeAlias = tuple[int, ...]
 #: One test of a conjunction: the symbolic value, the test, and the outcome wanted.
 Atom: TypeAlias = tuple["Sym", Callable[[Any], Hashable], Hashable]
+#: A permutation of classes that maps the program onto itself (see :meth:`Run.restrict_mirrored`): disjoint
+#: swaps (position of a dimension, class, class).
+Mirror: TypeAlias = tuple[tuple[int, int, int], ...]
+#: The mirrors a region stands for, by level: the region covers its images under every composition that takes
+#: the identity or one mirror of each level.
+Mirrors: TypeAlias = tuple[tuple[Mirror, ...], ...]
+#: A region left for later: its boxes, the outcomes of the choice points met before, and its mirrors.
+Alternative: TypeAlias = tuple[list[Box], tuple[bool, ...], Mirrors]
 
 
 class Run(Tracer):
@@ -201,11 +233,16 @@ class Run(Tracer):
     A run also replays ``forced`` outcomes at the program's first choice points (see :meth:`choose`).
     """
 
-    def __init__(self, explorer: Explorer, region: list[Box], forced: tuple[bool, ...] = ()) -> None:
+    def __init__(
+        self, explorer: Explorer, region: list[Box], forced: tuple[bool, ...] = (), mirrors: Mirrors = ()
+    ) -> None:
         self.explorer = explorer
         self.region = region
-        #: Left for later runs: a region, and the outcomes of the choice points met before it was left.
-        self.alternatives: list[tuple[list[Box], tuple[bool, ...]]] = []
+        #: Left for later runs: a region, the outcomes of the choice points met before it was left, and the
+        #: mirrors it stands for.
+        self.alternatives: list[Alternative] = []
+        #: The region stands for its images under these too (see :meth:`restrict_mirrored`).
+        self.mirrors = mirrors
         self.index = tuple(_lowest_bit(mask) for mask in region[0])
         self.forced = forced
         #: The outcomes taken at the choice points met so far.
@@ -221,7 +258,7 @@ class Run(Tracer):
         else:
             taken = True
             if not alike:
-                self.alternatives.append((list(self.region), (*self.taken, False)))
+                self.alternatives.append((list(self.region), (*self.taken, False), self.mirrors))
         self.taken.append(taken)
         return taken
 
@@ -253,7 +290,52 @@ class Run(Tracer):
         left = _cut(self.region, outside)
         self.region = _cut(self.region, inside)
         if left:
-            self.alternatives.append((_merge(left), tuple(self.taken)))
+            self.alternatives.append((_merge(left), tuple(self.taken), self.mirrors))
+
+    def mirror(self, pairs: Sequence[tuple[str, Hashable, Hashable]]) -> Mirror | None:
+        """The permutation of classes that swapping the values of each pair (dimension, value, value) makes;
+        None unless it is one. A pair's values must either each be a class of its own (both are
+        representatives: their classes swap) or lie in one class that neither represents (it stays; the
+        caller's obligation: no test tells them apart there). Cached by the identity of ``pairs`` (pass
+        the same object to ask again)."""
+        explorer = self.explorer
+        cached = explorer.mirrors.get(id(pairs))
+        if cached is not None and cached[0] is pairs:
+            return cached[1]
+        found = _mirror_of(explorer, pairs)
+        explorer.mirrors[id(pairs)] = (pairs, found)
+        return found
+
+    def invariant(self, mirror: Mirror) -> bool:
+        """Whether the region is its own image under a mirror (each box holds both classes of each swap or
+        neither)."""
+        for box in self.region:
+            for position, i, j in mirror:
+                if (box[position] >> i ^ box[position] >> j) & 1:
+                    return False
+        return True
+
+    def restrict_mirrored(
+        self, inside: Sequence[Mapping[int, int]], outside: Sequence[Mapping[int, int]], mirrors: Sequence[Mirror]
+    ) -> bool:
+        """:meth:`restrict`, but the images of the part kept under each of ``mirrors`` are left to no run:
+        this run stands for them. Only when the region is invariant under each mirror (else nothing is done:
+        False). The caller's obligation: the program, from here on, does on a connection of an image what it
+        does on its preimage, with the values swapped; the images lie in ``outside`` and are disjoint."""
+        if not all(self.invariant(mirror) for mirror in mirrors):
+            return False
+        region = self.region
+        kept = _cut(region, inside)
+        left = _cut(region, outside)
+        for mirror in mirrors:
+            for box in kept:
+                image = _mirrored(box, mirror)
+                left = _split(left, dict(enumerate(image)))[1]
+        self.region = kept
+        if left:
+            self.alternatives.append((_merge(left), tuple(self.taken), self.mirrors))
+        self.mirrors = (*self.mirrors, tuple(mirrors))
+        return True
 
     def value(self, dim: str) -> Any:
         """The representative value of ``dim`` in this run."""
@@ -316,7 +398,7 @@ class Run(Tracer):
                     (kept if other == outcome else others.setdefault(other, [])).append(split)
         self.region = kept
         taken = tuple(self.taken)
-        self.alternatives.extend((boxes, taken) for boxes in others.values())
+        self.alternatives.extend((boxes, taken, self.mirrors) for boxes in others.values())
         return outcome
 
     def decide_all(self, atoms: Sequence[Atom]) -> bool:
@@ -338,7 +420,7 @@ class Run(Tracer):
         matched, missed = _split(self.region, constraints)
         kept, left = (matched, missed) if holds else (missed, matched)
         if left:
-            self.alternatives.append((_merge(left), tuple(self.taken)))
+            self.alternatives.append((_merge(left), tuple(self.taken), self.mirrors))
         self.region = kept
         return holds
 
@@ -346,22 +428,25 @@ class Run(Tracer):
         return len(self.alternatives)
 
     def take_back(self, index: int) -> None:
-        boxes, _taken = self.alternatives.pop(index)
+        boxes, _taken, mirrors = self.alternatives.pop(index)
+        assert mirrors == self.mirrors, "a region left before a mirrored restriction"
         self.region = [*self.region, *boxes]
 
     def join_left(self, index: int) -> None:
-        boxes, taken = self.alternatives.pop()
-        earlier, earlier_taken = self.alternatives[index]
+        boxes, taken, mirrors = self.alternatives.pop()
+        earlier, earlier_taken, earlier_mirrors = self.alternatives[index]
         assert earlier_taken == taken, "regions left at different choices"
-        self.alternatives[index] = (_merge([*earlier, *boxes]), taken)
+        assert earlier_mirrors == mirrors, "regions left at different mirrors"
+        self.alternatives[index] = (_merge([*earlier, *boxes]), taken, mirrors)
 
     def absorb(self, constraints: Mapping[int, int], index: int) -> bool:
-        boxes, taken = self.alternatives[index]
+        boxes, taken, mirrors = self.alternatives[index]
+        assert mirrors == self.mirrors, "a region left before a mirrored restriction"
         matched, missed = _split(boxes, constraints)
         if matched:
             self.region = [*self.region, *matched]
         if missed:
-            self.alternatives[index] = (_merge(missed), taken)
+            self.alternatives[index] = (_merge(missed), taken, mirrors)
             return True
         self.alternatives.pop(index)
         return False
@@ -378,10 +463,13 @@ class Leaf(Generic[R]):
     dims: tuple[str, ...]
     #: The outcomes the run took at the program's choice points (replay them to reproduce the result).
     choices: tuple[bool, ...] = ()
+    #: The leaf covers the region's images under these too (see :meth:`Run.restrict_mirrored`), where the
+    #: program does what it does here, with the swapped values swapped.
+    mirrors: Mirrors = ()
 
     @property
     def size(self) -> int:
-        """How many class combinations the region holds."""
+        """How many class combinations the region holds (its images not counted)."""
         total = 0
         for box in self.boxes:
             count = 1
@@ -389,6 +477,24 @@ class Leaf(Generic[R]):
                 count *= mask.bit_count()
             total += count
         return total
+
+    @property
+    def covered(self) -> int:
+        """How many class combinations the leaf covers: its region and the region's images."""
+        total = self.size
+        for level in self.mirrors:
+            total *= 1 + len(level)
+        return total
+
+    def images(self) -> list[tuple[Mirror, ...]]:
+        """Every composition of mirrors the leaf covers, as the mirrors to apply, innermost level first
+        (the identity: ``()``)."""
+        found: list[tuple[Mirror, ...]] = [()]
+        for level in reversed(self.mirrors):
+            found = [
+                chosen + ((mirror,) if mirror is not None else ()) for chosen in found for mirror in (None, *level)
+            ]
+        return found
 
     @property
     def region(self) -> dict[str, frozenset[int]]:
@@ -427,6 +533,8 @@ class Explorer:
         #: The partitions of tests of stable identity: id(test) -> dim -> (test, position, outcomes, per class).
         self.fast: dict[int, dict[str, tuple[object, int, dict[Hashable, int], list[Hashable]]]] = {}
         self._indices: dict[str, dict[Hashable, int] | None] = {}
+        #: Run.mirror's answers, by the identity of the pairs asked about (kept alive here).
+        self.mirrors: dict[int, tuple[object, Mirror | None]] = {}
         self.runs = 0
 
     @property
@@ -513,7 +621,7 @@ class Explorer:
         if not all(start):
             return []
         leaves: list[Leaf[R]] = []
-        stack: list[tuple[list[Box], tuple[bool, ...]]] = [([tuple(start)], ())]
+        stack: list[Alternative] = [([tuple(start)], (), ())]
         while stack:
             run = Run(self, *stack.pop())
             result = program(run)
@@ -527,6 +635,7 @@ class Explorer:
                     example={dim: self.values[dim][run.index[p]] for p, dim in enumerate(self.dims)},
                     dims=self.dims,
                     choices=tuple(run.taken),
+                    mirrors=run.mirrors,
                 )
             )
             stack.extend(reversed(run.alternatives))
@@ -598,6 +707,51 @@ def _cut(region: list[Box], parts: Sequence[Mapping[int, int]]) -> list[Box]:
             else:
                 out.append(current)
     return out
+
+
+def _mirror_of(explorer: Explorer, pairs: Sequence[tuple[str, Hashable, Hashable]]) -> Mirror | None:
+    """:meth:`Run.mirror`, uncached."""
+    swaps: list[tuple[int, int, int]] = []
+    for dim, first, second in pairs:
+        position = explorer.position.get(dim)
+        if position is None:
+            continue
+        one: int | None
+        other: int | None
+        index = explorer._index(dim)
+        if index is not None:
+            one, other = index.get(first), index.get(second)
+        else:
+            masks = [explorer.partition(dim, Eq(v)).get(True, 0) for v in (first, second)]
+            if any(m.bit_count() > 1 for m in masks):
+                return None
+            one, other = (m.bit_length() - 1 if m else None for m in masks)
+        if one is None and other is None:
+            continue
+        if one is None or other is None:
+            return None
+        swaps.append((position, one, other))
+    classes = [(p, c) for p, i, j in swaps for c in (i, j)]
+    if len(set(classes)) != len(classes):
+        return None
+    return tuple(swaps)
+
+
+def _mirrored(box: Box, mirror: Mirror) -> Box:
+    """A box's image under a mirror: at each swap's position, the two classes' bits exchanged."""
+    out = list(box)
+    for position, i, j in mirror:
+        mask = out[position]
+        if (mask >> i ^ mask >> j) & 1:
+            out[position] = mask ^ (1 << i | 1 << j)
+    return tuple(out)
+
+
+def mirror_box(box: Box, mirrors: Sequence[Mirror]) -> Box:
+    """A box's image under mirrors applied in order (see :meth:`Leaf.images`)."""
+    for mirror in mirrors:
+        box = _mirrored(box, mirror)
+    return box
 
 
 def _lowest_bit(mask: int) -> int:

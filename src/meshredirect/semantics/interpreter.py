@@ -90,7 +90,7 @@ import enum
 import functools
 import ipaddress
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from typing import Any, Final, Literal, TypeAlias, assert_never
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, assert_never
 
 import attrs
 
@@ -147,9 +147,12 @@ from meshredirect.ir import (
     UnknownTarget,
 )
 from meshredirect.notation import describe_match, describe_rule
-from meshredirect.semantics.explore import Eq, In, MarkSym, Sym, Tracer
+from meshredirect.semantics.explore import Eq, In, MarkSym, Mirror, Sym, Tracer
 from meshredirect.semantics.model import LOOPBACK_INTERFACE, Connection, Environment, Origin, Socket
 from meshredirect.values import MAX_MARK, AddressSet, IdSet, IPAddress, PortSet
+
+if TYPE_CHECKING:
+    from meshredirect.semantics.symmetry import Mirrors, Partner
 
 __all__ = [
     "DEFAULT_CHOICE",
@@ -472,6 +475,13 @@ class Interpreter:
         self.use_symmetry = True
         #: Whether a run that returns from a chain takes the connections that return a few rules on.
         self.use_merging = True
+        #: Whether proofs explore, of the rules of a dispatch run that a mirror of the ruleset maps onto each
+        #: other, one (see :meth:`partners`). Off unless whoever proves knows that the rules and the
+        #: environment make every test of a constant the proof makes (``Checker`` without a policy: a
+        #: policy's spec tests more).
+        self.use_mirrors = False
+        self._mirrors: Mirrors | None = None
+        self._swaps: dict[int, tuple[Partner, tuple[tuple[str, Hashable, Hashable], ...]]] = {}
         self._endpoints: dict[tuple[int, int], tuple[Chain, _Endpoints | None]] = {}
         self._separators: _Separators | None = None
         env = self.env
@@ -534,6 +544,29 @@ class Interpreter:
         endpoints = _find_endpoints(self, table, chain, index)
         self._endpoints[key] = (chain, endpoints)
         return endpoints
+
+    def partners(self, table: Table, chain: Chain, index: int) -> tuple[Partner, ...]:
+        """The other rules of the dispatch run of rule ``index`` of ``chain`` that a mirror of the ruleset
+        maps it onto (see :mod:`meshredirect.semantics.symmetry`: kube-proxy's services, alike but for
+        their addresses; its node ports and health checks, alike but for their ports), each with the
+        constants the mirror swaps. A connection for which rule ``index`` is the first of the run to hold
+        is mapped onto one for which the partner is, and the rules do to it what they do to the first,
+        swapped. When the run's region holds each connection's image too, the proof explores rule ``index``
+        only (``_Run._mirrors``)."""
+        if self._mirrors is None:
+            from meshredirect.semantics.symmetry import Mirrors
+
+            self._mirrors = Mirrors(self)
+        return self._mirrors.partners(table, chain, index)
+
+    def swaps(self, partner: Partner) -> tuple[tuple[str, Hashable, Hashable], ...]:
+        """The values a partner's mirror swaps in each dimension of the proof's classes (the same object
+        each time: ``Tracer.mirror`` caches by identity)."""
+        found = self._swaps.get(id(partner))
+        if found is None or found[0] is not partner:
+            swaps = tuple((dim, ours, theirs) for kind, ours, theirs in partner.pairs for dim in _MIRRORED_DIMS[kind])
+            found = self._swaps[id(partner)] = (partner, swaps)
+        return found[1]
 
     def separators(self) -> _Separators:
         """Every address set a test of the rules or the environment compares an address with."""
@@ -1119,8 +1152,9 @@ class _Dispatch:
 
     def split(
         self, tracer: Tracer, symbolic: Sequence[tuple[str, str]], index: int, allowed: frozenset[int] | None
-    ) -> int:
-        """:meth:`_Run._dispatch_next` on the symbolic fields (the others' rules are ``allowed``)."""
+    ) -> tuple[int, list[dict[int, int]], list[dict[int, int]]]:
+        """:meth:`_Run._dispatch_next` on the symbolic fields (the others' rules are ``allowed``): the rule
+        found, and the parts (per position, the classes) where it is the first to hold and where not."""
         first_field, first_dim = symbolic[0]
         position, values, representative = tracer.classes(first_dim)
         masks, by_class = self.masks(first_field, values)
@@ -1169,8 +1203,7 @@ class _Dispatch:
                     groups[held] = groups.get(held, 0) | (1 << cls)
                 cached = self._none[key] = _grouped(position, groups, {}, box, every)
             inside, outside = cached
-        tracer.restrict(inside, outside)
-        return found
+        return found, inside, outside
 
 
 def _excludes(plan: _Plan, protocol: Protocol, family: Family) -> bool:
@@ -1275,6 +1308,10 @@ def _dispatch_runs(chain: Chain, plans: Sequence[tuple[_Plan, ...]]) -> tuple[_D
             start += 1
     return tuple(slots) if found else None
 
+
+#: The fields of a connection that hold addresses and ports, and the proof's dimensions a mirror swaps of each.
+_MIRRORED_FIELDS: Final = ("src", "dst", "sport", "dport")
+_MIRRORED_DIMS: Final = {"address": ("src", "dst"), "port": ("sport", "dport")}
 
 _CACHE: dict[int, tuple[Ruleset, Environment, Interpreter]] = {}
 _CACHE_SIZE: Final = 16
@@ -1791,12 +1828,17 @@ class _Run:
                     return False
             elif not isinstance(sym, str) or not self.tracer.alike(sym, endpoints.tests):
                 return False
-        held = [self.tproxy.address] if self.tproxy is not None else []
+        return not any(address in endpoints.addresses for address in self._held())
+
+    def _held(self) -> list[object]:
+        """The addresses and ports the run holds as values, besides its fields: a TPROXY target's, and those
+        of the packet as rules left for later saw it."""
+        held: list[object] = [self.tproxy.address, self.tproxy.port] if self.tproxy is not None else []
         for item in self.pending:
             if isinstance(item, _PendingMark):
                 view = dict(zip(_VIEW, item.view[:-1], strict=True))
-                held += [view["src"], view["dst"]]
-        return not any(address in endpoints.addresses for address in held)
+                held += [view[field] for field in _MIRRORED_FIELDS]
+        return held
 
     def _force(self) -> None:
         """Run what was left for later (:attr:`pending`), in order, as it would have run then: a rule that
@@ -1963,7 +2005,7 @@ class _Run:
                     if run is not None:
                         if self.pending and "src" in run.fields:
                             self._force()
-                        following = self._dispatch_next(run, index)
+                        following = self._dispatch_next(run, table, chain, index)
                         if following != index:
                             self.visits += following - index
                             index = following
@@ -2133,7 +2175,7 @@ class _Run:
                 case _:
                     assert_never(target)
 
-    def _dispatch_next(self, run: _Dispatch, index: int) -> int:
+    def _dispatch_next(self, run: _Dispatch, table: Table, chain: Chain, index: int) -> int:
         """The first rule of ``run`` from ``index`` on whose tests of the run's fields all hold: the rules
         before it do not match. Through the tracer, the region keeps the classes on which exactly those
         rules fail (one combined constraint for all of them) and leaves the rest to one other run."""
@@ -2154,7 +2196,34 @@ class _Run:
         if not symbolic:
             return min((j for j in allowed if j >= index), default=run.end)
         assert tracer is not None
-        return run.split(tracer, symbolic, index, allowed)
+        found, inside, outside = run.split(tracer, symbolic, index, allowed)
+        if found < run.end and self.interpreter.use_mirrors and symbolic[0][0] == run.fields[0]:
+            mirrors = self._mirrors(table, chain, found, index, allowed)
+            if mirrors and tracer.restrict_mirrored(inside, outside, mirrors):
+                return found
+        tracer.restrict(inside, outside)
+        return found
+
+    def _mirrors(self, table: Table, chain: Chain, found: int, index: int, allowed: frozenset[int]) -> list[Mirror]:
+        """The mirrors of the proof's classes that map the connections for which rule ``found`` is the first
+        of its dispatch run to hold onto those for which a partner is (see :meth:`Interpreter.partners`).
+        The partner must be one the run may reach (at or after ``index``, ``allowed``); no value the run
+        holds (an address, a port) may be one the mirror moves."""
+        partners = [p for p in self.interpreter.partners(table, chain, found) if p.rule >= index and p.rule in allowed]
+        if not partners:
+            return []
+        held = set(self._held())
+        held.update(getattr(self, field) for field in _MIRRORED_FIELDS if self.sym[field] is None)
+        tracer = self.tracer
+        assert tracer is not None
+        mirrors: list[Mirror] = []
+        for partner in partners:
+            if any(ours in held or theirs in held for _kind, ours, theirs in partner.pairs):
+                continue
+            mirror = tracer.mirror(self.interpreter.swaps(partner))
+            if mirror is not None:
+                mirrors.append(mirror)
+        return mirrors
 
     def _policy(self, hook: Hook, table: Table, chain: Chain, base: BaseChain, why: str) -> _Outcome:
         if self.record:

@@ -1,0 +1,406 @@
+"""Rules alike but for their constants: the mirrors of a ruleset, which a proof explores once.
+
+A node's rules hold hundreds of pieces of one shape: kube-proxy writes, per
+service, a rule in ``KUBE-SERVICES`` (the cluster IP and port) that jumps to
+the service's chain, which spreads connections over endpoint chains, each
+DNAT to one endpoint; per node port, a rule in ``KUBE-NODEPORTS`` that jumps
+to the same chain; per health check port, an ACCEPT rule. Two services with
+the same number of endpoints and the same port differ only in their
+addresses, and a proof would walk the same path for each.
+
+A *mirror* of a ruleset is a permutation of its constants (single addresses,
+single ports, user chains' names) that swaps pairs of them and maps the
+ruleset and the environment onto themselves: every rule that names a moved
+constant becomes another rule of the ruleset (in the renamed chain, at the
+same place, or in the same chain, at another place of a dispatch run where
+the two swapped rules can be exchanged: no connection passes both, nor any
+rule of the run between them), and no test of the environment, of the
+proof's checks or of a wider set (a network, a port range) tells a moved
+constant from its image. Then what the rules do to a connection is, swapped,
+what they do to its image.
+
+:meth:`Mirrors.partners` finds, for a rule that the dispatch of a chain
+(see ``interpreter._Dispatch``) finds first, the other rules of the run that
+a mirror maps it to: it builds the permutation from the two rules outwards
+(each moved constant brings every rule that names it, each moved chain its
+rules and the rules that jump to it) and checks the result. The proof then
+explores the connections for which the rule is first and leaves out their
+images (``explore.Run.restrict_mirrored``), when its region holds them too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING, Final, TypeAlias
+
+import attrs
+
+from meshredirect.ir import (
+    AddressMatch,
+    Chain,
+    Direction,
+    Dnat,
+    Family,
+    Goto,
+    Jump,
+    PortMatch,
+    Redirect,
+    Rule,
+    Snat,
+    Table,
+    TProxy,
+)
+from meshredirect.semantics.model import DEFAULT_SOURCE_PORT, NO_PORT
+from meshredirect.values import AddressSet, IPAddress, PortSet
+
+if TYPE_CHECKING:
+    from meshredirect.semantics.interpreter import Interpreter
+
+__all__ = ["Mirrors", "Partner"]
+
+#: A constant a mirror may move: ("address", IPAddress), ("port", int) or ("chain", family, table, name).
+Key: TypeAlias = tuple[Hashable, ...]
+#: A rule of the ruleset: (family, table, chain, index).
+Site: TypeAlias = tuple[Family, str, str, int]
+
+#: A mirror is built from at most this many pairs of rules (a service with its endpoints needs about ten).
+MAX_MATCHED: Final = 128
+#: Addresses the interpreter and the checks use whatever the rules say (besides the environment's).
+_HELD_ADDRESSES: Final = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+#: Networks the interpreter and the checks test whatever the rules say.
+_ALWAYS_TESTED: Final = tuple(
+    ipaddress.ip_network(n)
+    for n in ("127.0.0.0/8", "::1/128", "255.255.255.255/32", "0.0.0.0/8", "224.0.0.0/4", "ff00::/8")
+)
+#: Ports the checks use whatever the rules say (besides the proxy's listeners).
+_HELD_PORTS: Final = (53, DEFAULT_SOURCE_PORT, NO_PORT)
+_FIELDS: Final = {"src": ("address", Direction.SOURCE), "dst": ("address", Direction.DESTINATION)}
+_FIELDS_PORT: Final = {"dport": ("port", Direction.DESTINATION), "sport": ("port", Direction.SOURCE)}
+
+
+@attrs.frozen
+class Partner:
+    """A rule a mirror maps another onto (see :meth:`Mirrors.partners`)."""
+
+    #: Its index in the chain.
+    rule: int
+    #: The constants the mirror swaps (other than chains' names): (kind, the other rule's, this one's).
+    pairs: tuple[tuple[str, Hashable, Hashable], ...]
+
+
+def _single_address(members: AddressSet) -> IPAddress | None:
+    if len(members.networks) == 1 and members.networks[0].num_addresses == 1:
+        return members.networks[0].network_address
+    return None
+
+
+def _single_port(ports: PortSet | None) -> int | None:
+    if ports is not None and len(ports.intervals) == 1 and ports.intervals[0][0] == ports.intervals[0][1]:
+        return ports.intervals[0][0]
+    return None
+
+
+class Mirrors:
+    """The mirrors of an interpreter's ruleset in its environment (built on demand, cached)."""
+
+    def __init__(self, interpreter: Interpreter) -> None:
+        self.interpreter = interpreter
+        self._rules: dict[Site, Rule] = {}
+        self._tables: dict[tuple[Family, str], Table] = {}
+        #: Single constants -> the rules that name them (None: the environment or the checks do).
+        self._sites: dict[Key, list[Site | None]] = {}
+        self._referrers: dict[Key, list[Site]] = {}
+        self._wide_addresses: list[AddressSet | tuple[IPAddress, IPAddress]] = []
+        self._wide_ports: list[PortSet] = []
+        self._abstract: dict[Site, tuple[Hashable, tuple[Key, ...]]] = {}
+        self._partners: dict[Site, tuple[Partner, ...]] = {}
+        self._groups: dict[int, dict[Hashable, list[int]]] = {}
+        self._signatures: dict[Key, tuple[int, ...]] = {}
+        self._index()
+
+    # ------------------------------------------------------------------ the index
+
+    def _index(self) -> None:
+        wide_addresses: dict[AddressSet | tuple[IPAddress, IPAddress], None] = {}
+        wide_ports: dict[PortSet, None] = {}
+        for table in self.interpreter.ruleset.tables:
+            self._tables[(table.family, table.name)] = table
+            for chain in table.chains:
+                for index, rule in enumerate(chain.rules):
+                    site = (table.family, table.name, chain.name, index)
+                    self._rules[site] = rule
+                    _skeleton, keys = self.abstract(site)
+                    for key in dict.fromkeys(keys):
+                        if key[0] == "chain":
+                            self._referrers.setdefault(key, []).append(site)
+                        else:
+                            self._sites.setdefault(key, []).append(site)
+                    for match in rule.matches:
+                        if isinstance(match, AddressMatch) and _single_address(match.addresses) is None:
+                            wide_addresses[match.addresses] = None
+                        elif isinstance(match, PortMatch) and _single_port(match.ports) is None:
+                            wide_ports[match.ports] = None
+                    target = rule.target
+                    addresses = target.addresses if isinstance(target, (Dnat, Snat)) else None
+                    if addresses is not None and addresses.first != addresses.last:
+                        wide_addresses[(addresses.first, addresses.last)] = None
+                    ports = target.ports if isinstance(target, (Dnat, Snat, Redirect)) else None
+                    if ports is not None and _single_port(ports) is None:
+                        wide_ports[ports] = None
+        env = self.interpreter.env
+        held: list[Key] = [("address", a) for a in _HELD_ADDRESSES]
+        for interface in env.interfaces:
+            for address in interface.addresses:
+                held.append(("address", address.ip))
+                wide_addresses[AddressSet.of(address.network)] = None
+        for family in (Family.IPV4, Family.IPV6):
+            held.append(("address", env.proxy.passthrough_for(family)))
+        for network in _ALWAYS_TESTED:
+            wide_addresses[AddressSet.of(network)] = None
+        held += [("port", p) for p in (*_HELD_PORTS, *env.proxy.listener_ports)]
+        for key in held:
+            self._sites.setdefault(key, []).append(None)
+        self._wide_addresses = list(wide_addresses)
+        self._wide_ports = list(wide_ports)
+
+    def abstract(self, site: Site) -> tuple[Hashable, tuple[Key, ...]]:
+        """A rule with its single constants taken out (its skeleton), and those constants in order."""
+        found = self._abstract.get(site)
+        if found is not None:
+            return found
+        family, table_name, _chain, _index = site
+        rule = self._rules[site]
+        table = self._tables[(family, table_name)]
+        keys: list[Key] = []
+        matches: list[Hashable] = []
+        for match in rule.matches:
+            if isinstance(match, AddressMatch):
+                address = _single_address(match.addresses)
+                if address is not None:
+                    keys.append(("address", address))
+                    matches.append(("address", match.direction, match.negate))
+                    continue
+            elif isinstance(match, PortMatch):
+                port = _single_port(match.ports)
+                if port is not None:
+                    keys.append(("port", port))
+                    matches.append(("port", match.protocol, match.direction, match.negate))
+                    continue
+            matches.append(match)
+        target: Hashable = rule.target
+        if isinstance(target, (Dnat, Snat, Redirect)):
+            rewritten: Dnat | Snat | Redirect = target
+            taken: list[str] = []
+            if isinstance(rewritten, (Dnat, Snat)) and rewritten.addresses is not None:
+                nat = rewritten.addresses
+                if nat.first == nat.last:
+                    keys.append(("address", nat.first))
+                    taken.append("addresses")
+                    rewritten = attrs.evolve(rewritten, addresses=None)
+            port = _single_port(rewritten.ports)
+            if port is not None:
+                keys.append(("port", port))
+                taken.append("ports")
+                rewritten = attrs.evolve(rewritten, ports=None)
+            target = (tuple(taken), rewritten)
+        elif isinstance(target, TProxy):
+            keys.append(("port", target.port))
+            if target.address is not None:
+                keys.append(("address", target.address))
+            target = (type(target), target.address is None, target.mark, target.mask)
+        elif isinstance(target, (Jump, Goto)) and table.has_chain(target.chain):
+            keys.append(("chain", family, table_name, target.chain))
+            target = type(target).__name__
+        found = self._abstract[site] = ((tuple(matches), target), tuple(keys))
+        return found
+
+    def _signature(self, key: Key) -> tuple[int, ...]:
+        """The wider sets (by index) that hold an address or a port."""
+        found = self._signatures.get(key)
+        if found is None:
+            value = key[1]
+            if key[0] == "address":
+                assert isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address))
+                found = tuple(i for i, members in enumerate(self._wide_addresses) if _holds(members, value))
+            else:
+                found = tuple(i for i, ports in enumerate(self._wide_ports) if value in ports)
+            self._signatures[key] = found
+        return found
+
+    def _profile(self, key: Key) -> Hashable:
+        """What a mirror keeps of a constant: how many rules name it, and (addresses, ports) its wider sets."""
+        if key[0] == "chain":
+            chain = self._chain(key)
+            return ("chain", len(self._referrers.get(key, ())), len(chain.rules) if chain is not None else -1)
+        return (key[0], len(self._sites.get(key, ())), self._signature(key))
+
+    def _chain(self, key: Key) -> Chain | None:
+        _kind, family, table_name, name = key
+        table = self._tables.get((family, table_name))  # type: ignore[arg-type]
+        if table is None or not table.has_chain(name):  # type: ignore[arg-type]
+            return None
+        return table.chain(name)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ partners
+
+    def partners(self, table: Table, chain: Chain, index: int) -> tuple[Partner, ...]:
+        """The other rules of the dispatch run of rule ``index`` of ``chain`` that a mirror maps it onto, each
+        with the constants that mirror swaps; () when the rule is in no dispatch run or has no partner."""
+        site = (table.family, table.name, chain.name, index)
+        found = self._partners.get(site)
+        if found is not None:
+            return found
+        runs = self.interpreter.dispatch(chain)
+        run = runs[index] if runs is not None else None
+        partners: list[Partner] = []
+        if run is not None:
+            groups = self._groups.get(id(run))
+            if groups is None:
+                groups = self._groups[id(run)] = {}
+                for position in range(run.start, run.end):
+                    groups.setdefault(self._shape(table, chain, position), []).append(position)
+            for other in groups[self._shape(table, chain, index)]:
+                if other == index:
+                    continue
+                pairs = self._mirror(site, (table.family, table.name, chain.name, other))
+                if pairs is not None:
+                    partners.append(Partner(rule=other, pairs=pairs))
+        found = self._partners[site] = tuple(partners)
+        return found
+
+    def _shape(self, table: Table, chain: Chain, index: int) -> Hashable:
+        skeleton, keys = self.abstract((table.family, table.name, chain.name, index))
+        return skeleton, tuple(self._profile(key) for key in keys)
+
+    def _mirror(self, seed: Site, other: Site) -> tuple[tuple[str, Hashable, Hashable], ...] | None:
+        """The constants a mirror that maps rule ``seed`` onto rule ``other`` swaps; None when there is none
+        (or it would be built from more than ``MAX_MATCHED`` pairs of rules)."""
+        image: dict[Key, Key] = {}
+        matched: dict[Site, Site] = {}
+        moved: list[tuple[str, Hashable, Hashable]] = []
+        work: list[tuple[Site, Site]] = [(seed, other)]
+
+        def assign(key: Key, to: Key) -> bool:
+            if key[0] != to[0]:
+                return False
+            if key in image or to in image:
+                return image.get(key) == to
+            image[key] = to
+            image[to] = key
+            if key == to:
+                return True
+            if key[0] == "chain":
+                one, two = self._chain(key), self._chain(to)
+                if one is None or two is None or one.is_base or two.is_base or len(one.rules) != len(two.rules):
+                    return False
+                prefix_one, prefix_two = key[1:], to[1:]
+                work.extend(
+                    ((*prefix_one, i), (*prefix_two, i))  # type: ignore[misc]
+                    for i in range(len(one.rules))
+                )
+                return self._pair_sites(self._referrers.get(key, []), self._referrers.get(to, []), key, to, work)
+            ones, twos = self._sites.get(key, []), self._sites.get(to, [])
+            if None in ones or None in twos or self._signature(key) != self._signature(to):
+                return False
+            moved.append((str(key[0]), key[1], to[1]))
+            return self._pair_sites(ones, twos, key, to, work)  # type: ignore[arg-type]
+
+        while work:
+            one, two = work.pop()
+            if matched.get(one) == two:
+                continue
+            if one in matched or two in matched or one == two:
+                return None
+            skeleton_one, keys_one = self.abstract(one)
+            skeleton_two, keys_two = self.abstract(two)
+            if skeleton_one != skeleton_two:
+                return None
+            matched[one] = two
+            matched[two] = one
+            if len(matched) > 2 * MAX_MATCHED:
+                return None
+            chain_one, chain_two = ("chain", *one[:3]), ("chain", *two[:3])
+            if not assign(chain_one, chain_two) or (chain_one != chain_two and one[3] != two[3]):
+                return None
+            if not all(assign(k, to) for k, to in zip(keys_one, keys_two, strict=True)):
+                return None
+        if not self._exchangeable(matched, image):
+            return None
+        return tuple(moved)
+
+    def _pair_sites(
+        self, ones: Sequence[Site], twos: Sequence[Site], key: Key, to: Key, work: list[tuple[Site, Site]]
+    ) -> bool:
+        """Pair every rule that names ``key`` with the one rule that names ``to`` in the same places and is
+        alike (False when some rule has none, or several)."""
+        if len(ones) != len(twos):
+            return False
+        for one in ones:
+            skeleton, keys = self.abstract(one)
+            places = tuple(i for i, k in enumerate(keys) if k == key)
+            candidates = [
+                two
+                for two in twos
+                if self.abstract(two)[0] == skeleton
+                and tuple(i for i, k in enumerate(self.abstract(two)[1]) if k == to) == places
+            ]
+            if len(candidates) != 1:
+                return False
+            work.append((one, candidates[0]))
+        return True
+
+    def _exchangeable(self, matched: dict[Site, Site], image: dict[Key, Key]) -> bool:
+        """Whether the rules a mirror moves within a chain (not renamed) may swap places: all in one dispatch
+        run, each with a single moved constant as its test of the run's first field that no other rule of
+        the run between the first and the last moved passes."""
+        by_chain: dict[tuple[Family, str, str], list[int]] = {}
+        for one, two in matched.items():
+            if one[:3] == two[:3]:
+                by_chain.setdefault(one[:3], []).append(one[3])
+        for (family, table_name, chain_name), positions in by_chain.items():
+            chain = self._tables[(family, table_name)].chain(chain_name)
+            runs = self.interpreter.dispatch(chain)
+            if runs is None:
+                return False
+            run = runs[positions[0]]
+            if run is None or any(runs[p] is not run for p in positions):
+                return False
+            field = run.fields[0]
+            kind, direction = {**_FIELDS, **_FIELDS_PORT}[field]
+            low, high = min(positions), max(positions)
+            for position in positions:
+                values = self._first_values(chain.rules[position], kind, direction)
+                moved = [v for v in values if image.get((kind, v), (kind, v)) != (kind, v)]
+                if not moved:
+                    return False
+                for value in moved:
+                    if any(low <= r <= high and r != position for r in run.hits(field, value)):
+                        return False
+        return True
+
+    @staticmethod
+    def _first_values(rule: Rule, kind: str, direction: Direction) -> Iterable[Hashable]:
+        """The single values a rule tests (not negated) of a field."""
+        for match in rule.matches:
+            if match_direction(match) is not direction or getattr(match, "negate", True):
+                continue
+            if kind == "address" and isinstance(match, AddressMatch):
+                address = _single_address(match.addresses)
+                if address is not None:
+                    yield address
+            elif kind == "port" and isinstance(match, PortMatch):
+                port = _single_port(match.ports)
+                if port is not None:
+                    yield port
+
+
+def match_direction(match: object) -> Direction | None:
+    """The side of the packet an address or port match looks at (None for other matches)."""
+    return match.direction if isinstance(match, (AddressMatch, PortMatch)) else None
+
+
+def _holds(members: AddressSet | tuple[IPAddress, IPAddress], address: IPAddress) -> bool:
+    if isinstance(members, tuple):
+        return members[0].version == address.version and members[0] <= address <= members[1]  # type: ignore[operator]
+    return address in members

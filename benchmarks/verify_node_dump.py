@@ -8,7 +8,9 @@ outcome) and ``MASQUERADE --random-fully`` a known NAT flag, so the dump can be 
 by a destination, port or source (KUBE-SERVICES, KUBE-NODEPORTS, Docker's rules) are dispatched in one step;
 source NAT and mark rewrites that nothing reads split nothing (docs/semantics.md, "Why exhaustive enumeration
 is a proof"); socketless connections share paths with the sockets of other ids; a choice among a service's
-alike endpoints is explored once; returns a few rules apart share a path. The reader splits lines
+alike endpoints is explored once; returns a few rules apart share a path; rules alike but for their
+addresses and ports (services, node ports, health checks, Docker containers: mirrors of the ruleset) are
+explored once, each path standing for its images. The reader splits lines
 without lark when every line has a plain shape (lark explains the errors).
 Measured: the whole command as a user runs it (a process: start-up, reading, finding the mesh, the proofs,
 printing), and in-process its parts, for the full dump and for smaller ones (fewer services), to show how

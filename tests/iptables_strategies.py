@@ -174,6 +174,11 @@ single_ports = st.one_of(
 )
 
 
+def _rewrites(target: Snat | Dnat) -> bool:
+    """Whether a NAT target names something to rewrite to (iptables needs an address or a port)."""
+    return target.addresses is not None or target.ports is not None
+
+
 @functools.cache
 def targets(family: Family, table: str, chains: tuple[str, ...]) -> st.SearchStrategy[Target]:
     """Targets the kernel takes in ``table`` (what else is refused there is up to the chain's hook)."""
@@ -199,14 +204,13 @@ def targets(family: Family, table: str, chains: tuple[str, ...]) -> st.SearchStr
         anywhere.append(st.builds(Redirect, ports=st.one_of(st.none(), single_ports), flags=_flags("REDIRECT")))
         anywhere.append(st.builds(Masquerade, ports=st.one_of(st.none(), single_ports), flags=_flags("MASQUERADE")))
         for node in (Snat, Dnat):
-            anywhere.append(
-                st.builds(
-                    node,
-                    addresses=_nat_addresses(family),
-                    ports=st.one_of(st.none(), single_ports),
-                    flags=_flags(node.__name__.upper()),
-                ).filter(lambda t: t.addresses is not None or t.ports is not None)
+            nat: st.SearchStrategy[Snat | Dnat] = st.builds(
+                node,
+                addresses=_nat_addresses(family),
+                ports=st.one_of(st.none(), single_ports),
+                flags=_flags(node.__name__.upper()),
             )
+            anywhere.append(nat.filter(_rewrites))
     if table == "mangle":
         anywhere.append(
             st.builds(

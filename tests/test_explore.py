@@ -877,3 +877,10 @@ def test_a_mirror_that_moves_a_rule_past_another_is_caught(monkeypatch: pytest.M
     check = _node(text=text, mirrors=True)
     with pytest.raises(AssertionError, match="but its image"):
         assert_partners_mirror(check, sample=8)
+
+
+def test_a_violation_found_for_alike_services_says_how_many_more_fail_the_same_way() -> None:
+    check = _node(text=node_dump(services=100, endpoints=2, containers=0), mirrors=True)
+    mirrored = [v for v in check.run().violations if v.mirrored]
+    assert mirrored, "the node ports' passthrough violation is found once for node ports alike"
+    assert f"and so do {mirrored[0].mirrored} more classes like it" in mirrored[0].explain()

@@ -99,6 +99,10 @@ class Violation:
     connection: Connection
     #: The class of connections this one stands for (they all fail the same way).
     description: str
+    #: How many more classes like :attr:`description`, alike but for their addresses and ports (the
+    #: services, node ports... that mirror the rules this one meets: ``semantics.symmetry``), fail the
+    #: same way (the proof explored them once).
+    mirrored: int = 0
     #: Works out :attr:`chain` (the evaluation with its traces, the proxy's follow-ups).
     replay: Callable[[], InterceptionChain] = attrs.field(eq=False, repr=False)
 
@@ -110,7 +114,12 @@ class Violation:
     def explain(self, *, elide: int | None = ELIDE_AFTER) -> str:
         """The violation with its chain and every step's trace (``elide``: see
         :meth:`~meshredirect.semantics.interpreter.Evaluation.explain`)."""
-        lines = [f"VIOLATED: {self.property.value}", f"  {self.message}", f"  class: {self.description}", "  chain:"]
+        lines = [f"VIOLATED: {self.property.value}", f"  {self.message}", f"  class: {self.description}"]
+        if self.mirrored:
+            lines.append(
+                f"  and so do {self.mirrored} more classes like it, alike but for their addresses and ports"
+            )
+        lines.append("  chain:")
         lines += [f"    {line}" for line in self.chain.describe().splitlines()]
         for index, step in enumerate(self.chain.steps, 1):
             lines.append(f"  trace of step {index}: {step.connection}")
@@ -267,6 +276,7 @@ class Checker:
                     functools.partial(follow, self.interpreter, connection, model=self.model, choices=leaf.choices)
                 )
                 description = self.space.describe(root, leaf.region)
+                mirrored = leaf.covered // leaf.size - 1 if leaf.size else 0
                 for prop, message in leaf.result:
                     violations.append(
                         Violation(
@@ -274,6 +284,7 @@ class Checker:
                             message=message,
                             connection=connection,
                             description=description,
+                            mirrored=mirrored,
                             replay=replay,
                         )
                     )

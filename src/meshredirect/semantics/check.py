@@ -116,9 +116,7 @@ class Violation:
         :meth:`~meshredirect.semantics.interpreter.Evaluation.explain`)."""
         lines = [f"VIOLATED: {self.property.value}", f"  {self.message}", f"  class: {self.description}"]
         if self.mirrored:
-            lines.append(
-                f"  and so do {self.mirrored} more classes like it, alike but for their addresses and ports"
-            )
+            lines.append(f"  and so do {self.mirrored} more classes like it, alike but for their addresses and ports")
         lines.append("  chain:")
         lines += [f"    {line}" for line in self.chain.describe().splitlines()]
         for index, step in enumerate(self.chain.steps, 1):

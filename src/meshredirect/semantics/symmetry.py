@@ -334,7 +334,7 @@ class Mirrors:
     ) -> bool:
         """Pair every rule that names ``key`` with the one rule that names ``to`` in the same places and is
         alike (False when some rule has none, or several)."""
-        if len(ones) != len(twos):
+        if len(ones) != len(twos) or len(ones) > MAX_MATCHED:
             return False
         for one in ones:
             skeleton, keys = self.abstract(one)

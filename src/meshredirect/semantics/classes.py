@@ -65,7 +65,7 @@ from meshredirect.ir import (
     Snat,
     TProxy,
 )
-from meshredirect.semantics.explore import Explorer
+from meshredirect.semantics.explore import Explorer, Partitions
 from meshredirect.semantics.interpreter import ROUTED
 from meshredirect.semantics.model import (
     DEFAULT_APP_GID,
@@ -407,6 +407,8 @@ class Root:
     origin: Origin
     protocol: Protocol
     dims: Mapping[str, tuple[ValueClass, ...]]
+    #: Partitions that the explorers of the roots of one class space share (see ``Explorer``).
+    shared: dict[tuple[Any, ...], Partitions] = attrs.field(factory=dict, eq=False, repr=False)
 
     def values(self) -> dict[str, tuple[Any, ...]]:
         return {name: tuple(c.value for c in classes) for name, classes in self.dims.items()}
@@ -418,7 +420,7 @@ class Root:
         return total
 
     def explorer(self) -> Explorer:
-        return Explorer(self.values())
+        return Explorer(self.values(), shared=self.shared)
 
 
 #: The symbols of a root connection's fields: each stands for the dimension of its name.
@@ -466,6 +468,7 @@ class ClassSpace:
             protocols = list(dict.fromkeys([*BASE_PROTOCOLS, *found.protocols]))
         self.protocols = tuple(protocols)
         self._classes: dict[tuple[Any, ...], tuple[ValueClass, ...]] = {}
+        self._shared: dict[tuple[Any, ...], Partitions] = {}
         self.roots = tuple(
             self._root(family, origin, protocol)
             for family in self.families
@@ -537,7 +540,7 @@ class ClassSpace:
             names = [n for n in env.interface_names if n != LOOPBACK_INTERFACE]
             names.sort(key=lambda n: n != env.default_interface)
             dims["iif"] = tuple(ValueClass(value=n) for n in names)
-        return Root(family=family, origin=origin, protocol=protocol, dims=dims)
+        return Root(family=family, origin=origin, protocol=protocol, dims=dims, shared=self._shared)
 
     # ------------------------------------------------------------------ queries
 

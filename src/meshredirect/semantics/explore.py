@@ -165,6 +165,10 @@ class Tracer:
         (None: it is none)."""
         raise NotImplementedError
 
+    def invariant(self, mirror: Mirror) -> bool:  # pragma: no cover - interface
+        """Whether the region is its own image under a mirror."""
+        raise NotImplementedError
+
     def restrict_mirrored(
         self, inside: Sequence[Mapping[int, int]], outside: Sequence[Mapping[int, int]], mirrors: Sequence[Mirror]
     ) -> bool:  # pragma: no cover - interface
@@ -223,6 +227,9 @@ Mirror: TypeAlias = tuple[tuple[int, int, int], ...]
 #: The mirrors a region stands for, by level: the region covers its images under every composition that takes
 #: the identity or one mirror of each level.
 Mirrors: TypeAlias = tuple[tuple[Mirror, ...], ...]
+#: A dimension's partitions, by test (or its identity) and mark transform: (the test, outcomes' classes, each
+#: class's outcome).
+Partitions: TypeAlias = dict[tuple[object, tuple[int, int] | None], tuple[object, dict[Hashable, int], list[Hashable]]]
 #: A region left for later: its boxes, the outcomes of the choice points met before, and its mirrors.
 Alternative: TypeAlias = tuple[list[Box], tuple[bool, ...], Mirrors]
 
@@ -324,13 +331,15 @@ class Run(Tracer):
         does on its preimage, with the values swapped; the images lie in ``outside`` and are disjoint."""
         if not all(self.invariant(mirror) for mirror in mirrors):
             return False
-        region = self.region
-        kept = _cut(region, inside)
-        left = _cut(region, outside)
+        # The region is its own image: the images of its part in `inside` are its part in the images of
+        # `inside`, taken out of `outside` part by part (few, small) before cutting the region.
+        every = {p: (1 << len(self.explorer.values[dim])) - 1 for p, dim in enumerate(self.explorer.dims)}
+        rest = [dict(part) for part in outside]
         for mirror in mirrors:
-            for box in kept:
-                image = _mirrored(box, mirror)
-                left = _split(left, dict(enumerate(image)))[1]
+            for part in inside:
+                rest = subtract_part(rest, _mirrored_part(part, mirror), every)
+        kept = _cut(self.region, inside)
+        left = _cut(self.region, rest)
         self.region = kept
         if left:
             self.alternatives.append((_merge(left), tuple(self.taken), self.mirrors))
@@ -520,16 +529,24 @@ class Explorer:
     readable first (a run takes the first classes its region allows).
     """
 
-    def __init__(self, dims: Mapping[str, Sequence[Any]]) -> None:
+    def __init__(
+        self, dims: Mapping[str, Sequence[Any]], *, shared: dict[tuple[Any, ...], Partitions] | None = None
+    ) -> None:
+        """``shared``: where explorers of the same classes (the roots of one class space) keep the
+        partitions they computed, by a dimension's values, for each other."""
         self.values: dict[str, tuple[Any, ...]] = {name: tuple(values) for name, values in dims.items()}
         for name, values in self.values.items():
             if not values:
                 raise ValueError(f"dimension {name!r} has no classes")
         self.dims = tuple(self.values)
         self.position = {dim: index for index, dim in enumerate(self.dims)}
-        self._partitions: dict[
-            str, dict[tuple[object, tuple[int, int] | None], tuple[object, dict[Hashable, int]]]
-        ] = {}
+        self._partitions: dict[str, Partitions] = {}
+        if shared is not None:
+            for name, values in self.values.items():
+                found = shared.get(values)
+                if found is None:
+                    found = shared[values] = {}
+                self._partitions[name] = found
         #: The partitions of tests of stable identity: id(test) -> dim -> (test, position, outcomes, per class).
         self.fast: dict[int, dict[str, tuple[object, int, dict[Hashable, int], list[Hashable]]]] = {}
         self._indices: dict[str, dict[Hashable, int] | None] = {}
@@ -556,6 +573,8 @@ class Explorer:
         cache_key = (key if by_value else id(key), transform)
         found = cache.get(cache_key)
         if found is not None and (by_value or found[0] is key):
+            if transform is None and dim not in self.fast.get(id(key), {}):
+                self.fast.setdefault(id(key), {})[dim] = (key, self.position[dim], found[1], found[2])
             return found[1]
         outcomes: dict[Hashable, int] = {}
         per_class: list[Hashable] = []
@@ -578,7 +597,7 @@ class Explorer:
                 bit = inside & -inside
                 inside ^= bit
                 per_class[bit.bit_length() - 1] = True
-            cache[cache_key] = (key, outcomes)
+            cache[cache_key] = (key, outcomes, per_class)
             self.fast.setdefault(id(key), {})[dim] = (key, self.position[dim], outcomes, per_class)
             return outcomes
         for index, value in enumerate(self.values[dim]):
@@ -587,7 +606,7 @@ class Explorer:
             outcome = key(value)
             per_class.append(outcome)
             outcomes[outcome] = outcomes.get(outcome, 0) | (1 << index)
-        cache[cache_key] = (key, outcomes)
+        cache[cache_key] = (key, outcomes, per_class)
         if transform is None:
             # The fast path of Run.resolve: by the test's identity, each class's outcome at hand.
             self.fast.setdefault(id(key), {})[dim] = (key, self.position[dim], outcomes, per_class)
@@ -745,6 +764,34 @@ def _mirrored(box: Box, mirror: Mirror) -> Box:
         if (mask >> i ^ mask >> j) & 1:
             out[position] = mask ^ (1 << i | 1 << j)
     return tuple(out)
+
+
+def _mirrored_part(part: Mapping[int, int], mirror: Mirror) -> dict[int, int]:
+    """A part's image under a mirror (a position the part does not name holds every class: it stays)."""
+    out = dict(part)
+    for position, i, j in mirror:
+        mask = out.get(position)
+        if mask is not None and (mask >> i ^ mask >> j) & 1:
+            out[position] = mask ^ (1 << i | 1 << j)
+    return out
+
+
+def subtract_part(
+    parts: list[dict[int, int]], minus: Mapping[int, int], every: Mapping[int, int]
+) -> list[dict[int, int]]:
+    """Disjoint parts (per position, the classes; a position not named: every class) less another part."""
+    out: list[dict[int, int]] = []
+    for part in parts:
+        if any(not (part.get(p, every[p]) & m) for p, m in minus.items()):
+            out.append(part)
+            continue
+        current = dict(part)
+        for p, m in minus.items():
+            here = current.get(p, every[p])
+            if here & ~m:
+                out.append({**current, p: here & ~m})
+            current[p] = here & m
+    return out
 
 
 def mirror_box(box: Box, mirrors: Sequence[Mirror]) -> Box:

@@ -147,12 +147,12 @@ from meshredirect.ir import (
     UnknownTarget,
 )
 from meshredirect.notation import describe_match, describe_rule
-from meshredirect.semantics.explore import Eq, In, MarkSym, Mirror, Sym, Tracer
+from meshredirect.semantics.explore import Eq, In, MarkSym, Mirror, Sym, Tracer, subtract_part
 from meshredirect.semantics.model import LOOPBACK_INTERFACE, Connection, Environment, Origin, Socket
 from meshredirect.values import MAX_MARK, AddressSet, IdSet, IPAddress, PortSet
 
 if TYPE_CHECKING:
-    from meshredirect.semantics.symmetry import Mirrors, Partner
+    from meshredirect.semantics.symmetry import Candidate, Mirrors, Partner
 
 __all__ = [
     "DEFAULT_CHOICE",
@@ -481,7 +481,7 @@ class Interpreter:
         #: policy's spec tests more).
         self.use_mirrors = False
         self._mirrors: Mirrors | None = None
-        self._swaps: dict[int, tuple[Partner, tuple[tuple[str, Hashable, Hashable], ...]]] = {}
+        self._swaps: dict[int, tuple[Partner | Candidate, tuple[tuple[str, Hashable, Hashable], ...]]] = {}
         self._endpoints: dict[tuple[int, int], tuple[Chain, _Endpoints | None]] = {}
         self._separators: _Separators | None = None
         env = self.env
@@ -545,6 +545,22 @@ class Interpreter:
         self._endpoints[key] = (chain, endpoints)
         return endpoints
 
+    def candidates(self, table: Table, chain: Chain, index: int) -> tuple[Candidate, ...]:
+        """The rules :meth:`partners` may hold (see ``Mirrors.candidates``)."""
+        return self.mirrors().candidates(table, chain, index)
+
+    def partner(self, table: Table, chain: Chain, index: int, other: int) -> Partner | None:
+        """Rule ``other`` as a partner of rule ``index`` (see :meth:`partners`), or None."""
+        return self.mirrors().partner(table, chain, index, other)
+
+    def mirrors(self) -> Mirrors:
+        """The mirrors of the ruleset (see :mod:`meshredirect.semantics.symmetry`)."""
+        if self._mirrors is None:
+            from meshredirect.semantics.symmetry import Mirrors
+
+            self._mirrors = Mirrors(self)
+        return self._mirrors
+
     def partners(self, table: Table, chain: Chain, index: int) -> tuple[Partner, ...]:
         """The other rules of the dispatch run of rule ``index`` of ``chain`` that a mirror of the ruleset
         maps it onto (see :mod:`meshredirect.semantics.symmetry`: kube-proxy's services, alike but for
@@ -553,15 +569,11 @@ class Interpreter:
         is mapped onto one for which the partner is, and the rules do to it what they do to the first,
         swapped. When the run's region holds each connection's image too, the proof explores rule ``index``
         only (``_Run._mirrors``)."""
-        if self._mirrors is None:
-            from meshredirect.semantics.symmetry import Mirrors
+        return self.mirrors().partners(table, chain, index)
 
-            self._mirrors = Mirrors(self)
-        return self._mirrors.partners(table, chain, index)
-
-    def swaps(self, partner: Partner) -> tuple[tuple[str, Hashable, Hashable], ...]:
-        """The values a partner's mirror swaps in each dimension of the proof's classes (the same object
-        each time: ``Tracer.mirror`` caches by identity)."""
+    def swaps(self, partner: Partner | Candidate) -> tuple[tuple[str, Hashable, Hashable], ...]:
+        """The values a partner's mirror (or a candidate's swap of the first field) swaps in each dimension
+        of the proof's classes (the same object each time: ``Tracer.mirror`` caches by identity)."""
         found = self._swaps.get(id(partner))
         if found is None or found[0] is not partner:
             swaps = tuple((dim, ours, theirs) for kind, ours, theirs in partner.pairs for dim in _MIRRORED_DIMS[kind])
@@ -1236,7 +1248,7 @@ def _grouped(
     for rules, classes in groups.items():
         parts = [dict(first)]
         for rule in rules:
-            parts = _subtract(parts, box(rule), every)
+            parts = subtract_part(parts, box(rule), every)
         for part in parts:
             key = tuple(sorted(part.items()))
             inside[key] = inside.get(key, 0) | classes
@@ -1249,27 +1261,11 @@ def _grouped(
     )
 
 
-def _subtract(parts: list[dict[int, int]], box: Mapping[int, int], every: Mapping[int, int]) -> list[dict[int, int]]:
-    """Disjoint parts (per position, the classes; a position not named: every class) less a box."""
-    out: list[dict[int, int]] = []
-    for part in parts:
-        if any(not (part.get(p, every[p]) & m) for p, m in box.items()):
-            out.append(part)
-            continue
-        current = dict(part)
-        for p, m in box.items():
-            here = current.get(p, every[p])
-            if here & ~m:
-                out.append({**current, p: here & ~m})
-            current[p] = here & m
-    return out
-
-
 def _subtract_all(
     parts: list[dict[int, int]], boxes: Sequence[Mapping[int, int]], every: Mapping[int, int]
 ) -> list[dict[int, int]]:
     for box in boxes:
-        parts = _subtract(parts, box, every)
+        parts = subtract_part(parts, box, every)
     return parts
 
 
@@ -2209,18 +2205,24 @@ class _Run:
         of its dispatch run to hold onto those for which a partner is (see :meth:`Interpreter.partners`).
         The partner must be one the run may reach (at or after ``index``, ``allowed``); no value the run
         holds (an address, a port) may be one the mirror moves."""
-        partners = [p for p in self.interpreter.partners(table, chain, found) if p.rule >= index and p.rule in allowed]
-        if not partners:
+        interpreter = self.interpreter
+        candidates = [c for c in interpreter.candidates(table, chain, found) if c.rule >= index and c.rule in allowed]
+        if not candidates:
             return []
         held = set(self._held())
         held.update(getattr(self, field) for field in _MIRRORED_FIELDS if self.sym[field] is None)
         tracer = self.tracer
         assert tracer is not None
         mirrors: list[Mirror] = []
-        for partner in partners:
-            if any(ours in held or theirs in held for _kind, ours, theirs in partner.pairs):
+        for candidate in candidates:
+            # First the swap of the run's first field alone, which the region must hold (cheap); then the rest.
+            first = tracer.mirror(interpreter.swaps(candidate))
+            if first is None or not tracer.invariant(first):
                 continue
-            mirror = tracer.mirror(self.interpreter.swaps(partner))
+            partner = interpreter.partner(table, chain, found, candidate.rule)
+            if partner is None or any(ours in held or theirs in held for _kind, ours, theirs in partner.pairs):
+                continue
+            mirror = tracer.mirror(interpreter.swaps(partner))
             if mirror is not None:
                 mirrors.append(mirror)
         return mirrors

@@ -57,12 +57,12 @@ from meshredirect.values import AddressSet, IPAddress, PortSet
 if TYPE_CHECKING:
     from meshredirect.semantics.interpreter import Interpreter
 
-__all__ = ["Mirrors", "Partner"]
+__all__ = ["Candidate", "Mirrors", "Partner"]
 
 #: A constant a mirror may move: ("address", IPAddress), ("port", int) or ("chain", family, table, name).
 Key: TypeAlias = tuple[Hashable, ...]
-#: A rule of the ruleset: (family, table, chain, index).
-Site: TypeAlias = tuple[Family, str, str, int]
+#: A rule of the ruleset: (family's name, table, chain, index) (strings hash faster than enum members).
+Site: TypeAlias = tuple[str, str, str, int]
 
 #: A mirror is built from at most this many pairs of rules (a service with its endpoints needs about ten).
 MAX_MATCHED: Final = 128
@@ -75,8 +75,13 @@ _ALWAYS_TESTED: Final = tuple(
 )
 #: Ports the checks use whatever the rules say (besides the proxy's listeners).
 _HELD_PORTS: Final = (53, DEFAULT_SOURCE_PORT, NO_PORT)
-_FIELDS: Final = {"src": ("address", Direction.SOURCE), "dst": ("address", Direction.DESTINATION)}
-_FIELDS_PORT: Final = {"dport": ("port", Direction.DESTINATION), "sport": ("port", Direction.SOURCE)}
+#: A dispatch run's first field: the kind of its values and the side of the packet.
+_FIRST_FIELDS: Final = {
+    "src": ("address", Direction.SOURCE),
+    "dst": ("address", Direction.DESTINATION),
+    "dport": ("port", Direction.DESTINATION),
+    "sport": ("port", Direction.SOURCE),
+}
 
 
 @attrs.frozen
@@ -86,6 +91,20 @@ class Partner:
     #: Its index in the chain.
     rule: int
     #: The constants the mirror swaps (other than chains' names): (kind, the other rule's, this one's).
+    pairs: tuple[tuple[str, Hashable, Hashable], ...]
+
+
+#: Not found in a cache.
+_UNKNOWN: Final = object()
+
+
+@attrs.frozen
+class Candidate:
+    """A rule a mirror may map another onto (see :meth:`Mirrors.candidates`)."""
+
+    #: Its index in the chain.
+    rule: int
+    #: The value of the run's first field the other rule tests and this one's: (kind, the other's, this one's).
     pairs: tuple[tuple[str, Hashable, Hashable], ...]
 
 
@@ -107,14 +126,17 @@ class Mirrors:
     def __init__(self, interpreter: Interpreter) -> None:
         self.interpreter = interpreter
         self._rules: dict[Site, Rule] = {}
-        self._tables: dict[tuple[Family, str], Table] = {}
+        self._tables: dict[tuple[str, str], Table] = {}
         #: Single constants -> the rules that name them (None: the environment or the checks do).
         self._sites: dict[Key, list[Site | None]] = {}
         self._referrers: dict[Key, list[Site]] = {}
         self._wide_addresses: list[AddressSet | tuple[IPAddress, IPAddress]] = []
         self._wide_ports: list[PortSet] = []
         self._abstract: dict[Site, tuple[Hashable, tuple[Key, ...]]] = {}
-        self._partners: dict[Site, tuple[Partner, ...]] = {}
+        self._candidates: dict[Site, tuple[Candidate, ...]] = {}
+        self._partners: dict[tuple[str, str, str, int, int], Partner | None] = {}
+        #: Per chain, the rules whose mirrors were searched for (see :meth:`_composed`).
+        self._hubs: dict[tuple[str, str, str], dict[int, None]] = {}
         self._groups: dict[int, dict[Hashable, list[int]]] = {}
         self._signatures: dict[Key, tuple[int, ...]] = {}
         self._index()
@@ -125,10 +147,10 @@ class Mirrors:
         wide_addresses: dict[AddressSet | tuple[IPAddress, IPAddress], None] = {}
         wide_ports: dict[PortSet, None] = {}
         for table in self.interpreter.ruleset.tables:
-            self._tables[(table.family, table.name)] = table
+            self._tables[(table.family.value, table.name)] = table
             for chain in table.chains:
                 for index, rule in enumerate(chain.rules):
-                    site = (table.family, table.name, chain.name, index)
+                    site = (table.family.value, table.name, chain.name, index)
                     self._rules[site] = rule
                     _skeleton, keys = self.abstract(site)
                     for key in dict.fromkeys(keys):
@@ -229,11 +251,12 @@ class Mirrors:
         return found
 
     def _profile(self, key: Key) -> Hashable:
-        """What a mirror keeps of a constant: how many rules name it, and (addresses, ports) its wider sets."""
+        """What a mirror keeps of a constant that is cheap to tell: how many rules name it (and, for a chain,
+        how many it holds). Its wider sets are compared when a mirror would move it."""
         if key[0] == "chain":
             chain = self._chain(key)
             return ("chain", len(self._referrers.get(key, ())), len(chain.rules) if chain is not None else -1)
-        return (key[0], len(self._sites.get(key, ())), self._signature(key))
+        return (key[0], len(self._sites.get(key, ())))
 
     def _chain(self, key: Key) -> Chain | None:
         _kind, family, table_name, name = key
@@ -247,30 +270,74 @@ class Mirrors:
     def partners(self, table: Table, chain: Chain, index: int) -> tuple[Partner, ...]:
         """The other rules of the dispatch run of rule ``index`` of ``chain`` that a mirror maps it onto, each
         with the constants that mirror swaps; () when the rule is in no dispatch run or has no partner."""
-        site = (table.family, table.name, chain.name, index)
-        found = self._partners.get(site)
+        found = (self.partner(table, chain, index, c.rule) for c in self.candidates(table, chain, index))
+        return tuple(partner for partner in found if partner is not None)
+
+    def candidates(self, table: Table, chain: Chain, index: int) -> tuple[Candidate, ...]:
+        """The other rules of the dispatch run of rule ``index`` of ``chain`` of its shape (each constant
+        named by as many rules, in the same wider sets), with another value of the run's first field: the
+        rules a mirror may map it onto (:meth:`partner` finds whether one does)."""
+        site = (table.family.value, table.name, chain.name, index)
+        found = self._candidates.get(site)
         if found is not None:
             return found
         runs = self.interpreter.dispatch(chain)
         run = runs[index] if runs is not None else None
-        partners: list[Partner] = []
+        candidates: list[Candidate] = []
         if run is not None:
             groups = self._groups.get(id(run))
             if groups is None:
                 groups = self._groups[id(run)] = {}
                 for position in range(run.start, run.end):
                     groups.setdefault(self._shape(table, chain, position), []).append(position)
+            kind, direction = _FIRST_FIELDS[run.fields[0]]
+            ours = list(self._first_values(chain.rules[index], kind, direction))
             for other in groups[self._shape(table, chain, index)]:
-                if other == index:
-                    continue
-                pairs = self._mirror(site, (table.family, table.name, chain.name, other))
-                if pairs is not None:
-                    partners.append(Partner(rule=other, pairs=pairs))
-        found = self._partners[site] = tuple(partners)
+                theirs = list(self._first_values(chain.rules[other], kind, direction))
+                if other != index and len(ours) == len(theirs) == 1 and ours != theirs:
+                    candidates.append(Candidate(rule=other, pairs=((kind, ours[0], theirs[0]),)))
+        found = self._candidates[site] = tuple(candidates)
         return found
 
+    def partner(self, table: Table, chain: Chain, index: int, other: int) -> Partner | None:
+        """Rule ``other`` of ``chain`` as a partner of rule ``index``, when a mirror maps one onto the other."""
+        key = (table.family.value, table.name, chain.name, index, other)
+        if key not in self._partners:
+            pairs = self._composed(key)
+            if pairs is None:
+                pairs = self._mirror(key[:4], (*key[:3], other))  # type: ignore[arg-type]
+                self._hubs.setdefault(key[:3], {})[index] = None
+            self._partners[key] = Partner(rule=other, pairs=pairs) if pairs else None
+        return self._partners[key]
+
+    def _composed(self, key: tuple[str, str, str, int, int]) -> tuple[tuple[str, Hashable, Hashable], ...] | None:
+        """The pairs of the mirror of rule ``index`` onto rule ``other`` (``key``'s last two) from mirrors
+        already found: the other way round, or through a rule both are mirrors of (the mirror of ``index``
+        onto it, then of it onto ``other``, then back: mirrors compose). () when those show there is none
+        (or cannot tell: then there may be one that the search would not find either); None when nothing
+        found so far tells."""
+        *prefix, index, other = key
+        back = self._partners.get((*prefix, other, index), _UNKNOWN)  # type: ignore[arg-type]
+        if back is not _UNKNOWN:
+            if back is None:
+                return ()
+            assert isinstance(back, Partner)
+            return tuple((kind, theirs, ours) for kind, ours, theirs in back.pairs)
+        for hub in self._hubs.get(tuple(prefix), ()):  # type: ignore[arg-type]
+            one = self._partners.get((*prefix, hub, index), _UNKNOWN)  # type: ignore[arg-type]
+            two = self._partners.get((*prefix, hub, other), _UNKNOWN)  # type: ignore[arg-type]
+            if one is _UNKNOWN or two is _UNKNOWN or (one is None and two is None):
+                continue
+            if not isinstance(one, Partner) or not isinstance(two, Partner):
+                return ()  # (one is a mirror of hub, the other not: they are none of each other)
+            onto = {(kind, ours): theirs for kind, ours, theirs in two.pairs}
+            if {(kind, ours) for kind, ours, _ in one.pairs} != set(onto):
+                return ()
+            return tuple((kind, theirs, onto[(kind, ours)]) for kind, ours, theirs in one.pairs)
+        return None
+
     def _shape(self, table: Table, chain: Chain, index: int) -> Hashable:
-        skeleton, keys = self.abstract((table.family, table.name, chain.name, index))
+        skeleton, keys = self.abstract((table.family.value, table.name, chain.name, index))
         return skeleton, tuple(self._profile(key) for key in keys)
 
     def _mirror(self, seed: Site, other: Site) -> tuple[tuple[str, Hashable, Hashable], ...] | None:
@@ -354,7 +421,7 @@ class Mirrors:
         """Whether the rules a mirror moves within a chain (not renamed) may swap places: all in one dispatch
         run, each with a single moved constant as its test of the run's first field that no other rule of
         the run between the first and the last moved passes."""
-        by_chain: dict[tuple[Family, str, str], list[int]] = {}
+        by_chain: dict[tuple[str, str, str], list[int]] = {}
         for one, two in matched.items():
             if one[:3] == two[:3]:
                 by_chain.setdefault(one[:3], []).append(one[3])
@@ -367,7 +434,7 @@ class Mirrors:
             if run is None or any(runs[p] is not run for p in positions):
                 return False
             field = run.fields[0]
-            kind, direction = {**_FIELDS, **_FIELDS_PORT}[field]
+            kind, direction = _FIRST_FIELDS[field]
             low, high = min(positions), max(positions)
             for position in positions:
                 values = self._first_values(chain.rules[position], kind, direction)

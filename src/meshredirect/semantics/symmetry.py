@@ -132,6 +132,8 @@ class Mirrors:
         self._referrers: dict[Key, list[Site]] = {}
         self._wide_addresses: list[AddressSet | tuple[IPAddress, IPAddress]] = []
         self._wide_ports: list[PortSet] = []
+        #: The wider address sets as closed spans of (version, integer) (built when first needed).
+        self._address_spans: list[tuple[tuple[tuple[int, int], tuple[int, int]], ...]] | None = None
         self._abstract: dict[Site, tuple[Hashable, tuple[Key, ...]]] = {}
         self._candidates: dict[Site, tuple[Candidate, ...]] = {}
         self._partners: dict[tuple[str, str, str, int, int], Partner | None] = {}
@@ -244,7 +246,12 @@ class Mirrors:
             value = key[1]
             if key[0] == "address":
                 assert isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address))
-                found = tuple(i for i, members in enumerate(self._wide_addresses) if _holds(members, value))
+                if self._address_spans is None:
+                    self._address_spans = [_spans(members) for members in self._wide_addresses]
+                point = (value.version, int(value))
+                found = tuple(
+                    i for i, spans in enumerate(self._address_spans) if any(low <= point <= high for low, high in spans)
+                )
             else:
                 found = tuple(i for i, ports in enumerate(self._wide_ports) if value in ports)
             self._signatures[key] = found
@@ -403,18 +410,18 @@ class Mirrors:
         alike (False when some rule has none, or several)."""
         if len(ones) != len(twos) or len(ones) > MAX_MATCHED:
             return False
+        # Each rule by its skeleton and the places it names the constant in: those of `ones` and `twos` must match
+        # one to one.
+        theirs: dict[Hashable, list[Site]] = {}
+        for two in twos:
+            skeleton, keys = self.abstract(two)
+            theirs.setdefault((skeleton, tuple(i for i, k in enumerate(keys) if k == to)), []).append(two)
         for one in ones:
             skeleton, keys = self.abstract(one)
-            places = tuple(i for i, k in enumerate(keys) if k == key)
-            candidates = [
-                two
-                for two in twos
-                if self.abstract(two)[0] == skeleton
-                and tuple(i for i, k in enumerate(self.abstract(two)[1]) if k == to) == places
-            ]
-            if len(candidates) != 1:
+            found = theirs.get((skeleton, tuple(i for i, k in enumerate(keys) if k == key)), ())
+            if len(found) != 1:
                 return False
-            work.append((one, candidates[0]))
+            work.append((one, found[0]))
         return True
 
     def _exchangeable(self, matched: dict[Site, Site], image: dict[Key, Key]) -> bool:
@@ -467,7 +474,9 @@ def match_direction(match: object) -> Direction | None:
     return match.direction if isinstance(match, (AddressMatch, PortMatch)) else None
 
 
-def _holds(members: AddressSet | tuple[IPAddress, IPAddress], address: IPAddress) -> bool:
+def _spans(members: AddressSet | tuple[IPAddress, IPAddress]) -> tuple[tuple[tuple[int, int], tuple[int, int]], ...]:
+    """A wider address set (or range) as closed spans of (version, integer)."""
     if isinstance(members, tuple):
-        return members[0].version == address.version and members[0] <= address <= members[1]  # type: ignore[operator]
-    return address in members
+        first, last = members
+        return (((first.version, int(first)), (last.version, int(last))),)
+    return tuple(((n.version, int(n.network_address)), (n.version, int(n.broadcast_address))) for n in members.networks)

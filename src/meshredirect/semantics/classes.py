@@ -408,7 +408,10 @@ class Root:
     protocol: Protocol
     dims: Mapping[str, tuple[ValueClass, ...]]
     #: Partitions that the explorers of the roots of one class space share (see ``Explorer``).
-    shared: dict[tuple[Any, ...], Partitions] = attrs.field(factory=dict, eq=False, repr=False)
+    #: Per tuple of classes (by identity: one class space memoizes them), its values and their partitions.
+    shared: dict[int, tuple[tuple[ValueClass, ...], tuple[Any, ...], Partitions]] = attrs.field(
+        factory=dict, eq=False, repr=False
+    )
 
     def values(self) -> dict[str, tuple[Any, ...]]:
         return {name: tuple(c.value for c in classes) for name, classes in self.dims.items()}
@@ -420,7 +423,14 @@ class Root:
         return total
 
     def explorer(self) -> Explorer:
-        return Explorer(self.values(), shared=self.shared)
+        values: dict[str, tuple[Any, ...]] = {}
+        partitions: dict[str, Partitions] = {}
+        for name, classes in self.dims.items():
+            found = self.shared.get(id(classes))
+            if found is None or found[0] is not classes:
+                found = self.shared[id(classes)] = (classes, tuple(c.value for c in classes), {})
+            values[name], partitions[name] = found[1], found[2]
+        return Explorer(values, partitions=partitions)
 
 
 #: The symbols of a root connection's fields: each stands for the dimension of its name.
@@ -468,7 +478,7 @@ class ClassSpace:
             protocols = list(dict.fromkeys([*BASE_PROTOCOLS, *found.protocols]))
         self.protocols = tuple(protocols)
         self._classes: dict[tuple[Any, ...], tuple[ValueClass, ...]] = {}
-        self._shared: dict[tuple[Any, ...], Partitions] = {}
+        self._shared: dict[int, tuple[tuple[ValueClass, ...], tuple[Any, ...], Partitions]] = {}
         self.roots = tuple(
             self._root(family, origin, protocol)
             for family in self.families

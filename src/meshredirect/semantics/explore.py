@@ -530,23 +530,19 @@ class Explorer:
     """
 
     def __init__(
-        self, dims: Mapping[str, Sequence[Any]], *, shared: dict[tuple[Any, ...], Partitions] | None = None
+        self, dims: Mapping[str, Sequence[Any]], *, partitions: Mapping[str, Partitions] | None = None
     ) -> None:
-        """``shared``: where explorers of the same classes (the roots of one class space) keep the
-        partitions they computed, by a dimension's values, for each other."""
-        self.values: dict[str, tuple[Any, ...]] = {name: tuple(values) for name, values in dims.items()}
+        """``partitions``: per dimension, where explorers of the same classes (the roots of one class space)
+        keep the partitions they computed, for each other."""
+        self.values: dict[str, tuple[Any, ...]] = {
+            name: values if isinstance(values, tuple) else tuple(values) for name, values in dims.items()
+        }
         for name, values in self.values.items():
             if not values:
                 raise ValueError(f"dimension {name!r} has no classes")
         self.dims = tuple(self.values)
         self.position = {dim: index for index, dim in enumerate(self.dims)}
-        self._partitions: dict[str, Partitions] = {}
-        if shared is not None:
-            for name, values in self.values.items():
-                found = shared.get(values)
-                if found is None:
-                    found = shared[values] = {}
-                self._partitions[name] = found
+        self._partitions: dict[str, Partitions] = dict(partitions) if partitions is not None else {}
         #: The partitions of tests of stable identity: id(test) -> dim -> (test, position, outcomes, per class).
         self.fast: dict[int, dict[str, tuple[object, int, dict[Hashable, int], list[Hashable]]]] = {}
         self._indices: dict[str, dict[Hashable, int] | None] = {}

@@ -2220,7 +2220,7 @@ class _Run:
             if first is None or not tracer.invariant(first):
                 continue
             partner = interpreter.partner(table, chain, found, candidate.rule)
-            if partner is None or any(ours in held or theirs in held for _kind, ours, theirs in partner.pairs):
+            if partner is None or not held.isdisjoint(partner.moved):
                 continue
             mirror = tracer.mirror(interpreter.swaps(partner))
             if mirror is not None:

@@ -92,6 +92,12 @@ class Partner:
     rule: int
     #: The constants the mirror swaps (other than chains' names): (kind, the other rule's, this one's).
     pairs: tuple[tuple[str, Hashable, Hashable], ...]
+    #: Every value the mirror moves.
+    moved: frozenset[Hashable] = attrs.field(init=False, eq=False, repr=False)
+
+    @moved.default
+    def _moved(self) -> frozenset[Hashable]:
+        return frozenset(value for _kind, ours, theirs in self.pairs for value in (ours, theirs))
 
 
 #: Not found in a cache.

@@ -169,6 +169,10 @@ class Tracer:
         """Whether the region is its own image under a mirror."""
         raise NotImplementedError
 
+    def agreeing(self, position: int, index: int) -> int:  # pragma: no cover - interface
+        """The classes at ``position`` that each box of the region holds exactly when it holds ``index``."""
+        raise NotImplementedError
+
     def restrict_mirrored(
         self, inside: Sequence[Mapping[int, int]], outside: Sequence[Mapping[int, int]], mirrors: Sequence[Mirror]
     ) -> bool:  # pragma: no cover - interface
@@ -313,6 +317,15 @@ class Run(Tracer):
         explorer.mirrors[id(pairs)] = (pairs, found)
         return found
 
+    def agreeing(self, position: int, index: int) -> int:
+        """The classes of a dimension (a mask) that each box of the region holds exactly when it holds class
+        ``index``: those a mirror may swap with it."""
+        agree = -1
+        for box in self.region:
+            mask = box[position]
+            agree &= mask if mask >> index & 1 else ~mask
+        return agree
+
     def invariant(self, mirror: Mirror) -> bool:
         """Whether the region is its own image under a mirror (each box holds both classes of each swap or
         neither)."""
@@ -335,9 +348,8 @@ class Run(Tracer):
         # `inside`, taken out of `outside` part by part (few, small) before cutting the region.
         every = {p: (1 << len(self.explorer.values[dim])) - 1 for p, dim in enumerate(self.explorer.dims)}
         rest = [dict(part) for part in outside]
-        for mirror in mirrors:
-            for part in inside:
-                rest = subtract_part(rest, _mirrored_part(part, mirror), every)
+        for image in _merge_parts([_mirrored_part(part, mirror) for mirror in mirrors for part in inside]):
+            rest = subtract_part(rest, image, every)
         kept = _cut(self.region, inside)
         left = _cut(self.region, rest)
         self.region = kept
@@ -770,6 +782,28 @@ def _mirrored_part(part: Mapping[int, int], mirror: Mirror) -> dict[int, int]:
         if mask is not None and (mask >> i ^ mask >> j) & 1:
             out[position] = mask ^ (1 << i | 1 << j)
     return out
+
+
+def _merge_parts(parts: list[dict[int, int]]) -> list[dict[int, int]]:
+    """Parts as fewer parts of the same union: position by position, parts that name the same positions and
+    agree on all but this one become one (the images of a part under the mirrors of one dispatch differ in
+    the destination only)."""
+    positions = sorted({p for part in parts for p in part})
+    for position in positions:
+        merged: dict[tuple[tuple[int, int], ...], dict[int, int]] = {}
+        rest: list[dict[int, int]] = []
+        for part in parts:
+            if position not in part:
+                rest.append(part)
+                continue
+            key = tuple(sorted((p, m) for p, m in part.items() if p != position))
+            found = merged.get(key)
+            if found is None:
+                merged[key] = dict(part)
+            else:
+                found[position] |= part[position]
+        parts = [*merged.values(), *rest]
+    return parts
 
 
 def subtract_part(

@@ -2209,10 +2209,15 @@ class _Run:
         candidates = [c for c in interpreter.candidates(table, chain, found) if c.rule >= index and c.rule in allowed]
         if not candidates:
             return []
-        held = set(self._held())
-        held.update(getattr(self, field) for field in _MIRRORED_FIELDS if self.sym[field] is None)
         tracer = self.tracer
         assert tracer is not None
+        # The candidates all swap the found rule's class of the first field: when no other class of it goes
+        # with that one in every box of the region (a connection the proxy makes to one service), none can.
+        first = tracer.mirror(interpreter.swaps(candidates[0]))
+        if first is not None and any(tracer.agreeing(p, i) & ~(1 << i) == 0 for p, i, _j in first):
+            return []
+        held = set(self._held())
+        held.update(getattr(self, field) for field in _MIRRORED_FIELDS if self.sym[field] is None)
         mirrors: list[Mirror] = []
         for candidate in candidates:
             # First the swap of the run's first field alone, which the region must hold (cheap); then the rest.

@@ -140,7 +140,8 @@ class Mirrors:
         self._wide_ports: list[PortSet] = []
         #: The wider address sets as closed spans of (version, integer) (built when first needed).
         self._address_spans: list[tuple[tuple[tuple[int, int], tuple[int, int]], ...]] | None = None
-        self._abstract: dict[Site, tuple[Hashable, tuple[Key, ...]]] = {}
+        self._abstract: dict[Site, tuple[int, tuple[Key, ...]]] = {}
+        self._skeletons: dict[Hashable, int] = {}
         self._candidates: dict[Site, tuple[Candidate, ...]] = {}
         self._partners: dict[tuple[str, str, str, int, int], Partner | None] = {}
         #: Per chain, the rules whose mirrors were searched for (see :meth:`_composed`).
@@ -194,8 +195,9 @@ class Mirrors:
         self._wide_addresses = list(wide_addresses)
         self._wide_ports = list(wide_ports)
 
-    def abstract(self, site: Site) -> tuple[Hashable, tuple[Key, ...]]:
-        """A rule with its single constants taken out (its skeleton), and those constants in order."""
+    def abstract(self, site: Site) -> tuple[int, tuple[Key, ...]]:
+        """A rule with its single constants taken out (its skeleton, as the number of its kind), and those
+        constants in order."""
         found = self._abstract.get(site)
         if found is not None:
             return found
@@ -242,7 +244,9 @@ class Mirrors:
         elif isinstance(target, (Jump, Goto)) and table.has_chain(target.chain):
             keys.append(("chain", family, table_name, target.chain))
             target = type(target).__name__
-        found = self._abstract[site] = ((tuple(matches), target), tuple(keys))
+        skeleton = (tuple(matches), target)
+        # Skeletons are compared often: each distinct one is a small number.
+        found = self._abstract[site] = (self._skeletons.setdefault(skeleton, len(self._skeletons)), tuple(keys))
         return found
 
     def _signature(self, key: Key) -> tuple[int, ...]:

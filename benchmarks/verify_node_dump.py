@@ -137,7 +137,7 @@ def main() -> int:
             f"{row['violations']} ({violated}) |"
         )
     rules = rows[-1]["rules"]
-    met = "met" if min(cli_times) < TARGET_SECONDS else "NOT met"
+    met = "met" if statistics.median(cli_times) < TARGET_SECONDS else "NOT met"  # (the median, not the best run)
     print()
     print(
         f"`meshredirect verify` on the {rules}-rule node dump ({big[0]} services): {show(cli_times)} s "

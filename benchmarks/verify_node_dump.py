@@ -15,7 +15,7 @@ without lark when every line has a plain shape (lark explains the errors).
 Measured: the whole command as a user runs it (a process: start-up, reading, finding the mesh, the proofs,
 printing), and in-process its parts, for the full dump and for smaller ones (fewer services), to show how
 each part grows; the proofs as wall-clock and CPU time (this machine is shared: CPU time drifts less).
-Each figure is the median of the runs made (min-max); sizes from 100 services run once, the command three times.
+Each figure is the median of the runs made (min-max); sizes from 100 services run once, the command five times.
 
     .venv/bin/python benchmarks/verify_node_dump.py [--quick]
 """
@@ -120,7 +120,7 @@ def main() -> int:
     for services, containers in sizes:
         repeat = 1 if args.quick or services >= 100 else 3
         rows.append(measure(services, containers, repeat))
-    cli_times, status = cli_run(*big, repeat=1 if args.quick else 3)
+    cli_times, status = cli_run(*big, repeat=1 if args.quick else 5)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "verify_node_dump.json").write_text(
         json.dumps({"sizes": rows, "cli": {"size": big, "seconds": cli_times, "status": status}}, indent=1) + "\n"

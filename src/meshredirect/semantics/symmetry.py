@@ -467,7 +467,7 @@ class Mirrors:
     def _first_values(rule: Rule, kind: str, direction: Direction) -> Iterable[Hashable]:
         """The single values a rule tests (not negated) of a field."""
         for match in rule.matches:
-            if match_direction(match) is not direction or getattr(match, "negate", True):
+            if _direction(match) is not direction or getattr(match, "negate", True):
                 continue
             if kind == "address" and isinstance(match, AddressMatch):
                 address = _single_address(match.addresses)
@@ -479,7 +479,7 @@ class Mirrors:
                     yield port
 
 
-def match_direction(match: object) -> Direction | None:
+def _direction(match: object) -> Direction | None:
     """The side of the packet an address or port match looks at (None for other matches)."""
     return match.direction if isinstance(match, (AddressMatch, PortMatch)) else None
 

@@ -8,10 +8,15 @@ the grammar (``hypothesis.extra.lark``), byte-level mutations of real rule files
 lexically tricky pieces (quotes, escapes, odd white space, words glued to counters), the iptables-save
 backend's output of generated rulesets, and every real file (Istio's restore files, the seed, the golden
 files, node dumps). The check itself is shown to catch a broken fast path.
+
+The same check covers the rule plans (a rule of a shape read before is read from that shape's plan, with its own
+values put in): the reference reading parses every rule in full. Rules of one shape are shown to read back their
+own values, and the check to catch a plan that puts in another rule's.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,10 +31,22 @@ from conformance import ISTIO, SEED
 from iptables_strategies import iptables_rulesets
 from meshredirect.api import render
 from meshredirect.errors import SourceError, SourcePosition, UnsupportedError
-from meshredirect.ir import Family, Ruleset
-from meshredirect.readers import iptables
+from meshredirect.ir import (
+    AddressMatch,
+    AddressRange,
+    Direction,
+    Dnat,
+    Family,
+    Goto,
+    Jump,
+    PortMatch,
+    Protocol,
+    Ruleset,
+)
+from meshredirect.readers import _iptables_spec, iptables
 from meshredirect.readers.iptables import read_iptables
 from meshredirect.testing.node_dump import ISTIO_NAT, node_dump
+from meshredirect.values import AddressSet, PortSet
 from test_iptables_reader_fuzz import SEEDS, _lark_documents, mutated
 
 GROUPS = {"java": 1001, "ftp": 1002}
@@ -47,6 +64,17 @@ def lark_only() -> Iterator[None]:
         iptables._fast_path = saved
 
 
+@contextmanager
+def every_rule_parsed() -> Iterator[None]:
+    """Every rule specification is parsed in full, as before the plans."""
+    saved = _iptables_spec._shape_plans
+    _iptables_spec._shape_plans = False
+    try:
+        yield
+    finally:
+        _iptables_spec._shape_plans = saved
+
+
 def reading(text: str, **options: Any) -> tuple[Ruleset, list[SourcePosition | None]] | str:
     """The ruleset and where each rule was read (rulesets compare without positions), or the error as the
     user sees it (message, position, line and caret)."""
@@ -60,7 +88,8 @@ def reading(text: str, **options: Any) -> tuple[Ruleset, list[SourcePosition | N
 def check_same(text: str, **options: Any) -> bool:
     """Both paths give the same lines and the same reading; True when the fast path took the text.
 
-    The fast path also takes every text lark takes (so lark is only ever needed to explain an error)."""
+    The fast path also takes every text lark takes (so lark is only ever needed to explain an error). The
+    reference reading also parses every rule in full (no plans)."""
     fast_lines = iptables._fast_lines(text)
     try:
         lark_lines = iptables._parser().parse(text)
@@ -70,7 +99,7 @@ def check_same(text: str, **options: Any) -> bool:
         assert fast_lines is not None, f"the fast path declined text lark takes: {text!r}"
         assert fast_lines == lark_lines, f"different lines for {text!r}"
     fast = reading(text, **options)
-    with lark_only():
+    with lark_only(), every_rule_parsed():
         slow = reading(text, **options)
     assert fast == slow, f"different readings for {text!r}:\n{fast}\n{slow}"
     return fast_lines is not None
@@ -276,3 +305,140 @@ def test_the_check_catches_a_broken_fast_path(monkeypatch: pytest.MonkeyPatch) -
             patch.setattr(iptables, name, broken)
             with pytest.raises(AssertionError):
                 check_same(broken_text)
+
+
+# ----------------------------------------------------------------------------- rules of one shape
+
+#: Rules in pairs of one shape (the second read from the first's plan) that differ in every value a plan puts in.
+_SHAPES = """*nat
+:OUTPUT ACCEPT [0:0]
+:A - [0:0]
+:B - [0:0]
+-A OUTPUT -d 10.0.0.1/32 -p tcp -m comment --comment "one" -m tcp --dport 80 -j A
+-A OUTPUT -d 10.0.0.2/32 -p tcp -m comment --comment "two" -m tcp --dport 443 -j B
+-A A ! -s 10.1.0.0/16 -p udp -m udp --sport 53 -j DNAT --to-destination 10.2.0.1:5353
+-A A ! -s 10.9.0.0/24 -p udp -m udp --sport 54 -j DNAT --to-destination 10.2.0.2
+-A B -s 10.3.0.1,10.3.0.2 -d 10.4.0.1 -m comment --comment x -m comment --comment y -g A
+-A B -s 10.3.0.3 -d 10.4.0.2,10.4.0.3 -m comment --comment z -m comment --comment w -g B
+COMMIT
+"""
+
+
+def _address(direction: Direction, network: str, *, negate: bool = False) -> AddressMatch:
+    return AddressMatch(direction=direction, addresses=AddressSet.of(network), negate=negate)
+
+
+def _port(protocol: Protocol, direction: Direction, port: int) -> PortMatch:
+    return PortMatch(protocol=protocol, ports=PortSet.of(port), direction=direction)
+
+
+def _dnat(address: str, port: int | None) -> Dnat:
+    ip = ipaddress.IPv4Address(address)
+    return Dnat(addresses=AddressRange(first=ip, last=ip), ports=None if port is None else PortSet.of(port))
+
+
+SRC, DST, TCP, UDP = Direction.SOURCE, Direction.DESTINATION, Protocol.TCP, Protocol.UDP
+
+#: What :data:`_SHAPES` reads as: (chain, line, matches, target, comment) of each rule.
+_OWN_VALUES = [
+    ("OUTPUT", 5, (_address(DST, "10.0.0.1/32"), _port(TCP, DST, 80)), Jump(chain="A"), "one"),
+    ("OUTPUT", 6, (_address(DST, "10.0.0.2/32"), _port(TCP, DST, 443)), Jump(chain="B"), "two"),
+    ("A", 7, (_address(SRC, "10.1.0.0/16", negate=True), _port(UDP, SRC, 53)), _dnat("10.2.0.1", 5353), None),
+    ("A", 8, (_address(SRC, "10.9.0.0/24", negate=True), _port(UDP, SRC, 54)), _dnat("10.2.0.2", None), None),
+    ("B", 9, (_address(SRC, "10.3.0.1/32"), _address(DST, "10.4.0.1/32")), Goto(chain="A"), "x y"),
+    ("B", 9, (_address(SRC, "10.3.0.2/32"), _address(DST, "10.4.0.1/32")), Goto(chain="A"), "x y"),
+    ("B", 10, (_address(SRC, "10.3.0.3/32"), _address(DST, "10.4.0.2/32")), Goto(chain="B"), "z w"),
+    ("B", 10, (_address(SRC, "10.3.0.3/32"), _address(DST, "10.4.0.3/32")), Goto(chain="B"), "z w"),
+]
+
+
+def check_own_values() -> None:
+    """Each rule of :data:`_SHAPES` reads back its own addresses, ports, comments, target and position."""
+    read = [
+        (chain.name, rule.position.line if rule.position else 0, rule.matches, rule.target, rule.comment)
+        for _, chain, rule in read_iptables(_SHAPES).rules()
+    ]
+    assert read == _OWN_VALUES
+
+
+def test_rules_of_one_shape_read_their_own_values() -> None:
+    check_own_values()
+    with every_rule_parsed():
+        check_own_values()
+    assert check_same(_SHAPES)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        '-A A -m comment --comment "' + "c" * 256 + '" -j A',  # too long: the error at this rule's comment
+        "-A A -d 10.0.0.300 -j A",  # an error at this rule's address
+        "-A A ! -d 10.0.0.1,10.0.0.2 -j A",  # a negated list
+        "-A A -d 10.0.0.0/255.0.255.0 -j A",  # a mask with holes: an unknown match
+        "-A A -p tcp --dport 0 -j A",  # port 0, and a port out of range: no hole, parsed in full
+        "-A A -p tcp --dport 65536 -j A",
+        "-A A -p tcp --dport http -j A",
+        "-A A -p tcp -j DNAT --to-destination 10.0.0.1:0",  # errors at this rule's NAT destination
+        "-A A -p tcp -j DNAT --to-destination ::1",
+        "-A A -j NEW",  # a chain made after the first rule of the shape
+        "-A A --jump=NEW",
+        "-A A --ju NEW",
+        "-A A -g NEW",
+        "-A A -m comment --comment -s -d 10.0.0.1 -j A",  # a hole that is another option's value
+        "-A A -m comment --comment --comment -j A",
+        "-A A -p tcp -m tcp --tcp-flags SYN -d 10.0.0.1 -j A",
+        "-A A -p tcp -m multiport --dport 80 -j A",  # --dport as multiport's --dports (an abbreviation)
+        "-A A -p tcp -m tcp --dport 80 -m tcp --dport 80 -j A",
+        "-A A -p tcp --dport=80 -j A",
+        "-A A -m foo --comment x -d 10.0.0.1 -j A",  # an unknown match takes what follows
+        "-A A -6 -d 10.0.0.1 -j A",
+        "-A A -j REDIRECT --to-ports 80",  # the target outside its table (an error each time)
+    ],
+)
+def test_rules_of_one_shape_read_as_parsed_in_full(rule: str) -> None:
+    """A rule first of its shape, then in a second rule of the shape with other values (before and after a
+    chain ``NEW`` is made), reads as when every rule is parsed in full: the same rules, or the same error."""
+    other = rule.replace("10.0.0.", "10.0.9.").replace("80", "81").replace("-j A", "-j B").replace("c" * 256, "d")
+    for first, second in ((other, rule), (rule, other), (rule, rule)):
+        text = f"*nat\n:A - [0:0]\n:B - [0:0]\n{first}\n{second}\n-N NEW\n{first}\n{second}\nCOMMIT\n"
+        assert check_same(text)
+
+
+def test_plans_read_most_rules_of_a_node_dump(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 600 services' 5,082 rules come in a few dozen shapes; only the first rule of each is parsed in full."""
+    parsed = 0
+    parts = _iptables_spec._Rule.parts
+
+    def counted(rule: Any) -> Any:
+        nonlocal parsed
+        parsed += 1
+        return parts(rule)
+
+    monkeypatch.setattr(_iptables_spec._Rule, "parts", counted)
+    ruleset = read_iptables(node_dump())
+    assert sum(1 for _ in ruleset.rules()) == 5082
+    assert parsed < 100
+
+
+def test_the_check_catches_a_broken_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan that gives a rule the first rule's values (all of them, or only its comment, addresses, port or
+    target) is caught by both checks."""
+    parts_of = _iptables_spec._Plan.parts_of
+
+    def first(plan: Any, args: Any, ctx: Any) -> Any:
+        return plan.parts
+
+    def breaks(field: str) -> Callable[..., Any]:
+        def broken(plan: Any, args: Any, ctx: Any) -> Any:
+            return parts_of(plan, args, ctx)._replace(**{field: getattr(plan.parts, field)})
+
+        return broken
+
+    for broken in (first, *map(breaks, ("comment", "sources", "destinations", "others", "target"))):
+        with monkeypatch.context() as patch:
+            patch.setattr(_iptables_spec._Plan, "parts_of", broken)
+            with pytest.raises(AssertionError):
+                check_own_values()
+            with pytest.raises(AssertionError):
+                check_same(_SHAPES)
+    check_own_values()

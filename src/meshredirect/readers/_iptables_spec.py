@@ -23,8 +23,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import itertools
+import operator
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final, NamedTuple, NoReturn, ParamSpec, TypeVar
+from typing import ClassVar, Final, NamedTuple, NoReturn, ParamSpec, TypeVar, final
 
 import attrs
 
@@ -109,6 +110,37 @@ class Arg(NamedTuple):
     column: int
 
 
+@final
+class _Hole:
+    """A kind of value that rules of one shape differ in (see :func:`parse_rule`). Compared and hashed by
+    identity (an enum's hash is Python code, and a shape is hashed once a rule)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<hole {self.name}>"
+
+    ADDRESS: ClassVar[_Hole]
+    COMMENT: ClassVar[_Hole]
+    PORT: ClassVar[_Hole]
+    CHAIN: ClassVar[_Hole]
+    NAT: ClassVar[_Hole]
+
+
+_Hole.ADDRESS = _Hole("-s/-d")
+_Hole.COMMENT = _Hole("--comment")
+_Hole.PORT = _Hole("--sport/--dport")
+_Hole.CHAIN = _Hole("-j/-g")
+_Hole.NAT = _Hole("--to-destination/--to-source")
+
+
+#: A rule's arguments with the values that rules differ in replaced by their kinds.
+_Shape = tuple["str | _Hole", ...]
+
+
 @attrs.frozen(kw_only=True)
 class SpecContext:
     """What a rule's meaning depends on besides its own text."""
@@ -123,6 +155,9 @@ class SpecContext:
     groups: Mapping[str, int]
     #: Builds the error for a problem at an argument.
     error: Callable[[int, int, str], SourceError]
+    #: How to read a rule of each shape seen so far (None: by parsing it); filled by :func:`parse_rule`. A context
+    #: serves the rules of one table in one read, so this lives as long as that read and holds one entry a shape.
+    plans: dict[_Shape, _Plan | None] = attrs.field(factory=dict, eq=False, repr=False)
 
 
 # ----------------------------------------------------------------------------- option tables
@@ -504,13 +539,6 @@ class _Rule:
     def fail(self, arg: Arg, message: str) -> NoReturn:
         raise self.ctx.error(arg.line, arg.column, message)
 
-    def _checked(self, at: Arg, parse: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        """``parse(*args, **kwargs)`` (a value parser, cached), failing at ``at`` where the value is invalid."""
-        try:
-            return parse(*args, **kwargs)
-        except _Invalid as invalid:
-            self.fail(at, str(invalid))
-
     # -- the option loop ------------------------------------------------------
 
     def parse(self) -> None:
@@ -672,10 +700,12 @@ class _Rule:
 
     # -- building IR ----------------------------------------------------------
 
-    def rules(self, position: SourcePosition | None) -> list[Rule]:
+    def parts(self) -> _Parts | None:
+        """What the rule specification makes (None where ``-4``/``-6`` excludes the table's family: the tool
+        skips the rule)."""
         self.parse()
         if self.family_only is not None and self.family_only is not self.ctx.family:
-            return []  # "-4" in ip6tables (or "-6" in iptables): the tool skips the rule
+            return None
         comment: list[str] = []
         protocol = self._protocol()
         modules: list[Match] = []
@@ -694,13 +724,76 @@ class _Rule:
             fixed += self._protocol_match(protocol, modules)
         if "fragment" in self.basic:
             fixed.append(UnknownMatch(dialect=DIALECT, tokens=("!", "-f") if self.basic["fragment"][0] else ("-f",)))
-        rules = []
-        for source, destination in itertools.product(sources, destinations):
-            matches = [m for m in (source, destination) if m is not None] + fixed + _merge_owners(modules)
-            rules.append(
-                Rule(matches=tuple(matches), target=target, comment=" ".join(comment) or None, position=position)
-            )
-        return rules
+        return _Parts(sources, destinations, (*fixed, *_merge_owners(modules)), target, " ".join(comment) or None)
+
+    def plan(self, shape: _Shape, parts: _Parts) -> _Plan | None:
+        """How to read the other rules of this rule's ``shape`` (see :func:`parse_rule`): these ``parts``, with
+        the places that take the value of each hole. None where a hole was not the value of the option it follows
+        (it was parsed as something else, so its value may change what the rule means), and where the target is
+        a name whose meaning changes as chains come and go but is no hole."""
+        holes = {index: kind for index, kind in enumerate(shape) if isinstance(kind, _Hole)}
+        places = {id(arg): index for index, arg in enumerate(self.args)}
+
+        def take(at: Arg, kind: _Hole) -> int | None:
+            """The place of the hole ``at`` is (of that kind), taken; None where it is no such hole."""
+            index = places.get(id(at))  # (an attached value, --dport=80, is a new Arg: no hole)
+            if index is None or holes.get(index) is not kind:
+                return None
+            del holes[index]
+            return index
+
+        def addresses(name: str) -> _AddressSlot | None:
+            if name not in self.basic:
+                return None
+            negated, value, _ = self.basic[name]
+            at = take(value, _Hole.ADDRESS)
+            return None if at is None else _AddressSlot(at, negated)
+
+        sources, destinations = addresses("source"), addresses("destination")
+        comments: list[str | int] = []
+        ports: list[_PortSlot] = []
+        for loaded in self.loaded:
+            if loaded.module is None or loaded is self.target:
+                continue
+            if loaded.module.name == "comment":
+                value = loaded.given[0].values[0]
+                at = take(value, _Hole.COMMENT)
+                comments.append(value.value if at is None else at)
+            for given in loaded.given:
+                at = take(given.values[0], _Hole.PORT) if given.option in _PORTS_TCP else None
+                if at is None:
+                    continue
+                protocol = self._protocol()
+                assert protocol is not None  # (the port's module needs one)
+                made = self._port_option(loaded, given, protocol)
+                # The match it made: the only one equal to it (a hole's digits always make one such match).
+                found = [index for index, match in enumerate(parts.others) if match == made]
+                if not isinstance(made, PortMatch) or len(found) != 1:
+                    return None
+                ports.append(_PortSlot(found[0], at, f"--{given.option.name}", made))
+        target: _ChainSlot | _NatSlot | None = None
+        if self.chain_target is not None:
+            name, value, _ = self.chain_target
+            at = take(value, _Hole.CHAIN)
+            if at is None and name not in _VERDICTS:
+                return None  # a name that is no hole: whether it is a chain changes as chains come and go
+            if at is not None:
+                if not isinstance(parts.target, (Jump, Goto)):
+                    return None
+                target = _ChainSlot(at, type(parts.target))
+        elif self.target is not None:
+            if self.target.module is None:
+                return None  # an unknown target's name: a chain made later may take it
+            for given in self.target.given:
+                at = take(given.values[0], _Hole.NAT) if given.option.name in ("to-destination", "to-source") else None
+                if at is not None:
+                    if not isinstance(parts.target, (Dnat, Snat)):
+                        return None
+                    target = _NatSlot(at, f"--{given.option.name}", parts.target)
+        if holes:
+            return None
+        has_comment = any(isinstance(part, int) for part in comments)
+        return _Plan(parts, sources, destinations, tuple(comments) if has_comment else None, tuple(ports), target)
 
     def _protocol(self) -> Protocol | None:
         """The rule's (positive) protocol, if it is one the IR knows."""
@@ -732,11 +825,7 @@ class _Rule:
         if name not in self.basic:
             return [None]
         negated, value, _ = self.basic[name]
-        items = value.value.split(",")
-        if negated and len(items) > 1:
-            self.fail(value, f"-{_short(name)}: expected one address after '!', got a list of {len(items)}")
-        version = self.ctx.family.version
-        return [self._checked(value, _address_match, item, name, negated, version) for item in items]
+        return _address_matches(value, name, negated, self.ctx)
 
     def _interface(self, name: str) -> InterfaceMatch:
         negated, value, _ = self.basic[name]
@@ -779,10 +868,7 @@ class _Rule:
         if name == "comment":
             if not given:
                 self.fail(loaded.at, "comment: expected --comment TEXT")
-            text = given[0].values[0].value
-            if len(text) > MAX_COMMENT:
-                self.fail(given[0].values[0], f"--comment: expected at most {MAX_COMMENT} characters, got {len(text)}")
-            comment.append(text)
+            comment.append(_checked(self.ctx, given[0].values[0], _comment, given[0].values[0].value))
             return []
         if name == "addrtype":
             return self._addrtype(loaded, given)
@@ -823,10 +909,10 @@ class _Rule:
         return PortMatch(protocol=protocol, ports=ports, direction=direction, negate=given.negate)
 
     def _port_range(self, at: Arg, option: str, *, separator: str = ":") -> PortSet | None:
-        return self._checked(at, _ports, at.value, option, separator)
+        return _checked(self.ctx, at, _ports, at.value, option, separator)
 
     def _port_number(self, at: Arg, text: str, option: str) -> int:
-        return self._checked(at, _port, text, option)
+        return _checked(self.ctx, at, _port, text, option)
 
     def _multiport(self, loaded: _Loaded, given: _Given, protocol: Protocol) -> Match:
         if not given.option.supported:
@@ -885,7 +971,7 @@ class _Rule:
         self.fail(at, f"{option}: expected an id, a range LOW-HIGH or a name, got {text!r}")
 
     def _mark(self, at: Arg, option: str) -> tuple[int, int]:
-        return self._checked(at, _mark, at.value, option)
+        return _checked(self.ctx, at, _mark, at.value, option)
 
     def _conntrack(self, loaded: _Loaded, given: _Given) -> Match:
         if not given.option.supported:
@@ -1033,7 +1119,7 @@ class _Rule:
 
     def _nat_to(self, given: _Given) -> tuple[AddressRange | None, PortSet | None]:
         at = given.values[0]
-        return self._checked(at, _nat_to, at.value, f"--{given.option.name}", self.ctx.family.version)
+        return _checked(self.ctx, at, _nat_to, at.value, f"--{given.option.name}", self.ctx.family.version)
 
     def _target_tproxy(self, loaded: _Loaded, options: dict[str, _Given]) -> Target:
         port_arg = self._require(loaded, options, "on-port").values[0]
@@ -1147,6 +1233,14 @@ class _Rule:
 # ----------------------------------------------------------------------------- helpers
 
 
+def _checked(ctx: SpecContext, at: Arg, parse: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """``parse(*args, **kwargs)`` (a value parser, cached), failing at ``at`` where the value is invalid."""
+    try:
+        return parse(*args, **kwargs)
+    except _Invalid as invalid:
+        raise ctx.error(at.line, at.column, str(invalid)) from None
+
+
 @functools.lru_cache(maxsize=_CACHED)
 def _option_word(value: str) -> tuple[str, str | None, bool] | None:
     """(name, attached value, is long) of ``--name``, ``--name=value`` or ``-x`` (iptables takes no ``-xVALUE``);
@@ -1184,6 +1278,24 @@ def _given_tokens(given: _Given) -> list[str]:
 def _nat_flags(options: dict[str, _Given]) -> frozenset[NatFlag]:
     """The port-selection flags given to a NAT target (each target's module lists those it takes)."""
     return frozenset(flag for name, flag in _NAT_FLAGS if name in options)
+
+
+def _comment(text: str) -> str:
+    if len(text) > MAX_COMMENT:
+        raise _Invalid(f"--comment: expected at most {MAX_COMMENT} characters, got {len(text)}")
+    return text
+
+
+def _address_matches(at: Arg, name: str, negated: bool, ctx: SpecContext) -> list[Match | None]:
+    """The matches of ``-s``/``-d`` (``name`` source or destination) with ``at``: one per address listed
+    (None for every address)."""
+    items = at.value.split(",")
+    if negated and len(items) > 1:
+        raise ctx.error(
+            at.line, at.column, f"-{_short(name)}: expected one address after '!', got a list of {len(items)}"
+        )
+    version = ctx.family.version
+    return [_checked(ctx, at, _address_match, item, name, negated, version) for item in items]
 
 
 @functools.lru_cache(maxsize=_CACHED)
@@ -1352,8 +1464,165 @@ def _merge_owners(matches: list[Match]) -> list[Match]:
     return out
 
 
+# ----------------------------------------------------------------------------- rules of one shape
+#
+# A node's rules come in few shapes: kube-proxy writes thousands of rules that differ only in addresses, ports,
+# comments and chain names. Parsing the options of each costs more than the rest of reading it, so the first rule
+# of each shape is parsed, and the others are read from its plan: its parts, with their own values put in.
+
+
+class _Parts(NamedTuple):
+    """What one rule specification makes, before it becomes rules."""
+
+    sources: Sequence[Match | None]  # one per address of -s (None: any)
+    destinations: Sequence[Match | None]
+    others: tuple[Match, ...]  # the matches after the addresses
+    target: Target
+    comment: str | None
+
+    def rules(self, position: SourcePosition | None) -> list[Rule]:
+        """One rule per source and destination address (as iptables adds a list of addresses)."""
+        return [
+            Rule(
+                matches=(*(m for m in (source, destination) if m is not None), *self.others),
+                target=self.target,
+                comment=self.comment,
+                position=position,
+            )
+            for source, destination in itertools.product(self.sources, self.destinations)
+        ]
+
+
+class _AddressSlot(NamedTuple):
+    at: int  # the argument holding the addresses
+    negated: bool
+
+
+class _PortSlot(NamedTuple):
+    place: int  # the match's place in the parts' other matches
+    at: int  # the argument holding the port
+    option: str
+    made: PortMatch  # the match the first rule of the shape had there
+
+
+class _ChainSlot(NamedTuple):
+    at: int  # the argument naming the chain
+    kind: type[Jump] | type[Goto]
+
+
+class _NatSlot(NamedTuple):
+    at: int  # the argument of --to-destination or --to-source
+    option: str
+    made: Dnat | Snat
+
+
+@attrs.frozen
+class _Plan:
+    """How to read a rule of one shape: the parts of the first one read, where its values come from the rule's
+    own arguments. Errors come in the order the full parse makes them: comments, the target, then addresses."""
+
+    parts: _Parts
+    sources: _AddressSlot | None
+    destinations: _AddressSlot | None
+    #: The comment texts in order, a number for an argument holding one; None: the parts' comment.
+    comments: tuple[str | int, ...] | None
+    ports: tuple[_PortSlot, ...]
+    target: _ChainSlot | _NatSlot | None
+
+    def parts_of(self, args: Sequence[Arg], ctx: SpecContext) -> _Parts:
+        """The parts of a rule of this shape, from its ``args``."""
+        parts = self.parts
+        comment = parts.comment
+        if self.comments is not None:
+            texts = []
+            for part in self.comments:
+                if isinstance(part, int):
+                    part = _checked(ctx, args[part], _comment, args[part].value)
+                texts.append(part)
+            comment = " ".join(texts) or None
+        others = parts.others
+        if self.ports:
+            changed = list(others)
+            for slot in self.ports:
+                at, port = args[slot.at], slot.made
+                ports = _checked(ctx, at, _ports, at.value, slot.option, ":")
+                assert ports is not None  # (a hole's port is 1-65535)
+                changed[slot.place] = PortMatch(
+                    protocol=port.protocol, ports=ports, direction=port.direction, negate=port.negate
+                )
+            others = tuple(changed)
+        target = parts.target
+        if isinstance(self.target, _ChainSlot):
+            target = self.target.kind(chain=args[self.target.at].value)
+        elif self.target is not None:
+            at, nat = args[self.target.at], self.target.made
+            addresses, nat_ports = _checked(ctx, at, _nat_to, at.value, self.target.option, ctx.family.version)
+            target = type(nat)(addresses=addresses, ports=nat_ports, flags=nat.flags)
+        sources, destinations = parts.sources, parts.destinations
+        if self.sources is not None:
+            sources = _address_matches(args[self.sources.at], "source", self.sources.negated, ctx)
+        if self.destinations is not None:
+            destinations = _address_matches(args[self.destinations.at], "destination", self.destinations.negated, ctx)
+        return _Parts(sources, destinations, others, target, comment)
+
+
+#: The options whose values rules of one shape differ in (exactly as iptables-save prints them).
+_OPENERS: Final = {
+    **dict.fromkeys(("-s", "--source", "--src", "-d", "--destination", "--dst"), _Hole.ADDRESS),
+    "--comment": _Hole.COMMENT,
+    **dict.fromkeys(("--sport", "--source-port", "--dport", "--destination-port"), _Hole.PORT),
+    **dict.fromkeys(("-j", "--jump", "-g", "--goto"), _Hole.CHAIN),
+    **dict.fromkeys(("--to-destination", "--to-source"), _Hole.NAT),
+}
+
+_VALUE: Final = operator.itemgetter(0)  # an Arg's value (a named tuple's field, at C speed)
+
+#: Whether parse_rule reads rules of a shape seen before from its plan (tests turn it off to compare).
+_shape_plans = True
+
+
+def _shape(args: Sequence[Arg], is_chain: Callable[[str], bool]) -> _Shape:
+    """The arguments' values, each value after an option of :data:`_OPENERS` replaced by its kind (a hole) where
+    it is one whose meaning the plan puts in: a port 1-65535 in digits, a user chain's name, any address, comment
+    or NAT destination, never ``!``. A hole takes no hole after it. Which holes are really those options' values
+    (not, say, a value of another option) only the parse knows: :meth:`_Rule.plan` checks."""
+    values: list[str] = list(map(_VALUE, args))
+    shape: list[str | _Hole] = list(values)
+    openers = list(map(_OPENERS.get, values))
+    hole = -1  # the last hole's place
+    for index in itertools.compress(range(1, len(values)), openers):  # (each place after an opener)
+        kind = openers[index - 1]
+        value = values[index]
+        if kind is not None and hole != index - 1 and value != "!" and _fits(kind, value, is_chain):
+            shape[index] = kind
+            hole = index
+    return tuple(shape)
+
+
+def _fits(kind: _Hole, value: str, is_chain: Callable[[str], bool]) -> bool:
+    """Whether ``value`` after an option of ``kind`` can be a hole: the plan makes of every such value what the
+    full parse makes of it. (A chain's name is checked when the rule is added: chains come and go.)"""
+    if kind is _Hole.PORT:
+        return value.isascii() and value.isdigit() and len(value) <= 5 and 0 < int(value) <= MAX_PORT
+    if kind is _Hole.CHAIN:
+        return is_chain(value)  # never a built-in chain's name, a verdict or a target
+    return True
+
+
 def parse_rule(args: Sequence[Arg], ctx: SpecContext, position: SourcePosition | None = None) -> list[Rule]:
     """The IR rules one rule specification stands for: usually one; one per address where ``-s``/``-d``
     list several (as iptables adds them); none where ``-4``/``-6`` excludes the table's family. Each rule
-    has the ``position`` given."""
-    return _Rule(args, ctx).rules(position)
+    has the ``position`` given.
+
+    A rule whose shape (:func:`_shape`) was seen before in ``ctx`` is read from that shape's plan, when the
+    first rule of the shape left one (see :meth:`_Rule.plan`)."""
+    shape = _shape(args, ctx.is_chain) if _shape_plans else None
+    plan = ctx.plans.get(shape) if shape is not None else None
+    if plan is not None:
+        parts: _Parts | None = plan.parts_of(args, ctx)
+    else:
+        rule = _Rule(args, ctx)
+        parts = rule.parts()
+        if shape is not None and shape not in ctx.plans:
+            ctx.plans[shape] = None if parts is None else rule.plan(shape, parts)
+    return [] if parts is None else parts.rules(position)

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
@@ -421,22 +422,23 @@ def test_plans_read_most_rules_of_a_node_dump(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_the_check_catches_a_broken_plan(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A plan that gives a rule the first rule's values (all of them, or only its comment, addresses, port or
-    target) is caught by both checks."""
-    parts_of = _iptables_spec._Plan.parts_of
+    """A plan that gives a rule the first rule's values (all of them, or only its matches, target or comment) is
+    caught by both checks."""
+    plan_rules = _iptables_spec._Plan.rules
 
-    def first(plan: Any, args: Any, ctx: Any) -> Any:
-        return plan.parts
+    def first(plan: Any, args: Any, ctx: Any, position: Any) -> Any:
+        return plan.parts.rules(position)
 
     def breaks(field: str) -> Callable[..., Any]:
-        def broken(plan: Any, args: Any, ctx: Any) -> Any:
-            return parts_of(plan, args, ctx)._replace(**{field: getattr(plan.parts, field)})
+        def broken(plan: Any, args: Any, ctx: Any, position: Any) -> Any:
+            made = getattr(plan.parts.rules(position)[0], field)
+            return [attrs.evolve(rule, **{field: made}) for rule in plan_rules(plan, args, ctx, position)]
 
         return broken
 
-    for broken in (first, *map(breaks, ("comment", "sources", "destinations", "others", "target"))):
+    for broken in (first, *map(breaks, ("matches", "target", "comment"))):
         with monkeypatch.context() as patch:
-            patch.setattr(_iptables_spec._Plan, "parts_of", broken)
+            patch.setattr(_iptables_spec._Plan, "rules", broken)
             with pytest.raises(AssertionError):
                 check_own_values()
             with pytest.raises(AssertionError):

@@ -821,11 +821,11 @@ class _Rule:
             return []  # implied by the port match
         return [ProtocolMatch(protocol=known, negate=negated)]
 
-    def _addresses(self, name: str) -> list[Match | None]:
+    def _addresses(self, name: str) -> Sequence[Match | None]:
         if name not in self.basic:
-            return [None]
+            return (None,)
         negated, value, _ = self.basic[name]
-        return _address_matches(value, name, negated, self.ctx)
+        return _checked(self.ctx, value, _address_matches, value.value, name, negated, self.ctx.family.version)
 
     def _interface(self, name: str) -> InterfaceMatch:
         negated, value, _ = self.basic[name]
@@ -1286,16 +1286,14 @@ def _comment(text: str) -> str:
     return text
 
 
-def _address_matches(at: Arg, name: str, negated: bool, ctx: SpecContext) -> list[Match | None]:
-    """The matches of ``-s``/``-d`` (``name`` source or destination) with ``at``: one per address listed
-    (None for every address)."""
-    items = at.value.split(",")
+@functools.lru_cache(maxsize=_CACHED)
+def _address_matches(text: str, name: str, negated: bool, version: int) -> tuple[Match | None, ...]:
+    """The matches of ``-s``/``-d`` (``name`` source or destination) ``text``: one per address listed (None
+    for every address)."""
+    items = text.split(",")
     if negated and len(items) > 1:
-        raise ctx.error(
-            at.line, at.column, f"-{_short(name)}: expected one address after '!', got a list of {len(items)}"
-        )
-    version = ctx.family.version
-    return [_checked(ctx, at, _address_match, item, name, negated, version) for item in items]
+        raise _Invalid(f"-{_short(name)}: expected one address after '!', got a list of {len(items)}")
+    return tuple(_address_match(item, name, negated, version) for item in items)
 
 
 @functools.lru_cache(maxsize=_CACHED)
@@ -1370,6 +1368,15 @@ def _ports(text: str, option: str, separator: str) -> PortSet | None:
         return ALL_PORTS  # the kernel stores 0:65535 as "any port" (and iptables-save prints nothing)
     # Port 0 is never a connection's port: a range from 0 means the same from 1.
     return PortSet.of((max(low, 1), high))
+
+
+@functools.lru_cache(maxsize=_CACHED)
+def _port_match(protocol: Protocol, port: str, option: str, direction: Direction, negate: bool) -> PortMatch:
+    """The match of ``option`` (``--dport``...) with one port 1-65535 in digits, the only ports a plan puts in
+    (so no error, and one match a port: rules share it, as they share any IR node)."""
+    ports = _ports(port, option, ":")
+    assert ports is not None
+    return PortMatch(protocol=protocol, ports=ports, direction=direction, negate=negate)
 
 
 def _port(text: str, option: str) -> int:
@@ -1481,16 +1488,29 @@ class _Parts(NamedTuple):
     comment: str | None
 
     def rules(self, position: SourcePosition | None) -> list[Rule]:
-        """One rule per source and destination address (as iptables adds a list of addresses)."""
-        return [
-            Rule(
-                matches=(*(m for m in (source, destination) if m is not None), *self.others),
-                target=self.target,
-                comment=self.comment,
-                position=position,
-            )
-            for source, destination in itertools.product(self.sources, self.destinations)
-        ]
+        return _rules(
+            self.sources, self.destinations, self.others, target=self.target, comment=self.comment, position=position
+        )
+
+
+def _rules(
+    sources: Sequence[Match | None],
+    destinations: Sequence[Match | None],
+    others: tuple[Match, ...],
+    *,
+    target: Target,
+    comment: str | None,
+    position: SourcePosition | None,
+) -> list[Rule]:
+    """One rule per source and destination address (as iptables adds a list of addresses)."""
+    rules = []
+    for source, destination in itertools.product(sources, destinations):
+        if source is None:
+            matches = others if destination is None else (destination, *others)
+        else:
+            matches = (source, *others) if destination is None else (source, destination, *others)
+        rules.append(Rule(matches=matches, target=target, comment=comment, position=position))
+    return rules
 
 
 class _AddressSlot(NamedTuple):
@@ -1529,8 +1549,8 @@ class _Plan:
     ports: tuple[_PortSlot, ...]
     target: _ChainSlot | _NatSlot | None
 
-    def parts_of(self, args: Sequence[Arg], ctx: SpecContext) -> _Parts:
-        """The parts of a rule of this shape, from its ``args``."""
+    def rules(self, args: Sequence[Arg], ctx: SpecContext, position: SourcePosition | None) -> list[Rule]:
+        """The rules of a rule specification of this shape, from its ``args`` (as :meth:`_Parts.rules`)."""
         parts = self.parts
         comment = parts.comment
         if self.comments is not None:
@@ -1544,11 +1564,9 @@ class _Plan:
         if self.ports:
             changed = list(others)
             for slot in self.ports:
-                at, port = args[slot.at], slot.made
-                ports = _checked(ctx, at, _ports, at.value, slot.option, ":")
-                assert ports is not None  # (a hole's port is 1-65535)
-                changed[slot.place] = PortMatch(
-                    protocol=port.protocol, ports=ports, direction=port.direction, negate=port.negate
+                made = slot.made
+                changed[slot.place] = _port_match(
+                    made.protocol, args[slot.at].value, slot.option, made.direction, made.negate
                 )
             others = tuple(changed)
         target = parts.target
@@ -1559,11 +1577,16 @@ class _Plan:
             addresses, nat_ports = _checked(ctx, at, _nat_to, at.value, self.target.option, ctx.family.version)
             target = type(nat)(addresses=addresses, ports=nat_ports, flags=nat.flags)
         sources, destinations = parts.sources, parts.destinations
+        version = ctx.family.version
         if self.sources is not None:
-            sources = _address_matches(args[self.sources.at], "source", self.sources.negated, ctx)
+            at = args[self.sources.at]
+            sources = _checked(ctx, at, _address_matches, at.value, "source", self.sources.negated, version)
         if self.destinations is not None:
-            destinations = _address_matches(args[self.destinations.at], "destination", self.destinations.negated, ctx)
-        return _Parts(sources, destinations, others, target, comment)
+            at = args[self.destinations.at]
+            destinations = _checked(
+                ctx, at, _address_matches, at.value, "destination", self.destinations.negated, version
+            )
+        return _rules(sources, destinations, others, target=target, comment=comment, position=position)
 
 
 #: The options whose values rules of one shape differ in (exactly as iptables-save prints them).
@@ -1583,30 +1606,27 @@ _shape_plans = True
 
 def _shape(args: Sequence[Arg], is_chain: Callable[[str], bool]) -> _Shape:
     """The arguments' values, each value after an option of :data:`_OPENERS` replaced by its kind (a hole) where
-    it is one whose meaning the plan puts in: a port 1-65535 in digits, a user chain's name, any address, comment
-    or NAT destination, never ``!``. A hole takes no hole after it. Which holes are really those options' values
-    (not, say, a value of another option) only the parse knows: :meth:`_Rule.plan` checks."""
+    the plan makes of every such value what the full parse makes of it: any address, comment or NAT destination,
+    a port 1-65535 in digits, the name of a user chain at the time (never a built-in chain's name, a verdict or
+    a target; chains come and go); never ``!``, and no value after a hole. Which holes are really those options'
+    values (not, say, values of other options) only the parse knows: :meth:`_Rule.plan` checks. (This runs for
+    every rule: the loop goes over the places after openers only, and the checks are written out.)"""
     values: list[str] = list(map(_VALUE, args))
     shape: list[str | _Hole] = list(values)
-    openers = list(map(_OPENERS.get, values))
     hole = -1  # the last hole's place
-    for index in itertools.compress(range(1, len(values)), openers):  # (each place after an opener)
-        kind = openers[index - 1]
+    for index in itertools.compress(range(1, len(values)), map(_OPENERS.get, values)):
         value = values[index]
-        if kind is not None and hole != index - 1 and value != "!" and _fits(kind, value, is_chain):
-            shape[index] = kind
-            hole = index
+        if hole == index - 1 or value == "!":
+            continue
+        kind = _OPENERS[values[index - 1]]
+        if kind is _Hole.PORT:
+            if not (value.isascii() and value.isdigit() and len(value) <= 5 and 0 < int(value) <= MAX_PORT):
+                continue
+        elif kind is _Hole.CHAIN and not is_chain(value):
+            continue
+        shape[index] = kind
+        hole = index
     return tuple(shape)
-
-
-def _fits(kind: _Hole, value: str, is_chain: Callable[[str], bool]) -> bool:
-    """Whether ``value`` after an option of ``kind`` can be a hole: the plan makes of every such value what the
-    full parse makes of it. (A chain's name is checked when the rule is added: chains come and go.)"""
-    if kind is _Hole.PORT:
-        return value.isascii() and value.isdigit() and len(value) <= 5 and 0 < int(value) <= MAX_PORT
-    if kind is _Hole.CHAIN:
-        return is_chain(value)  # never a built-in chain's name, a verdict or a target
-    return True
 
 
 def parse_rule(args: Sequence[Arg], ctx: SpecContext, position: SourcePosition | None = None) -> list[Rule]:
@@ -1619,10 +1639,9 @@ def parse_rule(args: Sequence[Arg], ctx: SpecContext, position: SourcePosition |
     shape = _shape(args, ctx.is_chain) if _shape_plans else None
     plan = ctx.plans.get(shape) if shape is not None else None
     if plan is not None:
-        parts: _Parts | None = plan.parts_of(args, ctx)
-    else:
-        rule = _Rule(args, ctx)
-        parts = rule.parts()
-        if shape is not None and shape not in ctx.plans:
-            ctx.plans[shape] = None if parts is None else rule.plan(shape, parts)
+        return plan.rules(args, ctx, position)
+    rule = _Rule(args, ctx)
+    parts = rule.parts()
+    if shape is not None and shape not in ctx.plans:
+        ctx.plans[shape] = None if parts is None else rule.plan(shape, parts)
     return [] if parts is None else parts.rules(position)

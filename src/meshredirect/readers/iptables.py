@@ -371,7 +371,7 @@ def _command_words(line: str, start: int, number: int, plain: bool) -> Sequence[
     values = list(map(str.replace, raws, itertools.repeat('"'), itertools.repeat(""))) if '"' in rest else raws
     # Each word's column: the first's, plus the lengths of the words before it and one space after each.
     columns = map(operator.add, itertools.accumulate(map(len, raws), initial=start + 2), itertools.count())
-    return tuple(map(_new_arg, zip(values, raws, itertools.repeat(number), columns)))
+    return tuple(map(tuple.__new__, itertools.repeat(Arg), zip(values, raws, itertools.repeat(number), columns)))
 
 
 def _fit(rule: str, words: Sequence[Arg]) -> list[tuple[str, Sequence[Arg]]] | None:
@@ -419,10 +419,14 @@ def _fast_lines(text: str) -> list[_Line] | None:
             assert terminal is not None
             rule = _COMMAND_TERMINALS[terminal]
             words = _command_words(line, m.end(), number, plain)
+            at = _word(m.group(terminal), number, m.start(terminal) + 1)
+            if rule == "append" and words:  # (nearly every line: its chain, then its options; as _fit fits them)
+                out.append(_Command("-A", at, words[0], None, tuple(words[1:])))
+                continue
             parts = None if words is None else _fit(rule, words)
             if parts is None:
                 return None
-            out.append(_command(rule, _word(m.group(terminal), number, m.start(terminal) + 1), parts))
+            out.append(_command(rule, at, parts))
             continue
         m = other.fullmatch(line)
         if m is None:

@@ -886,3 +886,16 @@ def test_a_violation_found_for_alike_services_says_how_many_more_fail_the_same_w
     mirrored = [v for v in check.run().violations if v.mirrored]
     assert mirrored, "the node ports' passthrough violation is found once for node ports alike"
     assert f"and so do {mirrored[0].mirrored} more classes like it" in mirrored[0].explain()
+
+
+@pytest.mark.parametrize(
+    ("seed", "services", "endpoints", "containers"), [(1, 30, 3, 8), (2, 40, 1, 4), (3, 16, 2, 10), (4, 50, 3, 0)]
+)
+def test_mirrors_of_other_node_dumps_behave_as_the_paths_say(
+    seed: int, services: int, endpoints: int, containers: int
+) -> None:
+    """Other seeds and sizes (services alike in other numbers, a single endpoint each, no Docker)."""
+    text = node_dump(services=services, endpoints=endpoints, containers=containers, seed=seed)
+    check = _node(text=text, mirrors=True)
+    assert assert_mirrored(check, steps_program(check), sample=1)[1] > 50
+    assert assert_partners_mirror(check, sample=3) > 500

@@ -25,6 +25,15 @@ point. Leaves then cover every class combination once per sequence of
 outcomes (:attr:`Leaf.choices`), so a property that must hold whatever the
 choices is proven on every branch.
 
+A program that knows a *mirror* of itself (a permutation of some classes that
+maps what it does on a connection onto what it does on the swapped one: two
+services alike but for their addresses, see
+:mod:`meshredirect.semantics.symmetry`) may ask
+:meth:`Run.restrict_mirrored` to keep a part of its region and leave the
+images of that part to no run, when the region is its own image. The leaf then
+stands for its images too (:attr:`Leaf.mirrors`, :meth:`Leaf.images`,
+:attr:`Leaf.covered`).
+
 Soundness rests on one rule: the program branches on a dimension's value only
 through :meth:`Run.decide` / :meth:`Run.decide_all`, and on anything else only
 through :meth:`Run.choose`. ``tests/test_explore.py`` checks it by comparing

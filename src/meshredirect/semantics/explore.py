@@ -71,6 +71,7 @@ __all__ = [
     "mirror_box",
     "probe",
     "probe_all",
+    "subtract_part",
 ]
 
 R = TypeVar("R")
@@ -239,12 +240,12 @@ Atom: TypeAlias = tuple["Sym", Callable[[Any], Hashable], Hashable]
 Mirror: TypeAlias = tuple[tuple[int, int, int], ...]
 #: The mirrors a region stands for, by level: the region covers its images under every composition that takes
 #: the identity or one mirror of each level.
-Mirrors: TypeAlias = tuple[tuple[Mirror, ...], ...]
+MirrorLevels: TypeAlias = tuple[tuple[Mirror, ...], ...]
 #: A dimension's partitions, by test (or its identity) and mark transform: (the test, outcomes' classes, each
 #: class's outcome).
 Partitions: TypeAlias = dict[tuple[object, tuple[int, int] | None], tuple[object, dict[Hashable, int], list[Hashable]]]
 #: A region left for later: its boxes, the outcomes of the choice points met before, and its mirrors.
-Alternative: TypeAlias = tuple[list[Box], tuple[bool, ...], Mirrors]
+Alternative: TypeAlias = tuple[list[Box], tuple[bool, ...], MirrorLevels]
 
 
 class Run(Tracer):
@@ -254,7 +255,7 @@ class Run(Tracer):
     """
 
     def __init__(
-        self, explorer: Explorer, region: list[Box], forced: tuple[bool, ...] = (), mirrors: Mirrors = ()
+        self, explorer: Explorer, region: list[Box], forced: tuple[bool, ...] = (), mirrors: MirrorLevels = ()
     ) -> None:
         self.explorer = explorer
         self.region = region
@@ -495,7 +496,7 @@ class Leaf(Generic[R]):
     choices: tuple[bool, ...] = ()
     #: The leaf covers the region's images under these too (see :meth:`Run.restrict_mirrored`), where the
     #: program does what it does here, with the swapped values swapped.
-    mirrors: Mirrors = ()
+    mirrors: MirrorLevels = ()
 
     @property
     def size(self) -> int:
@@ -773,18 +774,9 @@ def _mirror_of(explorer: Explorer, pairs: Sequence[tuple[str, Hashable, Hashable
     return tuple(swaps)
 
 
-def _mirrored(box: Box, mirror: Mirror) -> Box:
-    """A box's image under a mirror: at each swap's position, the two classes' bits exchanged."""
-    out = list(box)
-    for position, i, j in mirror:
-        mask = out[position]
-        if (mask >> i ^ mask >> j) & 1:
-            out[position] = mask ^ (1 << i | 1 << j)
-    return tuple(out)
-
-
 def _mirrored_part(part: Mapping[int, int], mirror: Mirror) -> dict[int, int]:
-    """A part's image under a mirror (a position the part does not name holds every class: it stays)."""
+    """A part's image under a mirror: at each swap's position, the two classes' bits exchanged (a position
+    the part does not name holds every class: it stays)."""
     out = dict(part)
     for position, i, j in mirror:
         mask = out.get(position)
@@ -835,9 +827,10 @@ def subtract_part(
 
 def mirror_box(box: Box, mirrors: Sequence[Mirror]) -> Box:
     """A box's image under mirrors applied in order (see :meth:`Leaf.images`)."""
+    part = dict(enumerate(box))
     for mirror in mirrors:
-        box = _mirrored(box, mirror)
-    return box
+        part = _mirrored_part(part, mirror)
+    return tuple(part[position] for position in range(len(box)))
 
 
 def _lowest_bit(mask: int) -> int:

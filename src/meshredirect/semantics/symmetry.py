@@ -41,7 +41,6 @@ from meshredirect.ir import (
     Chain,
     Direction,
     Dnat,
-    Family,
     Goto,
     Jump,
     PortMatch,
@@ -66,13 +65,9 @@ Site: TypeAlias = tuple[str, str, str, int]
 
 #: A mirror is built from at most this many pairs of rules (a service with its endpoints needs about ten).
 MAX_MATCHED: Final = 128
-#: Addresses the interpreter and the checks use whatever the rules say (besides the environment's).
+#: Addresses the interpreter uses whatever the rules say, besides those the environment and its fixed tests
+#: name (the interpreter's separators): REDIRECT's in OUTPUT.
 _HELD_ADDRESSES: Final = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
-#: Networks the interpreter and the checks test whatever the rules say.
-_ALWAYS_TESTED: Final = tuple(
-    ipaddress.ip_network(n)
-    for n in ("127.0.0.0/8", "::1/128", "255.255.255.255/32", "0.0.0.0/8", "224.0.0.0/4", "ff00::/8")
-)
 #: Ports the checks use whatever the rules say (besides the proxy's listeners).
 _HELD_PORTS: Final = (53, DEFAULT_SOURCE_PORT, NO_PORT)
 #: A dispatch run's first field: the kind of its values and the side of the packet.
@@ -153,7 +148,6 @@ class Mirrors:
     # ------------------------------------------------------------------ the index
 
     def _index(self) -> None:
-        wide_addresses: dict[AddressSet | tuple[IPAddress, IPAddress], None] = {}
         wide_ports: dict[PortSet, None] = {}
         for table in self.interpreter.ruleset.tables:
             self._tables[(table.family.value, table.name)] = table
@@ -168,31 +162,20 @@ class Mirrors:
                         else:
                             self._sites.setdefault(key, []).append(site)
                     for match in rule.matches:
-                        if isinstance(match, AddressMatch) and _single_address(match.addresses) is None:
-                            wide_addresses[match.addresses] = None
-                        elif isinstance(match, PortMatch) and _single_port(match.ports) is None:
+                        if isinstance(match, PortMatch) and _single_port(match.ports) is None:
                             wide_ports[match.ports] = None
                     target = rule.target
-                    addresses = target.addresses if isinstance(target, (Dnat, Snat)) else None
-                    if addresses is not None and addresses.first != addresses.last:
-                        wide_addresses[(addresses.first, addresses.last)] = None
                     ports = target.ports if isinstance(target, (Dnat, Snat, Redirect)) else None
                     if ports is not None and _single_port(ports) is None:
                         wide_ports[ports] = None
-        env = self.interpreter.env
+        # The addresses: the interpreter's separators (the rules', the environment's, its fixed tests').
+        separators = self.interpreter.separators()
         held: list[Key] = [("address", a) for a in _HELD_ADDRESSES]
-        for interface in env.interfaces:
-            for address in interface.addresses:
-                held.append(("address", address.ip))
-                wide_addresses[AddressSet.of(address.network)] = None
-        for family in (Family.IPV4, Family.IPV6):
-            held.append(("address", env.proxy.passthrough_for(family)))
-        for network in _ALWAYS_TESTED:
-            wide_addresses[AddressSet.of(network)] = None
-        held += [("port", p) for p in (*_HELD_PORTS, *env.proxy.listener_ports)]
+        held += [("address", a) for a, origins in separators.singles.items() if None in origins]
+        held += [("port", p) for p in (*_HELD_PORTS, *self.interpreter.env.proxy.listener_ports)]
         for key in held:
             self._sites.setdefault(key, []).append(None)
-        self._wide_addresses = list(wide_addresses)
+        self._wide_addresses = [members for members, _origins in separators.wide]
         self._wide_ports = list(wide_ports)
 
     def abstract(self, site: Site) -> tuple[int, tuple[Key, ...]]:
@@ -467,21 +450,14 @@ class Mirrors:
     def _first_values(rule: Rule, kind: str, direction: Direction) -> Iterable[Hashable]:
         """The single values a rule tests (not negated) of a field."""
         for match in rule.matches:
-            if _direction(match) is not direction or getattr(match, "negate", True):
+            if not isinstance(match, (AddressMatch, PortMatch)) or match.direction is not direction or match.negate:
                 continue
-            if kind == "address" and isinstance(match, AddressMatch):
-                address = _single_address(match.addresses)
-                if address is not None:
-                    yield address
-            elif kind == "port" and isinstance(match, PortMatch):
-                port = _single_port(match.ports)
-                if port is not None:
-                    yield port
-
-
-def _direction(match: object) -> Direction | None:
-    """The side of the packet an address or port match looks at (None for other matches)."""
-    return match.direction if isinstance(match, (AddressMatch, PortMatch)) else None
+            if isinstance(match, AddressMatch):
+                value: Hashable | None = _single_address(match.addresses) if kind == "address" else None
+            else:
+                value = _single_port(match.ports) if kind == "port" else None
+            if value is not None:
+                yield value
 
 
 def _spans(members: AddressSet | tuple[IPAddress, IPAddress]) -> tuple[tuple[tuple[int, int], tuple[int, int]], ...]:
